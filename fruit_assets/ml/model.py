@@ -1,0 +1,290 @@
+"""MobileNetV2 feature extractor (1280-d global-average-pool output) and its weights.
+
+Used on the Spark driver to resolve weights (`feature_extractor_weights`) and inside Spark Python
+workers to rebuild the model from the broadcast arrays (`feature_extractor_from_weights`), so
+tensorflow/keras are imported lazily inside functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+
+FEATURE_DIM = 1280
+INPUT_SHAPE = (224, 224, 3)
+
+WEIGHTS_SETTING = "FRUIT_MODEL_WEIGHTS"
+IMAGENET_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+IMAGENET_NO_TOP_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+_KINDS = ("imagenet", "file", "random")
+_CALIBRATION_IMAGES = 8
+
+
+class WeightsConfigError(ValueError):
+    """The weights setting is invalid or names an unusable file."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights could not be fetched (typically: no internet and nothing in the cache)."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    kind: str  # "imagenet" | "file" | "random"
+    path: str | None = None  # kind "file"
+    seed: int | None = None  # kind "random"; None means 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"WeightsSource.kind must be one of {_KINDS}, got {self.kind!r}")
+        if (self.kind == "file") != (self.path is not None):
+            raise ValueError("WeightsSource.path is required for kind 'file' and only for it")
+        if self.kind != "random" and self.seed is not None:
+            raise ValueError("WeightsSource.seed is only for kind 'random'")
+        if self.kind == "random" and self.seed is None:
+            object.__setattr__(self, "seed", 0)
+
+    def describe(self) -> dict:
+        """JSON-able metadata recorded next to the features."""
+        if self.kind == "imagenet":
+            return {"weights_source": "imagenet", "weights_meaningful": True}
+        if self.kind == "file":
+            return {"weights_source": f"file:{self.path}", "weights_meaningful": True}
+        return {
+            "weights_source": f"random:{self.seed}",
+            "weights_meaningful": False,
+            "weights_seed": self.seed,
+            "weights_note": (
+                "random MobileNetV2 weights (seeded, BatchNorm calibrated on synthetic images): "
+                "features are deterministic and vary with the image, but are NOT meaningful for "
+                "real use"
+            ),
+        }
+
+
+def _how_to_set(setting_name: str) -> str:
+    return (
+        f"set {setting_name} to imagenet, random[:seed], or the path of "
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224[_no_top].h5 "
+        "(MobileNetV2 alpha 1.0, 224x224, legacy Keras .h5 weights, with or without top)"
+    )
+
+
+def parse_weights_setting(value: str, setting_name: str = WEIGHTS_SETTING) -> WeightsSource:
+    """Parse "imagenet" | "random" | "random:<seed>" | <path of a .h5 weights file>."""
+    text = (value or "").strip()
+    lowered = text.lower()
+    if not text:
+        raise WeightsConfigError(f"{setting_name} is empty: {_how_to_set(setting_name)}")
+    if lowered == "imagenet":
+        return WeightsSource("imagenet")
+    if lowered == "random":
+        return WeightsSource("random", seed=0)
+    if lowered.startswith("random:"):
+        seed_text = text[len("random:") :]
+        try:
+            seed = int(seed_text)
+        except ValueError:
+            seed = -1
+        if not 0 <= seed < 2**32:  # numpy RandomState's seed range
+            raise WeightsConfigError(
+                f"{setting_name}={value!r}: the seed must be an integer in [0, 2**32), "
+                f"got {seed_text!r}; {_how_to_set(setting_name)}"
+            )
+        return WeightsSource("random", seed=seed)
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise WeightsConfigError(
+            f"{setting_name}={value!r}: no such weights file ({path}); {_how_to_set(setting_name)}"
+        )
+    return WeightsSource("file", path=path)
+
+
+def build_feature_extractor(source: WeightsSource) -> keras.Model:
+    """(n, 224, 224, 3) preprocessed float32 -> (n, 1280) float32 features."""
+    if source.kind == "imagenet":
+        return _imagenet_model()
+    if source.kind == "file":
+        return _file_model(source.path)
+    return _random_model(source.seed)
+
+
+def feature_extractor_weights(source: WeightsSource) -> list[np.ndarray]:
+    """The weight arrays the Spark driver broadcasts to the workers."""
+    return build_feature_extractor(source).get_weights()
+
+
+def feature_extractor_from_weights(weights: list[np.ndarray]) -> keras.Model:
+    """Worker side: rebuild the feature extractor from broadcast arrays. Never downloads anything."""
+    model = _no_top_model(weights=None)
+    model.set_weights(weights)
+    return model
+
+
+def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """Set TF's thread pools; must run before TF executes any op to have an effect.
+
+    Once TF is initialised the setters raise RuntimeError (unless the value is unchanged): the
+    existing setting is then kept, which makes repeated calls (e.g. per Spark task) harmless.
+    """
+    import tensorflow as tf
+
+    for setter, value in (
+        (tf.config.threading.set_intra_op_parallelism_threads, intra_op),
+        (tf.config.threading.set_inter_op_parallelism_threads, inter_op),
+    ):
+        try:
+            setter(value)
+        except RuntimeError:
+            pass
+
+
+def _no_top_model(weights: str | None) -> keras.Model:
+    import keras
+
+    return keras.applications.MobileNetV2(
+        include_top=False, pooling="avg", input_shape=INPUT_SHAPE, weights=weights
+    )
+
+
+def _imagenet_model() -> keras.Model:
+    try:
+        # Keras downloads into and then reuses its cache: ~/.keras/models/ (or $KERAS_HOME/models/).
+        return _no_top_model(weights="imagenet")
+    except Exception as exc:
+        # keras.utils.get_file raises a bare Exception("URL fetch failure on <url>: ...").
+        if "URL fetch failure" not in str(exc):
+            raise
+        raise WeightsUnavailableError(
+            f"ImageNet weights for MobileNetV2 could not be downloaded ({exc}). Provide them in one "
+            f"of these ways: put {IMAGENET_NO_TOP_WEIGHTS_FILE} (or {IMAGENET_WEIGHTS_FILE}, with "
+            f"top) in ~/.keras/models/ (or $KERAS_HOME/models/); or set {WEIGHTS_SETTING} to the "
+            f"path of either file; or set {WEIGHTS_SETTING}=random for a deterministic but "
+            "meaningless model (features not usable for real work)."
+        ) from exc
+
+
+def _file_model(path: str) -> keras.Model:
+    import keras
+
+    try:
+        classes = _h5_top_classes(path)
+        if classes is None:
+            return _no_top_model(weights=path)
+        full = keras.applications.MobileNetV2(
+            include_top=True, input_shape=INPUT_SHAPE, weights=path, classes=classes
+        )
+        # layers[-2] is the GlobalAveragePooling2D before the classifier: the same output, and
+        # the same weight list (order and shapes), as the no-top model with pooling="avg".
+        return keras.Model(full.input, full.layers[-2].output, name=f"{full.name}_features")
+    except Exception as exc:
+        raise WeightsConfigError(
+            f"{WEIGHTS_SETTING}: could not load {path}: {type(exc).__name__}: {exc}. The file must "
+            "hold MobileNetV2 weights (alpha 1.0, 224x224) in legacy Keras .h5 format, like "
+            f"{IMAGENET_NO_TOP_WEIGHTS_FILE} or {IMAGENET_WEIGHTS_FILE}."
+        ) from exc
+
+
+def _h5_top_classes(path: str) -> int | None:
+    """Number of classes of the classifier in a legacy Keras .h5 weights file, None if no top.
+
+    Decided from structure, not names: the last layer holding weights has a 2-D (Dense) kernel
+    only with top. The classifier is named "predictions" by today's Keras but "Logits" in the
+    keras_applications code the published files came from.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        # Weights-only files carry `layer_names` at the root; full-model files under model_weights.
+        group = f if "layer_names" in f.attrs else f.get("model_weights")
+        if group is None or "layer_names" not in group.attrs:
+            raise ValueError("not a legacy Keras .h5 weights file (no layer_names attribute)")
+        for name in reversed(list(group.attrs["layer_names"])):
+            layer = group[_text(name)]
+            weight_names = layer.attrs.get("weight_names", [])
+            if len(weight_names):
+                kernel = layer[_text(weight_names[0])]
+                return int(kernel.shape[-1]) if kernel.ndim == 2 else None
+    raise ValueError("the file holds no weights")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else value
+
+
+def _random_model(seed: int) -> keras.Model:
+    """Seeded random MobileNetV2 whose BatchNorm statistics are calibrated so features vary.
+
+    With default moving statistics (mean 0, variance 1) the activations of a randomly
+    initialised MobileNetV2 shrink layer after layer: the pooled features end up ~1e-12 and every
+    image gets the same vector. Calibrating each BatchNormalization on a fixed synthetic batch
+    keeps activations at unit scale.
+    """
+    import keras
+
+    # set_random_seed also seeds Python's and numpy's global generators: restore them so building
+    # a model does not change the caller's random streams. (TF's global seed stays set.)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        keras.utils.set_random_seed(seed)
+        model = _no_top_model(weights=None)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    _calibrate_batchnorm(model, _synthetic_images(seed, _CALIBRATION_IMAGES))
+    return model
+
+
+def _calibrate_batchnorm(model: keras.Model, images: np.ndarray) -> None:
+    """Set every BatchNorm's moving mean/variance to its input statistics on `images`.
+
+    One forward pass in training mode does it: there each BN normalises with the batch's own
+    statistics, which is exactly what it does at inference once its moving statistics are those
+    batch statistics, so each BN input seen in that pass is its input under calibrated inference.
+    (The pass also nudges the moving statistics by `momentum`; they are overwritten right after.)
+    """
+    import keras
+
+    bn_layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    probe = keras.Model(model.input, [bn.input for bn in bn_layers])
+    bn_inputs = probe(images, training=True)
+    for bn, x in zip(bn_layers, bn_inputs):
+        x = np.asarray(x, dtype=np.float64)  # float64 sums: exact enough and order-independent
+        bn.moving_mean.assign(x.mean(axis=(0, 1, 2)).astype(np.float32))
+        bn.moving_variance.assign(x.var(axis=(0, 1, 2)).astype(np.float32))  # biased, like BN
+
+
+def _synthetic_images(seed: int, n: int) -> np.ndarray:
+    """n smooth random images in [-1, 1] (preprocessed range), deterministic in `seed`.
+
+    Sums of bilinearly upsampled random grids at a few scales: low-frequency structure plus some
+    detail, closer to photos than pixel-wise noise.
+    """
+    rs = np.random.RandomState(seed)
+    size = INPUT_SHAPE[0]
+    images = np.zeros((n, size, size, 3))
+    for cells, amplitude in ((2, 1.0), (8, 0.6), (32, 0.3)):
+        grid = rs.uniform(-1.0, 1.0, (n, cells, cells, 3))
+        images += amplitude * _upsample(_upsample(grid, size, axis=1), size, axis=2)
+    images /= np.abs(images).max(axis=(1, 2, 3), keepdims=True)
+    return images.astype(np.float32)
+
+
+def _upsample(values: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Linear interpolation of `values` onto `size` points along `axis`.
+
+    Element-wise (no BLAS, whose sums may depend on CPU and threads): bit-reproducible.
+    """
+    cells = values.shape[axis]
+    position = np.linspace(0.0, cells - 1, size)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, cells - 1)
+    fraction = (position - low).reshape([-1 if a == axis else 1 for a in range(values.ndim)])
+    return np.take(values, low, axis) * (1.0 - fraction) + np.take(values, high, axis) * fraction

@@ -1,0 +1,96 @@
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fruit_assets.ml.images import IMAGE_SIZE, decode_image, is_image_path, preprocess
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_is_image_path():
+    assert is_image_path("s3://bucket/Apple/r_1.jpg")
+    assert is_image_path("a/B.JPEG")
+    assert is_image_path("c.Png")
+    assert not is_image_path("notes.txt")
+    assert not is_image_path("image.jpg.txt")
+    assert not is_image_path("jpg")
+
+
+@pytest.mark.parametrize(
+    "mode, color, fmt",
+    [
+        ("RGB", (200, 30, 10), "JPEG"),
+        ("L", 128, "JPEG"),
+        ("CMYK", (0, 255, 255, 0), "JPEG"),  # pure red in CMYK
+        ("RGBA", (10, 200, 30, 128), "PNG"),
+        ("P", None, "PNG"),
+        ("LA", (90, 255), "PNG"),
+    ],
+)
+def test_decode_modes(mode, color, fmt):
+    if mode == "P":
+        image = Image.new("RGB", (300, 200), (0, 0, 255)).convert("P")
+    else:
+        image = Image.new(mode, (300, 200), color)  # not square, not 224: exercises the resize
+    decoded = decode_image(_encode(image, fmt))
+    assert decoded.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert decoded.dtype == np.uint8
+    expected = np.array(image.convert("RGB"), dtype=np.int16)[0, 0]
+    # a uniform image stays uniform through the resize (JPEG may shift colours a little)
+    assert np.abs(decoded.astype(np.int16) - expected).max() <= 3
+
+
+def test_decode_keeps_structure():
+    left_red_right_blue = np.zeros((100, 160, 3), np.uint8)
+    left_red_right_blue[:, :80, 0] = 255
+    left_red_right_blue[:, 80:, 2] = 255
+    decoded = decode_image(_encode(Image.fromarray(left_red_right_blue), "PNG"))
+    assert tuple(decoded[112, 10]) == (255, 0, 0)
+    assert tuple(decoded[112, 213]) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("data", [b"", b"definitely not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_decode_garbage_raises_value_error(data):
+    with pytest.raises(ValueError, match="could not decode image"):
+        decode_image(data)
+
+
+def test_decode_truncated_jpeg_raises_value_error():
+    data = _encode(Image.new("RGB", (300, 300), (1, 2, 3)), "JPEG")
+    with pytest.raises(ValueError, match="could not decode image"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_preprocess_matches_keras():
+    from keras.applications.mobilenet_v2 import preprocess_input
+
+    batch = np.random.RandomState(0).randint(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    batch[0, 0, 0] = (0, 127, 255)
+    ours = preprocess(batch)
+    assert ours.dtype == np.float32
+    assert ours.shape == batch.shape
+    np.testing.assert_array_equal(ours, preprocess_input(batch.astype(np.float32)))
+    np.testing.assert_allclose(ours[0, 0, 0], [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-6)
+    assert batch[0, 0, 0, 2] == 255  # the input is not modified in place
+
+
+def test_preprocess_rejects_float_input():
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))
+
+
+def test_images_module_does_not_import_tensorflow():
+    code = (
+        "import sys, fruit_assets.ml.images, fruit_assets.ml.model; "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'dagster', 'pyspark') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
