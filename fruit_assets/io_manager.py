@@ -1,0 +1,172 @@
+"""The Parquet IO manager: every asset is a Parquet dataset at `<base_uri>/<asset name>/`.
+
+`base_uri` is a local folder or `s3://bucket/prefix`; both go through pyarrow (see `storage`). Outputs
+are written to a staging folder and published only once complete, so a failed materialization leaves
+the last good one in place. The datasets need nothing but a Parquet reader: pandas, pyarrow, DuckDB.
+
+What it stores, by the type of the asset's value:
+- pandas DataFrame: one Parquet file.
+- Spark DataFrame: one file per Spark partition, written by the executors (`spark_parquet`).
+- Spark ML `PCAModel`: the components table (component, explained variance, cumulative, loadings) as
+  Parquet for pandas users, and the Spark ML model itself in `_spark_model/` for `PCAModel.load`.
+Inputs are loaded as the downstream asset's parameter annotation asks (Spark DataFrame, PCAModel or
+pandas DataFrame).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from dagster import (
+    ConfigurableIOManager,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+    TableColumn,
+    TableSchema,
+)
+from pydantic import Field
+
+from fruit_assets import storage
+
+SPARK_MODEL_DIR = "_spark_model"
+
+
+def _spark_types():
+    # Imported lazily: pure-pandas steps (raw_images) should not pay for pyspark.
+    from pyspark.ml.feature import PCAModel
+    from pyspark.sql import DataFrame as SparkDataFrame
+
+    return SparkDataFrame, PCAModel
+
+
+def _active_spark():
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+
+
+def table_schema(schema: pa.Schema) -> TableSchema:
+    return TableSchema(columns=[TableColumn(name=field.name, type=str(field.type)) for field in schema])
+
+
+def dataset_stats(location: storage.Location) -> tuple[int, pa.Schema]:
+    """Row count and schema of a published dataset, from the Parquet footers only."""
+    files = location.files(".parquet")
+    rows, schema = 0, None
+    for info in files:
+        metadata = pq.read_metadata(info.path, filesystem=location.filesystem)
+        rows += metadata.num_rows
+        schema = schema or metadata.schema.to_arrow_schema()
+    return rows, schema
+
+
+class ParquetIOManager(ConfigurableIOManager):
+    """Persists assets as Parquet datasets under `base_uri` (a local folder or s3://bucket/prefix)."""
+
+    base_uri: str = Field(description="Local folder or s3://bucket/prefix (FRUIT_STORAGE_URI).")
+
+    def root(self) -> storage.Location:
+        return storage.resolve(self.base_uri, setting="FRUIT_STORAGE_URI")
+
+    def location(self, context: OutputContext | InputContext) -> storage.Location:
+        return self.root().child(*context.asset_key.path)
+
+    def handle_output(self, context: OutputContext, obj) -> None:
+        if obj is None:
+            return
+        root = self.root()
+        target = self.location(context)
+        name = "-".join(context.asset_key.path)
+        staging = storage.new_staging(root, name)
+        try:
+            self._write(obj, staging)
+            storage.publish(staging, target)
+        except BaseException:
+            storage.discard(staging)
+            raise
+        rows, schema = dataset_stats(target)
+        context.add_output_metadata(
+            {
+                "path": MetadataValue.path(target.uri),
+                "dagster/uri": MetadataValue.path(target.uri),
+                "dagster/row_count": rows,
+                "dagster/column_schema": table_schema(schema),
+            }
+        )
+
+    def _write(self, obj, staging: storage.Location) -> None:
+        SparkDataFrame, PCAModel = _spark_types()
+        if isinstance(obj, pd.DataFrame):
+            self._write_pandas(obj, staging)
+        elif isinstance(obj, SparkDataFrame):
+            from fruit_assets import spark_parquet
+
+            spark_parquet.register(obj.sparkSession)
+            obj.write.format(spark_parquet.FORMAT).mode("append").save(staging.uri)
+        elif isinstance(obj, PCAModel):
+            from fruit_assets.ml.pca import components_table
+
+            self._write_pandas(components_table(obj), staging)
+            self._write_spark_model(obj, staging.child(SPARK_MODEL_DIR))
+        else:
+            raise TypeError(f"ParquetIOManager cannot store a {type(obj).__name__}")
+
+    @staticmethod
+    def _write_pandas(frame: pd.DataFrame, staging: storage.Location) -> None:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        # Spark's timestamps are microseconds; nanoseconds would not round-trip through Spark.
+        pq.write_table(
+            table,
+            staging.child("part-00000.parquet").path,
+            filesystem=staging.filesystem,
+            coerce_timestamps="us",
+            allow_truncated_timestamps=True,
+        )
+
+    @staticmethod
+    def _write_spark_model(model, destination: storage.Location) -> None:
+        if destination.is_local:
+            model.write().overwrite().save(destination.path)
+            return
+        # Spark cannot write to S3 here: save locally, then upload the folder with pyarrow.
+        with tempfile.TemporaryDirectory() as scratch:
+            local = posixpath.join(scratch, "model")
+            model.write().save(local)
+            pafs.copy_files(local, destination.path, destination_filesystem=destination.filesystem)
+
+    def load_input(self, context: InputContext):
+        location = self.location(context)
+        if not location.exists():
+            raise FileNotFoundError(
+                f"{context.asset_key.to_user_string()} has no stored data at {location.uri}: "
+                "materialize it first"
+            )
+        SparkDataFrame, PCAModel = _spark_types()
+        wanted = context.dagster_type.typing_type
+        if wanted is SparkDataFrame:
+            from fruit_assets import spark_parquet
+
+            spark = _active_spark()
+            spark_parquet.register(spark)
+            return spark.read.format(spark_parquet.FORMAT).load(location.uri)
+        if wanted is PCAModel:
+            return self._load_spark_model(location.child(SPARK_MODEL_DIR), PCAModel)
+        files = [info.path for info in location.files(".parquet")]
+        return pq.ParquetDataset(files, filesystem=location.filesystem).read().to_pandas()
+
+    @staticmethod
+    def _load_spark_model(source: storage.Location, model_class):
+        if source.is_local:
+            return model_class.load(source.path)
+        # Spark ML reads models through Hadoop filesystems only: fetch a local copy first. The model is
+        # small (k x 1280 doubles). Its data is read eagerly by load(), so the copy can go right after.
+        with tempfile.TemporaryDirectory() as scratch:
+            local = posixpath.join(scratch, "model")
+            pafs.copy_files(source.path, local, source_filesystem=source.filesystem)
+            return model_class.load(local)

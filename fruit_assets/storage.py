@@ -1,0 +1,186 @@
+"""Where data lives: URIs, pyarrow filesystems and staged, all-or-nothing dataset writes.
+
+Everything that touches storage goes through `pyarrow.fs`, locally and on S3 alike: Spark on these
+machines has no S3A connector, so pyarrow is the one client that serves the driver, the Spark Python
+workers (through the data source in `spark_parquet`) and plain pandas users.
+
+A dataset is a folder of Parquet files. It is written in two phases so that a failed write never
+replaces the last good version: every file goes first to a private staging folder
+(`<root>/_staging/<name>-<uuid>/`), and only a complete staging folder is published to `<root>/<name>/`.
+Names starting with `_` are ignored by pyarrow, pandas, Spark and DuckDB's hive discovery, so staging
+folders never show up as data.
+
+This module does not import Dagster or Spark.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+DEFAULT_REGION = "eu-central-1"  # Frankfurt: the product's default, chosen for GDPR
+STAGING_DIR = "_staging"
+
+
+class StorageConfigError(ValueError):
+    """A storage URI setting is malformed or unsupported."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder (or file) on a pyarrow filesystem, with the URI it was made from.
+
+    `uri` is what users see and what is sent to Spark workers (filesystems are not picklable across
+    processes reliably; workers rebuild them from the URI with their own credentials)."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    def child(self, *parts: str) -> "Location":
+        for part in parts:
+            _check_safe_name(part)
+        path = posixpath.join(self.path, *parts)
+        uri = posixpath.join(self.uri, *parts)
+        return Location(uri=uri, filesystem=self.filesystem, path=path)
+
+    def exists(self) -> bool:
+        return self.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def files(self, suffix: str = "") -> list[pafs.FileInfo]:
+        """Files directly in or below this folder, skipping `_`/`.` names, sorted by path."""
+        if not self.exists():
+            return []
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        found = []
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            relative = posixpath.relpath(info.path, self.path)
+            if any(part.startswith(("_", ".")) for part in relative.split("/")):
+                continue
+            if info.path.endswith(suffix):
+                found.append(info)
+        return sorted(found, key=lambda info: info.path)
+
+    def uri_of(self, path: str) -> str:
+        """The URI of `path` (a path on this location's filesystem, at or below it)."""
+        relative = posixpath.relpath(path, self.path)
+        return self.uri if relative == "." else posixpath.join(self.uri, relative)
+
+
+def _check_safe_name(part: str) -> None:
+    # Asset names and file names become path components: refuse anything that could climb out of the
+    # storage prefix.
+    pieces = part.split("/")
+    if not part or part.startswith("/") or any(piece in ("", ".", "..") for piece in pieces):
+        raise StorageConfigError(f"unsafe path component {part!r}")
+
+
+def resolve(uri: str, setting: str = "storage URI") -> Location:
+    """A `Location` for a local path, a `file://` URI or an `s3://bucket/prefix` URI.
+
+    `setting` names the configuration that supplied the URI, for error messages."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageConfigError(f"{setting} is empty: give a local folder or an s3://bucket/prefix URI")
+    uri = uri.strip()
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = os.path.abspath(os.path.expanduser(parsed.path if scheme == "file" else uri))
+        return Location(uri=path, filesystem=pafs.LocalFileSystem(), path=path)
+    if scheme in ("s3", "s3a"):
+        bucket = parsed.netloc
+        if not bucket:
+            raise StorageConfigError(f"{setting}={uri!r} has no bucket: use s3://bucket/prefix")
+        prefix = parsed.path.strip("/")
+        if ".." in prefix.split("/"):
+            raise StorageConfigError(f"{setting}={uri!r} contains '..'")
+        path = f"{bucket}/{prefix}" if prefix else bucket
+        return Location(uri=f"s3://{path}", filesystem=s3_filesystem(), path=path)
+    raise StorageConfigError(
+        f"{setting}={uri!r}: unsupported scheme {parsed.scheme!r}; use a local folder or s3://bucket/prefix"
+    )
+
+
+@lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    # Credentials are not passed here: pyarrow's AWS SDK finds them itself (environment, profile,
+    # instance role), the same way boto3 does, so they never travel through our code or configs.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem configured by the standard AWS settings (region defaults to eu-central-1)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    return _s3_filesystem(endpoint, region)
+
+
+def new_staging(root: Location, name: str) -> Location:
+    """A fresh, empty staging folder for a dataset called `name` below `root`."""
+    staging = root.child(STAGING_DIR, f"{name}-{uuid.uuid4().hex}")
+    staging.filesystem.create_dir(staging.path, recursive=True)
+    return staging
+
+
+def discard(location: Location) -> None:
+    """Delete a folder if it exists (best effort: used on failure paths)."""
+    try:
+        if location.exists():
+            location.filesystem.delete_dir(location.path)
+    except OSError:
+        pass
+
+
+def publish(staging: Location, target: Location) -> None:
+    """Make the complete dataset in `staging` the content of `target`, replacing what was there.
+
+    Locally this is two renames, so readers see either the old or the new folder. On S3 there is no
+    rename: the new files (named uniquely by their writer) are copied in first, then the old ones are
+    deleted, so a failure part-way leaves the old version plus extra files rather than a loss; the
+    window in which a reader could see both is the few seconds of server-side copies."""
+    fs = staging.filesystem
+    if staging.is_local:
+        fs.create_dir(posixpath.dirname(target.path), recursive=True)
+        retired = None
+        if target.exists():
+            retired = f"{staging.path}.retired"
+            fs.move(target.path, retired)
+        try:
+            fs.move(staging.path, target.path)
+        except BaseException:
+            if retired is not None:
+                fs.move(retired, target.path)
+            raise
+        if retired is not None:
+            fs.delete_dir(retired)
+        return
+
+    old = {info.path for info in fs.get_file_info(pafs.FileSelector(target.path, recursive=True, allow_not_found=True))
+           if info.type == pafs.FileType.File}
+    new = set()
+    for info in fs.get_file_info(pafs.FileSelector(staging.path, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        destination = posixpath.join(target.path, posixpath.relpath(info.path, staging.path))
+        fs.copy_file(info.path, destination)
+        new.add(destination)
+    for path in sorted(old - new):
+        fs.delete_file(path)
+    fs.delete_dir(staging.path)

@@ -1,0 +1,149 @@
+"""Storage URIs, staged publishing, the Parquet IO manager and the image catalog, on real files."""
+
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from dagster import AssetKey, build_input_context, build_output_context
+from dagster._core.types.dagster_type import resolve_dagster_type
+
+from fruit_assets import storage
+from fruit_assets.catalog import list_images
+from fruit_assets.io_manager import ParquetIOManager
+
+
+def test_resolve_local_paths_and_file_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve("data/x").path == str(tmp_path / "data" / "x")
+    assert storage.resolve(f"file://{tmp_path}/y").path == str(tmp_path / "y")
+    assert storage.resolve(str(tmp_path)).is_local
+
+
+def test_resolve_s3_uris():
+    location = storage.resolve("s3://bucket/some/prefix/")
+    assert (location.uri, location.path, location.is_local) == ("s3://bucket/some/prefix", "bucket/some/prefix", False)
+    assert storage.resolve("s3://bucket").path == "bucket"
+
+
+@pytest.mark.parametrize(
+    "uri, fragment",
+    [("", "is empty"), ("s3:///prefix", "no bucket"), ("ftp://host/x", "unsupported scheme"), ("s3://b/a/../c", "'..'")],
+)
+def test_malformed_uris_name_the_setting(uri, fragment):
+    with pytest.raises(storage.StorageConfigError, match=fragment) as error:
+        storage.resolve(uri, setting="FRUIT_STORAGE_URI")
+    assert uri == "" or "FRUIT_STORAGE_URI" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["..", "../escape", "a/../../b", "/abs", ""])
+def test_path_components_cannot_escape_the_root(tmp_path, name):
+    with pytest.raises(storage.StorageConfigError):
+        storage.resolve(str(tmp_path)).child(name)
+
+
+def test_publish_replaces_the_dataset_and_leaves_no_staging(tmp_path):
+    root = storage.resolve(str(tmp_path))
+    target = root.child("asset")
+    for version in ("old", "new"):
+        staging = storage.new_staging(root, "asset")
+        with staging.filesystem.open_output_stream(staging.child(f"{version}.parquet").path) as out:
+            out.write(b"x")
+        storage.publish(staging, target)
+    assert sorted(os.listdir(target.path)) == ["new.parquet"]
+    assert os.listdir(tmp_path / "_staging") == []
+
+
+def _output(name):
+    return build_output_context(asset_key=AssetKey(name))
+
+
+def _input(name, typing_type):
+    return build_input_context(asset_key=AssetKey(name), dagster_type=resolve_dagster_type(typing_type))
+
+
+def test_io_manager_round_trips_pandas_with_metadata(tmp_path):
+    manager = ParquetIOManager(base_uri=str(tmp_path))
+    frame = pd.DataFrame({"path": ["a", "b"], "n": [1, 2], "at": pd.to_datetime(["2026-01-01", "2026-01-02"], utc=True)})
+    context = _output("table")
+    manager.handle_output(context, frame)
+    metadata = context.get_logged_metadata()
+    assert metadata["dagster/row_count"].value == 2
+    assert metadata["path"].value == str(tmp_path / "table")
+    assert [c.name for c in metadata["dagster/column_schema"].schema.columns] == ["path", "n", "at"]
+    loaded = manager.load_input(_input("table", pd.DataFrame))
+    pd.testing.assert_frame_equal(loaded, frame, check_dtype=False)
+
+
+def test_io_manager_round_trips_spark_dataframes(tmp_path, spark):
+    from pyspark.sql import DataFrame as SparkDataFrame
+
+    manager = ParquetIOManager(base_uri=str(tmp_path))
+    df = spark.createDataFrame([(i, [float(i)] * 3) for i in range(100)], "id long, v array<float>").repartition(4)
+    manager.handle_output(_output("vectors"), df)
+    files = [f for f in os.listdir(tmp_path / "vectors") if f.endswith(".parquet")]
+    assert len(files) == 4  # one file per partition, written by the executors
+    loaded = manager.load_input(_input("vectors", SparkDataFrame))
+    assert sorted(row.id for row in loaded.collect()) == list(range(100))
+    assert pd.read_parquet(tmp_path / "vectors").shape == (100, 2)
+
+
+def test_a_failed_write_keeps_the_last_good_version(tmp_path, spark):
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import udf
+
+    manager = ParquetIOManager(base_uri=str(tmp_path))
+    good = pd.DataFrame({"id": range(10)})
+    manager.handle_output(_output("asset"), good)
+
+    @udf("long")
+    def explode_on_seven(value):
+        if value == 7:
+            raise RuntimeError("injected failure mid-write")
+        return value
+
+    failing = spark.range(20).repartition(4).select(explode_on_seven(F.col("id")).alias("id"))
+    with pytest.raises(Exception, match="injected failure mid-write"):
+        manager.handle_output(_output("asset"), failing)
+    pd.testing.assert_frame_equal(manager.load_input(_input("asset", pd.DataFrame)), good)
+    assert os.listdir(tmp_path / "_staging") == []
+
+
+def test_io_manager_refuses_unknown_types_without_touching_data(tmp_path):
+    manager = ParquetIOManager(base_uri=str(tmp_path))
+    manager.handle_output(_output("asset"), pd.DataFrame({"x": [1]}))
+    with pytest.raises(TypeError, match="cannot store a dict"):
+        manager.handle_output(_output("asset"), {"not": "a table"})
+    assert len(manager.load_input(_input("asset", pd.DataFrame))) == 1
+
+
+def test_loading_an_asset_that_was_never_materialized_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="materialize it first"):
+        ParquetIOManager(base_uri=str(tmp_path)).load_input(_input("missing", pd.DataFrame))
+
+
+def test_catalog_lists_images_with_their_folder_as_label(tmp_path):
+    files = {
+        "Apple Red/r0_0.jpg": b"x" * 3,
+        "Apple Red/r0_1.JPEG": b"x" * 4,
+        "Banana/sub/r0_2.png": b"x" * 5,  # the label is the folder that holds the file
+        "Banana/notes.txt": b"not an image",
+        "stray.jpg": b"outside any label folder",
+        ".hidden/r0_3.jpg": b"hidden",
+    }
+    for relative, data in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    catalog, ignored = list_images(storage.resolve(str(tmp_path)))
+    assert list(catalog.label) == ["Apple Red", "Apple Red", "sub"]
+    assert list(catalog.size_bytes) == [3, 4, 5]
+    assert catalog.path.iloc[0] == str(tmp_path / "Apple Red" / "r0_0.jpg")
+    assert str(catalog.modified_at.dtype) == "datetime64[ns, UTC]"
+    assert ignored == [str(tmp_path / "Banana" / "notes.txt"), str(tmp_path / "stray.jpg")]
+
+
+def test_catalog_of_a_missing_folder_is_empty(tmp_path):
+    catalog, ignored = list_images(storage.resolve(str(tmp_path / "nothing")))
+    assert catalog.empty and ignored == []
+    assert pa.Table.from_pandas(catalog).num_rows == 0
