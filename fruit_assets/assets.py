@@ -1,0 +1,244 @@
+"""The four assets: raw_images -> image_features -> pca_model -> reduced_features.
+
+Thin Dagster wiring: the work is done by `catalog`, `ml.featurize` and `ml.pca`. The Spark assets take
+the `step_launcher` resource so that a deployment can run them elsewhere (Databricks) by changing
+resources only; locally it is None and they run in-process.
+
+Checks are computed in the same Spark pass as the data they check (a separate check step would read the
+features back and, on Databricks, launch another remote step), and reported as asset check results.
+"""
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    ResourceParam,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+)
+from dagster_pyspark import PySparkResource
+from pydantic import Field
+from pyspark.ml.feature import PCAModel
+from pyspark.sql import DataFrame as SparkDataFrame
+from pyspark.sql import functions as F
+from pyspark.storagelevel import StorageLevel
+
+from fruit_assets.catalog import list_images
+from fruit_assets.resources import FeatureModel, ImageSource, weights_fingerprint
+
+GROUP = "fruit_features"
+FEATURE_DIM = 1280
+
+
+def _table(frame: pd.DataFrame) -> MetadataValue:
+    schema = TableSchema(columns=[TableColumn(name=str(name), type=str(dtype)) for name, dtype in frame.dtypes.items()])
+    records = [TableRecord({key: _plain(value) for key, value in row.items()}) for row in frame.to_dict("records")]
+    return MetadataValue.table(records=records, schema=schema)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@asset(group_name=GROUP, kinds={"python", "parquet"})
+def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd.DataFrame]:
+    """Catalog of the image files under FRUIT_IMAGES_URI (<root>/<Label>/<file>, .jpg/.jpeg/.png)."""
+    root = images.location()
+    catalog, ignored = list_images(root)
+    if catalog.empty:
+        raise ValueError(
+            f"no images found under {root.uri} (FRUIT_IMAGES_URI): expected <root>/<Label>/<file>.jpg; "
+            f"{len(ignored)} other file(s) ignored"
+        )
+    counts = catalog.groupby("label").size().rename("images").reset_index()
+    if ignored:
+        context.log.warning(f"ignored {len(ignored)} file(s) that are not images in a label folder, e.g. {ignored[:3]}")
+    return Output(
+        catalog,
+        metadata={
+            "images_uri": MetadataValue.path(root.uri),
+            "rows": len(catalog),
+            "labels": len(counts),
+            "images_per_label": _table(counts),
+            "ignored_files": len(ignored),
+        },
+    )
+
+
+@asset(
+    group_name=GROUP,
+    kinds={"spark", "tensorflow", "parquet"},
+    check_specs=[
+        AssetCheckSpec("one_row_per_image", asset="image_features",
+                       description="Every catalogued image has a feature row, or is listed as skipped with its reason."),
+        AssetCheckSpec("vectors_are_1280_finite_floats", asset="image_features"),
+    ],
+)
+def image_features(
+    context: AssetExecutionContext,
+    raw_images: SparkDataFrame,
+    feature_model: FeatureModel,
+    pyspark: PySparkResource,
+    step_launcher: ResourceParam[Any],
+):
+    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark."""
+    from fruit_assets.ml.featurize import FeaturizeSettings, default_partitions, featurize
+    from fruit_assets.ml.model import feature_extractor_weights
+
+    source = feature_model.weights_source()
+    started = time.perf_counter()
+    weights = feature_extractor_weights(source)
+    model_seconds = time.perf_counter() - started
+    fingerprint = weights_fingerprint(weights)
+    if not source.describe()["weights_meaningful"]:
+        context.log.warning(f"featurizing with {source.describe()['weights_source']}: {source.describe().get('weights_note', '')}")
+
+    catalogued = raw_images.count()
+    partitions = feature_model.partitions or default_partitions(pyspark.spark_session, catalogued)
+    settings = FeaturizeSettings(
+        batch_size=feature_model.batch_size, tf_intra_op_threads=feature_model.tf_intra_op_threads
+    )
+    results = featurize(raw_images, weights, fingerprint, settings, partitions).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        started = time.perf_counter()
+        finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
+        stats = results.agg(
+            F.count("*").alias("rows"),
+            F.count("features").alias("featurized"),
+            F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
+        ).first()
+        seconds = time.perf_counter() - started
+        skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
+        featurized = stats["featurized"]
+        context.log.info(f"featurized {featurized} of {catalogued} images in {seconds:.1f} s ({featurized / seconds:.1f} images/s)")
+
+        yield Output(
+            results.where(F.col("error").isNull()).select("path", "label", "features"),
+            metadata={
+                "rows": featurized,
+                "skipped": len(skipped),
+                "skipped_images": _table(skipped) if len(skipped) else MetadataValue.text("none"),
+                **{key: value for key, value in source.describe().items()},
+                "weights_fingerprint": fingerprint,
+                "feature_dim": FEATURE_DIM,
+                "partitions": partitions,
+                "batch_size": feature_model.batch_size,
+                "featurize_seconds": round(seconds, 2),
+                "model_setup_seconds": round(model_seconds, 2),
+                "throughput_images_per_s": round(featurized / seconds, 2) if seconds else 0.0,
+            },
+        )
+        yield AssetCheckResult(
+            check_name="one_row_per_image",
+            passed=bool(stats["rows"] == catalogued and featurized + len(skipped) == catalogued),
+            metadata={"catalogued": catalogued, "featurized": featurized, "skipped": len(skipped)},
+        )
+        yield AssetCheckResult(
+            check_name="vectors_are_1280_finite_floats",
+            passed=bool(stats["bad_vectors"] == 0),
+            metadata={"bad_vectors": stats["bad_vectors"]},
+        )
+    finally:
+        results.unpersist()
+
+
+class PcaConfig(Config):
+    k: int | None = Field(
+        default=50, description="Number of components. Null: the smallest k reaching variance_target."
+    )
+    variance_target: float = Field(
+        default=0.95,
+        description="Fraction of variance to keep when k is null; with a fixed k, the check warns below it.",
+    )
+    max_k: int = Field(default=256, description="Upper bound on k when choosing it from variance_target.")
+
+
+@asset(
+    group_name=GROUP,
+    kinds={"spark", "parquet"},
+    check_specs=[AssetCheckSpec("explained_variance_reaches_target", asset="pca_model")],
+)
+def pca_model(
+    context: AssetExecutionContext,
+    config: PcaConfig,
+    image_features: SparkDataFrame,
+    pyspark: PySparkResource,
+    step_launcher: ResourceParam[Any],
+):
+    """Spark ML PCA fitted on the features; stored as a components table and a Spark ML model."""
+    from fruit_assets.ml.pca import fit_pca
+
+    result = fit_pca(image_features, config.k, config.variance_target, config.max_k, FEATURE_DIM)
+    cumulative = result.cumulative
+    table = pd.DataFrame(
+        {
+            "component": np.arange(1, result.k + 1),
+            "explained_variance": np.round(result.explained_variance, 6),
+            "cumulative": np.round(cumulative, 6),
+        }
+    )
+    kept = float(cumulative[-1])
+    context.log.info(f"PCA: k={result.k} keeps {kept:.1%} of the variance of {result.rows} images")
+    yield Output(
+        result.model,
+        metadata={
+            "k": result.k,
+            "k_chosen_by": "fixed k" if config.k is not None else f"variance_target {config.variance_target}",
+            "variance_target": config.variance_target,
+            "explained_variance_total": round(kept, 6),
+            "explained_variance": _table(table),
+            "rows": result.rows,
+        },
+    )
+    yield AssetCheckResult(
+        check_name="explained_variance_reaches_target",
+        passed=kept >= config.variance_target - 1e-9,
+        severity=AssetCheckSeverity.WARN,
+        description=f"{result.k} components keep {kept:.1%} of the variance (target {config.variance_target:.0%})",
+        metadata={"k": result.k, "explained_variance_total": kept, "variance_target": config.variance_target},
+    )
+
+
+@asset(
+    group_name=GROUP,
+    kinds={"spark", "parquet"},
+    check_specs=[AssetCheckSpec("k_columns_and_same_rows", asset="reduced_features")],
+)
+def reduced_features(
+    context: AssetExecutionContext,
+    image_features: SparkDataFrame,
+    pca_model: PCAModel,
+    pyspark: PySparkResource,
+    step_launcher: ResourceParam[Any],
+):
+    """The image features projected onto the PCA components: path, label, pca_features (k float32)."""
+    from fruit_assets.ml.pca import project
+
+    k = pca_model.getK()
+    reduced = project(image_features, pca_model).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        stats = reduced.agg(
+            F.count("*").alias("rows"),
+            F.min(F.size("pca_features")).alias("min_k"),
+            F.max(F.size("pca_features")).alias("max_k"),
+        ).first()
+        source_rows = image_features.count()
+        yield Output(reduced, metadata={"rows": stats["rows"], "k": k})
+        yield AssetCheckResult(
+            check_name="k_columns_and_same_rows",
+            passed=bool(stats["rows"] == source_rows and stats["min_k"] == k and stats["max_k"] == k),
+            metadata={"rows": stats["rows"], "image_features_rows": source_rows, "k": k},
+        )
+    finally:
+        reduced.unpersist()

@@ -1,0 +1,21 @@
+"""The `fruit_assets` code location: assets, the job that materializes them, and the resources of the
+deployment named by FRUIT_DEPLOYMENT (default `local`)."""
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from fruit_assets.assets import image_features, pca_model, raw_images, reduced_features
+from fruit_assets.resources import build_resources
+
+all_assets = [raw_images, image_features, pca_model, reduced_features]
+
+fruit_features_job = define_asset_job(
+    "fruit_features_job",
+    selection=AssetSelection.assets(*all_assets),
+    description="Catalog the images, featurize them with MobileNetV2, fit PCA, project.",
+)
+
+defs = Definitions(
+    assets=all_assets,
+    jobs=[fruit_features_job],
+    resources=build_resources(),
+)

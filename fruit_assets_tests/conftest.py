@@ -1,0 +1,79 @@
+"""Shared test fixtures: one local Spark session and one demo image set per test session.
+
+Everything is real: local Spark, TensorFlow, Dagster runs, files on disk. The model runs with the
+deterministic random initialisation (`random:0`) because ImageNet weights cannot be downloaded here.
+"""
+
+import os
+import sys
+
+import pytest
+
+# Set before any SparkContext starts (see resources.build_resources for why).
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ["PYSPARK_PYTHON"] = sys.executable
+# Tests must not pick up a developer's settings.
+for name in ("FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS", "FRUIT_DEPLOYMENT"):
+    os.environ.pop(name, None)
+
+TEST_WEIGHTS = "random:0"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    from fruit_assets.resources import local_spark_config
+
+    config = local_spark_config() | {"spark.master": "local[2]", "spark.ui.enabled": "false"}
+    builder = SparkSession.builder
+    for key, value in config.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    from fruit_assets.demo_data import generate_demo_set
+
+    root = tmp_path_factory.mktemp("demo_images")
+    generate_demo_set(root)  # 24 labels x 3 images, like the original notebook's sample
+    return root
+
+
+def local_resources(images_uri, storage_uri, weights: str = TEST_WEIGHTS) -> dict:
+    """The embedded-default resources, pointed at test folders."""
+    from fruit_assets.io_manager import ParquetIOManager
+    from fruit_assets.resources import FeatureModel, ImageSource, build_resources
+
+    resources = build_resources("local")
+    resources["io_manager"] = ParquetIOManager(base_uri=str(storage_uri))
+    resources["images"] = ImageSource(uri=str(images_uri))
+    resources["feature_model"] = FeatureModel(weights=weights)
+    return resources
+
+
+def materialize_all(resources: dict, selection=None, run_config=None, raise_on_error=True):
+    from dagster import materialize
+
+    from fruit_assets.definitions import all_assets
+
+    return materialize(
+        all_assets, resources=resources, selection=selection, run_config=run_config, raise_on_error=raise_on_error
+    )
+
+
+def metadata_of(result, asset_name: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset_name]
+    return {key: value.value for key, value in event.materialization.metadata.items()}
+
+
+@pytest.fixture(scope="session")
+def demo_run(spark, demo_images, tmp_path_factory):
+    """The whole graph materialized once on the demo set, for the tests that inspect its outputs."""
+    storage = tmp_path_factory.mktemp("storage")
+    result = materialize_all(local_resources(demo_images, storage))
+    return result, storage

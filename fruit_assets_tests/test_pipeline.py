@@ -1,0 +1,167 @@
+"""The four assets end to end on the embedded default: real local Spark, TensorFlow and Dagster runs."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of
+
+ROWS = 72  # 24 labels x 3 images
+
+
+def read(storage, name) -> pd.DataFrame:
+    return pd.read_parquet(storage / name).sort_values("path" if name != "pca_model" else "component", ignore_index=True)
+
+
+def test_graph_materializes_on_demo_set(demo_run, demo_images):
+    result, storage = demo_run
+    assert result.success
+    assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {
+        "raw_images", "image_features", "pca_model", "reduced_features"
+    }
+    raw = metadata_of(result, "raw_images")
+    assert (raw["rows"], raw["labels"]) == (ROWS, 24)
+    assert {r.data["images"] for r in raw["images_per_label"].records} == {3}
+
+    features = metadata_of(result, "image_features")
+    assert features["rows"] == ROWS and features["skipped"] == 0
+    assert features["weights_source"] == "random:0" and features["weights_meaningful"] is False
+    assert features["throughput_images_per_s"] > 0
+    assert features["dagster/row_count"] == ROWS
+
+    pca = metadata_of(result, "pca_model")
+    assert pca["k"] == 50 and pca["dagster/row_count"] == 50
+    assert 0 < pca["explained_variance_total"] <= 1
+
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["one_row_per_image"].passed
+    assert checks["vectors_are_1280_finite_floats"].passed
+    assert checks["k_columns_and_same_rows"].passed
+    variance = checks["explained_variance_reaches_target"]
+    assert variance.passed == (pca["explained_variance_total"] >= 0.95)
+
+
+def test_outputs_are_readable_without_spark(demo_run, demo_images):
+    _, storage = demo_run
+    table = pads.dataset(storage / "image_features", format="parquet").to_table()
+    assert table.num_rows == ROWS
+    features = np.stack(table.column("features").to_numpy(zero_copy_only=False))
+    assert features.shape == (ROWS, 1280) and features.dtype == np.float32
+    assert np.isfinite(features).all()
+    # The random-but-calibrated model must still tell images apart.
+    assert features.std(axis=0).mean() > 1e-3
+
+    raw = read(storage, "raw_images")
+    assert list(raw.columns) == ["path", "label", "size_bytes", "modified_at"]
+    assert sorted(raw.label.unique()) == sorted(p.name for p in demo_images.iterdir())
+    assert (raw.size_bytes > 0).all()
+
+    reduced = read(storage, "reduced_features")
+    assert reduced.shape == (ROWS, 3)
+    assert {len(v) for v in reduced.pca_features} == {50}
+    assert not any(p.name.startswith("_staging") and any(p.iterdir()) for p in storage.iterdir())
+
+
+def test_pca_agrees_with_numpy_eigendecomposition(demo_run):
+    _, storage = demo_run
+    features = read(storage, "image_features")
+    x = np.stack(features.features).astype(np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    ratio = eigenvalues / eigenvalues.sum()
+
+    pca = read(storage, "pca_model")
+    k = len(pca)
+    np.testing.assert_allclose(pca.explained_variance, ratio[:k], atol=1e-6)
+    np.testing.assert_allclose(pca.cumulative_explained_variance, np.cumsum(ratio)[:k], atol=1e-6)
+    components = np.stack(pca.loadings)
+    # Components are defined up to sign; compare those whose eigenvalue is well separated.
+    separated = [i for i in range(k - 1) if ratio[i] - ratio[i + 1] > 1e-3 * ratio[0]][:10]
+    assert len(separated) >= 3
+    for i in separated:
+        assert abs(components[i] @ eigenvectors[:, i]) == pytest.approx(1.0, abs=1e-4)
+
+    # reduced_features is the projection of the raw features (Spark ML does not centre them).
+    reduced = read(storage, "reduced_features")
+    assert list(reduced.path) == list(features.path)
+    expected = x @ components.T
+    np.testing.assert_allclose(np.stack(reduced.pca_features), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_spark_can_load_the_stored_pca_model(demo_run, spark):
+    from pyspark.ml.feature import PCAModel
+
+    from fruit_assets import spark_parquet
+    from fruit_assets.ml.pca import project
+
+    _, storage = demo_run
+    model = PCAModel.load(str(storage / "pca_model" / "_spark_model"))
+    spark_parquet.register(spark)
+    features = spark.read.format(spark_parquet.FORMAT).load(str(storage / "image_features"))
+    again = project(features, model).toPandas().sort_values("path", ignore_index=True)
+    stored = read(storage, "reduced_features")
+    np.testing.assert_allclose(np.stack(again.pca_features), np.stack(stored.pca_features), rtol=1e-6)
+
+
+def test_rematerializing_gives_the_same_results(demo_run, demo_images):
+    result, storage = demo_run
+    before = {name: read(storage, name) for name in ("raw_images", "image_features", "pca_model", "reduced_features")}
+    again = materialize_all(local_resources(demo_images, storage))
+    assert again.success
+    for name, frame in before.items():
+        after = read(storage, name)
+        assert list(after.columns) == list(frame.columns), name
+        assert len(after) == len(frame), name
+        for column in frame.columns:
+            if frame[column].dtype == object and isinstance(frame[column].iloc[0], np.ndarray):
+                np.testing.assert_allclose(np.stack(after[column]), np.stack(frame[column]), rtol=1e-5, atol=1e-5)
+            else:
+                pd.testing.assert_series_equal(after[column], frame[column], check_names=False)
+
+
+def private_copy(storage, tmp_path):
+    """A copy of the demo run's storage, for tests that write new versions of assets."""
+    copy = tmp_path / "storage"
+    shutil.copytree(storage, copy)
+    return copy
+
+
+def test_variance_target_chooses_the_smallest_k(demo_run, demo_images, tmp_path):
+    storage = private_copy(demo_run[1], tmp_path)
+    features = read(storage, "image_features")
+    x = np.stack(features.features).astype(np.float64)
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+    cumulative = np.cumsum(eigenvalues / eigenvalues.sum())
+    expected_k = int(np.argmax(cumulative >= 0.9)) + 1
+
+    result = materialize_all(
+        local_resources(demo_images, storage),
+        selection=["pca_model"],
+        run_config={"ops": {"pca_model": {"config": {"k": None, "variance_target": 0.9}}}},
+    )
+    pca = metadata_of(result, "pca_model")
+    assert pca["k"] == expected_k
+    assert pca["explained_variance_total"] >= 0.9
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed
+    assert len(read(storage, "pca_model")) == expected_k
+
+
+def test_k_larger_than_the_images_is_refused_and_keeps_the_last_model(demo_run, demo_images, tmp_path):
+    storage = private_copy(demo_run[1], tmp_path)
+    before = read(storage, "pca_model")
+    result = materialize_all(
+        local_resources(demo_images, storage),
+        selection=["pca_model"],
+        run_config={"ops": {"pca_model": {"config": {"k": 500}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
+    assert "k=500" in message and "number of images=72" in message
+    pd.testing.assert_frame_equal(read(storage, "pca_model"), before)
