@@ -12,15 +12,34 @@ import pytest
 # Set before any SparkContext starts (see resources.build_resources for why).
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ["PYSPARK_PYTHON"] = sys.executable
-# Tests must not pick up a developer's settings.
-for name in ("FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS", "FRUIT_DEPLOYMENT"):
-    os.environ.pop(name, None)
+# Tests must not pick up a developer's settings, nor ever reach a real AWS account.
+for name in list(os.environ):
+    if name.startswith(("FRUIT_", "AWS_", "DATABRICKS_")):
+        del os.environ[name]
 
 TEST_WEIGHTS = "random:0"
+TEST_BUCKET = "fruit-test"
 
 
 @pytest.fixture(scope="session")
-def spark():
+def s3(tmp_path_factory):
+    """One real S3 server (SeaweedFS) per test session, on free loopback ports, with a bucket.
+
+    Its AWS_* settings go into os.environ before Spark starts, because Spark's Python workers
+    inherit the environment the JVM was started with: that is how they reach S3 too."""
+    from fruit_assets.local_s3 import start_local_s3
+
+    server = start_local_s3(data_dir=str(tmp_path_factory.mktemp("s3")), die_with_parent=True)
+    try:
+        server.create_bucket(TEST_BUCKET)
+        os.environ.update(server.env())
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def spark(s3):
     from pyspark.sql import SparkSession
 
     from fruit_assets.resources import local_spark_config
