@@ -92,57 +92,80 @@ def image_features(
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark."""
-    from fruit_assets.ml.featurize import FeaturizeSettings, default_partitions, featurize
+    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark.
+
+    Incremental: an image whose file (path, size, modification time) was featurized by the same
+    weights in the stored version keeps its vector; only new and changed images go through the
+    model, and images no longer catalogued are dropped."""
+    from fruit_assets.ml.featurize import FeaturizeSettings, default_partitions, featurize, plan_incremental
     from fruit_assets.ml.model import feature_extractor_weights
 
     source = feature_model.weights_source()
+    described = source.describe()
     started = time.perf_counter()
     weights = feature_extractor_weights(source)
     model_seconds = time.perf_counter() - started
     fingerprint = weights_fingerprint(weights)
-    if not source.describe()["weights_meaningful"]:
-        context.log.warning(f"featurizing with {source.describe()['weights_source']}: {source.describe().get('weights_note', '')}")
+    if not described["weights_meaningful"]:
+        context.log.warning(f"featurizing with {described['weights_source']}: {described.get('weights_note', '')}")
 
-    catalogued = raw_images.count()
-    partitions = feature_model.partitions or default_partitions(pyspark.spark_session, catalogued)
+    catalog = raw_images.select("path", "label", "size_bytes", "modified_at")
+    previous = context.resources.io_manager.load_stored(context.asset_key, SparkDataFrame)
+    plan = plan_incremental(catalog, previous, fingerprint)
+    to_featurize = plan.todo.count()
+    partitions = feature_model.partitions or default_partitions(pyspark.spark_session, to_featurize)
     settings = FeaturizeSettings(
         batch_size=feature_model.batch_size, tf_intra_op_threads=feature_model.tf_intra_op_threads
     )
-    results = featurize(raw_images, weights, fingerprint, settings, partitions).persist(StorageLevel.MEMORY_AND_DISK)
+    results = featurize(plan.todo, weights, fingerprint, settings, partitions).withColumn("reused", F.lit(False))
+    if plan.reused is not None:
+        reused = plan.reused.withColumn("error", F.lit(None).cast("string")).withColumn("reused", F.lit(True))
+        results = results.unionByName(reused)
+    results = results.withColumn("weights_fingerprint", F.lit(fingerprint)).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         started = time.perf_counter()
         finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
         stats = results.agg(
             F.count("*").alias("rows"),
-            F.count("features").alias("featurized"),
+            F.count("features").alias("with_features"),
+            F.sum(F.when(~F.col("reused") & F.col("features").isNotNull(), 1).otherwise(0)).alias("featurized"),
             F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
         ).first()
         seconds = time.perf_counter() - started
+        dropped = plan.dropped.count() if plan.dropped is not None else 0
         skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
-        featurized = stats["featurized"]
-        context.log.info(f"featurized {featurized} of {catalogued} images in {seconds:.1f} s ({featurized / seconds:.1f} images/s)")
+        featurized, rows, catalog_rows = stats["featurized"] or 0, stats["with_features"], stats["rows"]
+        reused_count = rows - featurized
+        context.log.info(
+            f"{rows} of {catalog_rows} images have features: "
+            f"{featurized} featurized in {seconds:.1f} s, {reused_count} reused, {dropped} dropped, {len(skipped)} skipped"
+        )
 
         yield Output(
-            results.where(F.col("error").isNull()).select("path", "label", "features"),
+            results.where(F.col("error").isNull()).select(
+                "path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"
+            ),
             metadata={
-                "rows": featurized,
+                "rows": rows,
+                "featurized": featurized,
+                "reused": reused_count,
+                "dropped": dropped,
                 "skipped": len(skipped),
                 "skipped_images": _table(skipped) if len(skipped) else MetadataValue.text("none"),
-                **{key: value for key, value in source.describe().items()},
+                **described,
                 "weights_fingerprint": fingerprint,
                 "feature_dim": FEATURE_DIM,
                 "partitions": partitions,
                 "batch_size": feature_model.batch_size,
                 "featurize_seconds": round(seconds, 2),
                 "model_setup_seconds": round(model_seconds, 2),
-                "throughput_images_per_s": round(featurized / seconds, 2) if seconds else 0.0,
+                "throughput_images_per_s": round(featurized / seconds, 2) if featurized and seconds else 0.0,
             },
         )
         yield AssetCheckResult(
             check_name="one_row_per_image",
-            passed=bool(stats["rows"] == catalogued and featurized + len(skipped) == catalogued),
-            metadata={"catalogued": catalogued, "featurized": featurized, "skipped": len(skipped)},
+            passed=bool(rows + len(skipped) == catalog_rows),
+            metadata={"catalogued": catalog_rows, "with_features": rows, "skipped": len(skipped)},
         )
         yield AssetCheckResult(
             check_name="vectors_are_1280_finite_floats",

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from dagster import (
+    AssetKey,
     ConfigurableIOManager,
     InputContext,
     MetadataValue,
@@ -141,21 +142,29 @@ class ParquetIOManager(ConfigurableIOManager):
             pafs.copy_files(local, destination.path, destination_filesystem=destination.filesystem)
 
     def load_input(self, context: InputContext):
-        location = self.location(context)
-        if not location.exists():
+        stored = self.load_stored(context.asset_key, context.dagster_type.typing_type)
+        if stored is None:
             raise FileNotFoundError(
-                f"{context.asset_key.to_user_string()} has no stored data at {location.uri}: "
-                "materialize it first"
+                f"{context.asset_key.to_user_string()} has no stored data at "
+                f"{self.root().child(*context.asset_key.path).uri}: materialize it first"
             )
+        return stored
+
+    def load_stored(self, asset_key: AssetKey, as_type=pd.DataFrame):
+        """The stored version of an asset as `as_type` (Spark DataFrame, PCAModel or pandas
+        DataFrame), or None if it was never materialized. Assets use it to build on their own last
+        version (incremental featurization)."""
+        location = self.root().child(*asset_key.path)
+        if not location.files():
+            return None
         SparkDataFrame, PCAModel = _spark_types()
-        wanted = context.dagster_type.typing_type
-        if wanted is SparkDataFrame:
+        if as_type is SparkDataFrame:
             from fruit_assets import spark_parquet
 
             spark = _active_spark()
             spark_parquet.register(spark)
             return spark.read.format(spark_parquet.FORMAT).load(location.uri)
-        if wanted is PCAModel:
+        if as_type is PCAModel:
             return self._load_spark_model(location.child(SPARK_MODEL_DIR), PCAModel)
         files = [info.path for info in location.files(".parquet")]
         return pq.ParquetDataset(files, filesystem=location.filesystem).read().to_pandas()

@@ -98,7 +98,8 @@ def featurize(
     settings: FeaturizeSettings = FeaturizeSettings(),
     partitions: int | None = None,
 ) -> DataFrame:
-    """`images` (columns path, label, ...) -> path, label, features (1280 float32 or null), error."""
+    """`images` (catalog columns: path, label, size_bytes, modified_at) -> the same columns plus
+    features (1280 float32, or null) and error (null, or why the image was skipped)."""
     spark = images.sparkSession
     weights_broadcast = spark.sparkContext.broadcast(weights)
 
@@ -110,9 +111,10 @@ def featurize(
 
     if partitions:
         images = images.repartition(partitions)
-    return images.select(
-        "path", "label", mobilenet_features(F.col("path")).alias("result")
-    ).select("path", "label", "result.features", "result.error")
+    columns = [name for name in images.columns if name not in ("features", "error")]
+    return images.select(*columns, mobilenet_features(F.col("path")).alias("result")).select(
+        *columns, "result.features", "result.error"
+    )
 
 
 def default_partitions(spark: SparkSession, rows: int) -> int:
@@ -120,3 +122,28 @@ def default_partitions(spark: SparkSession, rows: int) -> int:
     return max(1, min(rows, spark.sparkContext.defaultParallelism))
 
 
+
+
+SOURCE_VERSION = ["path", "size_bytes", "modified_at"]  # an image file, as it was when featurized
+
+
+@dataclass(frozen=True)
+class IncrementalPlan:
+    """Which catalogued images can keep their stored vectors and which must go through the model."""
+
+    reused: DataFrame | None  # catalog columns + features, from the previous version
+    todo: DataFrame           # catalog rows to featurize
+    dropped: DataFrame | None  # previous rows whose image is no longer catalogued
+
+
+def plan_incremental(catalog: DataFrame, previous: DataFrame | None, weights_fingerprint: str) -> IncrementalPlan:
+    """Reuse a stored vector when the same file (path, size, modification time) was featurized by the
+    same weights; everything else (new, changed, or featurized by another model) is featurized."""
+    needed = set(SOURCE_VERSION) | {"features", "weights_fingerprint"}
+    if previous is None or not needed <= set(previous.columns):
+        return IncrementalPlan(reused=None, todo=catalog, dropped=None)
+    same_model = previous.where(F.col("weights_fingerprint") == weights_fingerprint).select(*SOURCE_VERSION, "features")
+    reused = catalog.join(same_model, on=SOURCE_VERSION, how="inner")
+    todo = catalog.join(same_model.select(*SOURCE_VERSION), on=SOURCE_VERSION, how="left_anti")
+    dropped = previous.join(catalog.select("path"), on="path", how="left_anti")
+    return IncrementalPlan(reused=reused, todo=todo, dropped=dropped)

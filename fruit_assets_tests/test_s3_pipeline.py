@@ -1,0 +1,149 @@
+"""The pipeline with its data in a real S3 server (SeaweedFS): images from a bucket, assets into it,
+incremental featurization, and writes that never lose the last good version."""
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+from dagster import AssetKey, build_input_context, build_output_context
+from dagster._core.types.dagster_type import resolve_dagster_type
+
+from fruit_assets.demo_data import generate_demo_set
+from fruit_assets.io_manager import ParquetIOManager
+from fruit_assets.local_s3 import upload_tree
+from fruit_assets_tests.conftest import TEST_BUCKET, local_resources, materialize_all, metadata_of
+
+ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
+
+
+def new_prefix() -> str:
+    return f"s3://{TEST_BUCKET}/{uuid.uuid4().hex[:8]}"
+
+
+def s3_filesystem(s3) -> pafs.S3FileSystem:
+    """An independent reader: plain pyarrow with explicit settings, not the project's own code."""
+    host = s3.endpoint_url.split("://", 1)[1]
+    return pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key=s3.access_key,
+                             secret_key=s3.secret_key, region=s3.region)
+
+
+def read_s3(s3, uri: str) -> pd.DataFrame:
+    dataset = pads.dataset(uri.removeprefix("s3://"), filesystem=s3_filesystem(s3), format="parquet")
+    return dataset.to_table().to_pandas()
+
+
+def by_image(frame: pd.DataFrame) -> pd.DataFrame:
+    """Index rows by <Label>/<file>, the part of the path that local and S3 runs share."""
+    keyed = frame.assign(image=frame.path.str.split("/").str[-2:].str.join("/"))
+    return keyed.set_index("image").sort_index()
+
+
+def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, demo_images, demo_run):
+    _, local_storage = demo_run
+    prefix = new_prefix()
+    assert upload_tree(demo_images, f"{prefix}/images") == 72
+
+    result = materialize_all(local_resources(f"{prefix}/images", f"{prefix}/assets"))
+    assert result.success
+    assert metadata_of(result, "image_features")["path"] == f"{prefix}/assets/image_features"
+
+    objects = [o["Key"] for o in s3.client().list_objects_v2(Bucket=TEST_BUCKET, Prefix=prefix.split("/")[-1])["Contents"]]
+    assert any(key.endswith(".parquet") and "/assets/image_features/" in key for key in objects)
+
+    for name in ASSETS:
+        remote = read_s3(s3, f"{prefix}/assets/{name}")
+        local = pd.read_parquet(local_storage / name)
+        assert len(remote) == len(local), name
+        if name == "pca_model":
+            remote, local = remote.sort_values("component"), local.sort_values("component")
+            np.testing.assert_allclose(remote.explained_variance, local.explained_variance, rtol=1e-6, atol=1e-9)
+            continue
+        remote, local = by_image(remote), by_image(local)
+        assert list(remote.index) == list(local.index)
+        assert list(remote.label) == list(local.label)
+        assert remote.path.str.startswith(f"{prefix}/images/").all()
+        if name == "raw_images":
+            assert list(remote.size_bytes) == list(local.size_bytes)
+        else:
+            column = "features" if name == "image_features" else "pca_features"
+            # Components may flip sign between fits: compare features exactly, projections up to sign.
+            a, b = np.stack(remote[column]), np.stack(local[column])
+            if column == "pca_features":
+                a, b = np.abs(a), np.abs(b)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_featurization_is_incremental(s3, spark, tmp_path):
+    prefix = new_prefix()
+    local = tmp_path / "images"
+    generate_demo_set(local, labels=6, images_per_label=4)
+    assert upload_tree(local, f"{prefix}/images") == 24
+    resources = local_resources(f"{prefix}/images", f"{prefix}/assets")
+    selection = ["raw_images", "image_features"]
+
+    first = metadata_of(materialize_all(resources, selection=selection), "image_features")
+    assert (first["rows"], first["featurized"], first["reused"], first["dropped"]) == (24, 24, 0, 0)
+    before = by_image(read_s3(s3, f"{prefix}/assets/image_features"))
+
+    client, key_prefix = s3.client(), prefix.split("/", 3)[3]
+    labels = sorted({image.split("/")[0] for image in before.index})
+    extra = tmp_path / "extra"
+    generate_demo_set(extra, labels=7, images_per_label=6)  # the same first images, plus more
+    added = [f"{labels[0]}/r0_4.jpg", f"{labels[0]}/r0_5.jpg", f"{labels[1]}/r0_4.jpg"]
+    for image in added:
+        client.upload_file(str(extra / image), TEST_BUCKET, f"{key_prefix}/images/{image}")
+    changed = f"{labels[2]}/r0_0.jpg"  # same key, other content: a different image of another label
+    other = next(p for p in sorted(extra.iterdir()) if p.name not in labels)
+    client.upload_file(str(other / "r0_0.jpg"), TEST_BUCKET, f"{key_prefix}/images/{changed}")
+    deleted = [f"{labels[3]}/r0_1.jpg", f"{labels[4]}/r0_2.jpg"]
+    for image in deleted:
+        client.delete_object(Bucket=TEST_BUCKET, Key=f"{key_prefix}/images/{image}")
+
+    second = metadata_of(materialize_all(resources, selection=selection), "image_features")
+    assert (second["rows"], second["featurized"], second["reused"], second["dropped"]) == (25, 4, 21, 2)
+    after = by_image(read_s3(s3, f"{prefix}/assets/image_features"))
+    assert len(after) == 25 and after.index.is_unique
+    assert set(after.index) == (set(before.index) | set(added)) - set(deleted)
+    untouched = sorted(set(before.index) - set(deleted) - {changed})
+    np.testing.assert_array_equal(np.stack(after.loc[untouched].features), np.stack(before.loc[untouched].features))
+    assert np.abs(after.loc[changed].features - before.loc[changed].features).max() > 1e-3
+
+    third = metadata_of(materialize_all(resources, selection=selection), "image_features")
+    assert (third["rows"], third["featurized"], third["reused"], third["dropped"]) == (25, 0, 25, 0)
+
+    # Other weights: nothing can be reused.
+    other_model = metadata_of(
+        materialize_all(local_resources(f"{prefix}/images", f"{prefix}/assets", weights="random:1"), selection=selection),
+        "image_features",
+    )
+    assert (other_model["featurized"], other_model["reused"]) == (25, 0)
+
+
+def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import udf
+
+    prefix = new_prefix()
+    manager = ParquetIOManager(base_uri=prefix)
+    good = spark.range(50).repartition(3).select(F.col("id"), (F.col("id") * 2).alias("twice"))
+    manager.handle_output(build_output_context(asset_key=AssetKey("table")), good)
+
+    @udf("long")
+    def fail_on_seven(value):
+        if value == 7:
+            raise RuntimeError("injected failure mid-write")
+        return value
+
+    failing = spark.range(100).repartition(4).select(fail_on_seven(F.col("id")).alias("id"), F.lit(0).alias("twice"))
+    with pytest.raises(Exception, match="injected failure mid-write"):
+        manager.handle_output(build_output_context(asset_key=AssetKey("table")), failing)
+
+    stored = read_s3(s3, f"{prefix}/table").sort_values("id", ignore_index=True)
+    assert list(stored.id) == list(range(50)) and list(stored.twice) == [2 * i for i in range(50)]
+    loaded = manager.load_input(build_input_context(asset_key=AssetKey("table"), dagster_type=resolve_dagster_type(pd.DataFrame)))
+    assert len(loaded) == 50
+    leftovers = s3_filesystem(s3).get_file_info(pafs.FileSelector(f"{prefix.removeprefix('s3://')}/_staging", recursive=True, allow_not_found=True))
+    assert [info.path for info in leftovers if info.type == pafs.FileType.File] == []
