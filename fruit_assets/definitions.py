@@ -5,6 +5,7 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from fruit_assets.assets import image_features, pca_model, raw_images, reduced_features
 from fruit_assets.resources import build_resources
+from fruit_assets.sensors import fruit_images_sensor
 
 all_assets = [raw_images, image_features, pca_model, reduced_features]
 
@@ -17,5 +18,6 @@ fruit_features_job = define_asset_job(
 defs = Definitions(
     assets=all_assets,
     jobs=[fruit_features_job],
+    sensors=[fruit_images_sensor],
     resources=build_resources(),
 )
