@@ -19,6 +19,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     Config,
+    Failure,
     MetadataValue,
     Output,
     ResourceParam,
@@ -141,6 +142,17 @@ def image_features(
             f"{featurized} featurized in {seconds:.1f} s, {reused_count} reused, {dropped} dropped, {len(skipped)} skipped"
         )
 
+        rate = len(skipped) / catalog_rows if catalog_rows else 0.0
+        if rate > feature_model.max_skipped_fraction:
+            examples = "; ".join(f"{row.path}: {row.error}" for row in skipped.head(5).itertuples())
+            # Raised before the output is yielded: nothing is written, the last good version stays.
+            raise Failure(
+                description=f"{len(skipped)} of {catalog_rows} images ({rate:.1%}) could not be featurized, "
+                f"over max_skipped_fraction={feature_model.max_skipped_fraction} (feature_model resource). "
+                f"First ones: {examples}",
+                metadata={"skipped": len(skipped), "skipped_fraction": rate, "skipped_images": _table(skipped)},
+            )
+
         yield Output(
             results.where(F.col("error").isNull()).select(
                 "path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"
@@ -165,7 +177,8 @@ def image_features(
         yield AssetCheckResult(
             check_name="one_row_per_image",
             passed=bool(rows + len(skipped) == catalog_rows),
-            metadata={"catalogued": catalog_rows, "with_features": rows, "skipped": len(skipped)},
+            metadata={"catalogued": catalog_rows, "with_features": rows, "skipped": len(skipped),
+                      "skipped_fraction": round(rate, 4), "max_skipped_fraction": feature_model.max_skipped_fraction},
         )
         yield AssetCheckResult(
             check_name="vectors_are_1280_finite_floats",
@@ -178,13 +191,14 @@ def image_features(
 
 class PcaConfig(Config):
     k: int | None = Field(
-        default=50, description="Number of components. Null: the smallest k reaching variance_target."
+        default=50, ge=1, le=FEATURE_DIM,
+        description="Number of components (1..1280, and at most the number of images). Null: the smallest k reaching variance_target.",
     )
     variance_target: float = Field(
-        default=0.95,
+        default=0.95, gt=0, le=1,
         description="Fraction of variance to keep when k is null; with a fixed k, the check warns below it.",
     )
-    max_k: int = Field(default=256, description="Upper bound on k when choosing it from variance_target.")
+    max_k: int = Field(default=256, ge=1, le=FEATURE_DIM, description="Upper bound on k when choosing it from variance_target.")
 
 
 @asset(

@@ -75,6 +75,9 @@ class ParquetIOManager(ConfigurableIOManager):
     def root(self) -> storage.Location:
         return storage.resolve(self.base_uri, setting="FRUIT_STORAGE_URI")
 
+    def setup_for_execution(self, context) -> None:
+        storage.check_reachable(self.root(), "FRUIT_STORAGE_URI")
+
     def location(self, context: OutputContext | InputContext) -> storage.Location:
         return self.root().child(*context.asset_key.path)
 

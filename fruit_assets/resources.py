@@ -50,6 +50,10 @@ class ImageSource(ConfigurableResource):
     def location(self) -> storage.Location:
         return storage.resolve(self.uri, setting="FRUIT_IMAGES_URI")
 
+    def setup_for_execution(self, context) -> None:
+        # Refuse a malformed URI, a missing bucket or refused credentials before any work starts.
+        storage.check_reachable(self.location(), "FRUIT_IMAGES_URI")
+
 
 class FeatureModel(ConfigurableResource):
     """The MobileNetV2 feature extractor and how Spark runs it."""
@@ -62,11 +66,19 @@ class FeatureModel(ConfigurableResource):
     batch_size: int = Field(default=32, description="Images per model call inside a Spark task.")
     partitions: int = Field(default=0, description="Spark partitions to featurize in; 0 = one per core.")
     tf_intra_op_threads: int = Field(default=1, description="TensorFlow threads per Spark Python worker.")
+    max_skipped_fraction: float = Field(
+        default=0.1,
+        description="Fail the run when more than this fraction of the images cannot be featurized "
+        "(they are skipped and listed either way).",
+    )
 
     def weights_source(self):
         from fruit_assets.ml.model import parse_weights_setting
 
         return parse_weights_setting(self.weights, setting_name="FRUIT_MODEL_WEIGHTS")
+
+    def setup_for_execution(self, context) -> None:
+        self.weights_source()  # an unusable FRUIT_MODEL_WEIGHTS value fails the step before any work
 
 
 def weights_fingerprint(weights) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -87,35 +88,55 @@ def _check_safe_name(part: str) -> None:
         raise StorageConfigError(f"unsafe path component {part!r}")
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+
+
 def resolve(uri: str, setting: str = "storage URI") -> Location:
     """A `Location` for a local path, a `file://` URI or an `s3://bucket/prefix` URI.
 
-    `setting` names the configuration that supplied the URI, for error messages."""
+    Everything after the bucket is taken literally as the key: no percent-decoding, and `#`, `?`,
+    `%`, `+` and spaces are ordinary characters (they occur in real file names), unlike in
+    `urllib.parse`. `setting` names the configuration that supplied the URI, for error messages."""
     if not isinstance(uri, str) or not uri.strip():
         raise StorageConfigError(f"{setting} is empty: give a local folder or an s3://bucket/prefix URI")
     uri = uri.strip()
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = os.path.abspath(os.path.expanduser(parsed.path if scheme == "file" else uri))
+    match = _SCHEME.match(uri)
+    if match is None:
+        path = os.path.abspath(os.path.expanduser(uri))
+        return Location(uri=path, filesystem=pafs.LocalFileSystem(), path=path)
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme == "file":
+        path = os.path.abspath(rest if rest.startswith("/") else "/" + rest)
         return Location(uri=path, filesystem=pafs.LocalFileSystem(), path=path)
     if scheme in ("s3", "s3a"):
-        bucket = parsed.netloc
+        bucket, _, prefix = rest.partition("/")
+        if "@" in bucket or ":" in bucket:
+            # s3://key:secret@bucket would put credentials in configs, logs and metadata.
+            raise StorageConfigError(
+                f"{setting}: credentials or ports do not belong in the URI; give s3://bucket/prefix and set "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
+            )
         if not bucket:
             raise StorageConfigError(f"{setting}={uri!r} has no bucket: use s3://bucket/prefix")
-        prefix = parsed.path.strip("/")
+        prefix = prefix.strip("/")
         if ".." in prefix.split("/"):
             raise StorageConfigError(f"{setting}={uri!r} contains '..'")
         path = f"{bucket}/{prefix}" if prefix else bucket
         return Location(uri=f"s3://{path}", filesystem=s3_filesystem(), path=path)
     raise StorageConfigError(
-        f"{setting}={uri!r}: unsupported scheme {parsed.scheme!r}; use a local folder or s3://bucket/prefix"
+        f"{setting}={uri!r}: unsupported scheme {scheme!r}; use a local folder or s3://bucket/prefix"
     )
 
 
-@lru_cache(maxsize=None)
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region}
+@lru_cache(maxsize=16)
+def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": region,
+        # Transient errors (throttling, 5xx, dropped connections) are retried with exponential
+        # backoff by the AWS SDK; a lasting outage still fails after the last attempt.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        "connect_timeout": 5,
+    }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
@@ -126,10 +147,38 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """The S3 filesystem configured by the standard AWS settings (region defaults to eu-central-1)."""
+    """The S3 filesystem configured by the standard AWS settings (region defaults to eu-central-1).
+
+    pyarrow does not read AWS_ENDPOINT_URL itself, so it is passed on explicitly."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
-    return _s3_filesystem(endpoint, region)
+    # A new filesystem when the credentials in the environment change (they are only hashed into
+    # the cache key, in memory; never logged).
+    credentials_key = tuple(
+        hash(os.environ.get(name)) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    )
+    return _s3_filesystem(endpoint, region, credentials_key)
+
+
+def check_reachable(location: Location, setting: str) -> None:
+    """Fail fast, naming the setting, if an S3 location's bucket is missing or refuses us."""
+    if location.is_local:
+        return
+    bucket = location.path.split("/", 1)[0]
+    try:
+        info = location.filesystem.get_file_info(bucket)
+    except OSError as error:
+        raise StorageConfigError(
+            f"{setting}={location.uri}: cannot access bucket {bucket!r} ({_first_line(error)}). Check the "
+            "AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role), "
+            "AWS_ENDPOINT_URL and AWS_REGION"
+        ) from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageConfigError(f"{setting}={location.uri}: bucket {bucket!r} does not exist: create it or fix {setting}")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def new_staging(root: Location, name: str) -> Location:

@@ -43,7 +43,11 @@ def test_decode_modes(mode, color, fmt):
     decoded = decode_image(_encode(image, fmt))
     assert decoded.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert decoded.dtype == np.uint8
-    expected = np.array(image.convert("RGB"), dtype=np.int16)[0, 0]
+    if "A" in mode:
+        # Transparency is composited onto white, the background of Fruits-360 photos.
+        expected = np.array(Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB"), dtype=np.int16)[0, 0]
+    else:
+        expected = np.array(image.convert("RGB"), dtype=np.int16)[0, 0]
     # a uniform image stays uniform through the resize (JPEG may shift colours a little)
     assert np.abs(decoded.astype(np.int16) - expected).max() <= 3
 
@@ -94,3 +98,56 @@ def test_images_module_does_not_import_tensorflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --- hostile files ---------------------------------------------------------------------------------
+
+from fruit_assets_tests.hostile_files import (  # noqa: E402
+    animated_png,
+    decompression_bomb_png,
+    exif_rotated_jpeg,
+    fruit,
+    write_hostile_tree,
+)
+
+
+def test_exif_orientation_is_applied():
+    upright = decode_image(_encode(fruit(), "JPEG"))
+    rotated = decode_image(exif_rotated_jpeg())
+    # Shown upright, as a person sees it: the stem is at the top in both.
+    assert np.abs(rotated.astype(int) - upright.astype(int)).mean() < 6
+    assert rotated[30:50, 100:125, 1].mean() > rotated[30:50, 100:125, 0].mean()  # green stem on top
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    image = Image.fromarray(np.full((40, 40), 40_000, dtype=np.uint16))
+    decoded = decode_image(_encode(image, "PNG"))
+    assert abs(int(decoded[0, 0, 0]) - round(40_000 / 257)) <= 1  # 155, not 255
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="10000000000 pixels.*decompression-bomb guard"):
+        decode_image(decompression_bomb_png())
+    # Sizes under Pillow's own limit but over ours are refused by our header check.
+    with pytest.raises(ValueError, match="10000 x 10000 = 100,000,000 pixels, over the limit"):
+        decode_image(decompression_bomb_png(10_000, 10_000))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: no 30 GB decode
+
+
+def test_multi_frame_files_give_their_first_frame():
+    decoded = decode_image(animated_png())
+    assert decoded[130, 112, 0] > 150 and decoded[130, 112, 2] < 100  # the red first frame, not the blue one
+
+
+def test_every_hostile_file_decodes_or_says_why(tmp_path):
+    expected = write_hostile_tree(tmp_path)
+    for relative, reason in expected.items():
+        data = (tmp_path / relative).read_bytes()
+        if reason is None:
+            assert decode_image(data).shape == (IMAGE_SIZE, IMAGE_SIZE, 3), relative
+        else:
+            with pytest.raises(ValueError, match=reason):
+                decode_image(data)

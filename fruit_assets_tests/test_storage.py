@@ -36,6 +36,19 @@ def test_malformed_uris_name_the_setting(uri, fragment):
     assert uri == "" or "FRUIT_STORAGE_URI" in str(error.value)
 
 
+def test_uri_paths_are_taken_literally():
+    # '#', '?', '%' and '+' are ordinary characters in file names, not URL syntax.
+    assert storage.resolve("s3://bucket/a #1/100%+x?.jpg").path == "bucket/a #1/100%+x?.jpg"
+    assert storage.resolve("/tmp/a#b/c?d.jpg").path == "/tmp/a#b/c?d.jpg"
+    assert storage.resolve("file:///tmp/x%20y").path == "/tmp/x%20y"
+
+
+def test_credentials_in_uris_are_refused_without_echoing_them():
+    with pytest.raises(storage.StorageConfigError, match="credentials or ports do not belong") as error:
+        storage.resolve("s3://AKIAEXAMPLE:s3cr3t@bucket/prefix", setting="FRUIT_STORAGE_URI")
+    assert "s3cr3t" not in str(error.value)
+
+
 @pytest.mark.parametrize("name", ["..", "../escape", "a/../../b", "/abs", ""])
 def test_path_components_cannot_escape_the_root(tmp_path, name):
     with pytest.raises(storage.StorageConfigError):
