@@ -91,7 +91,9 @@ def weights_fingerprint(weights) -> str:
 
 def local_spark_config() -> dict[str, str]:
     return {
-        "spark.master": os.environ.get("FRUIT_SPARK_MASTER", "local[*]"),
+        # local[N,F]: plain local[N] never retries a failed task; F=4 attempts lets a Python worker
+        # that dies (killed, out of memory) be replaced, as on a cluster.
+        "spark.master": os.environ.get("FRUIT_SPARK_MASTER", "local[*,4]"),
         "spark.app.name": "fruit_assets",
         "spark.driver.memory": "4g",
         "spark.python.worker.reuse": "true",  # keep workers, and the model each one built, across tasks

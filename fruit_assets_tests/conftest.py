@@ -44,7 +44,7 @@ def spark(s3):
 
     from fruit_assets.resources import local_spark_config
 
-    config = local_spark_config() | {"spark.master": "local[2]", "spark.ui.enabled": "false"}
+    config = local_spark_config() | {"spark.master": "local[2,4]", "spark.ui.enabled": "false"}
     builder = SparkSession.builder
     for key, value in config.items():
         builder = builder.config(key, value)
