@@ -35,10 +35,13 @@ from pyspark.sql import DataFrame as SparkDataFrame
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
+from fruit_assets import plots
 from fruit_assets.catalog import list_images
+from fruit_assets.ml.featurize import read_bytes
 from fruit_assets.resources import FeatureModel, ImageSource, weights_fingerprint
 
 GROUP = "fruit_features"
+SCATTER_POINTS = 5000  # the scatter shows a sample: enough to see the structure, cheap to collect
 FEATURE_DIM = 1280
 
 
@@ -50,6 +53,16 @@ def _table(frame: pd.DataFrame) -> MetadataValue:
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _plot(context: AssetExecutionContext, name: str, png: bytes) -> dict:
+    """Metadata showing a PNG plot in the UI (markdown with a data: URI, which Dagster renders), plus
+    the same PNG stored beside the assets at <storage>/_plots/<asset>/<name>.png."""
+    saved = plots.save_png(context.resources.io_manager.root(), context.asset_key.path[-1], name, png)
+    return {name: MetadataValue.md(plots.markdown_image(png, name)), f"{name}_file": MetadataValue.path(saved.uri)}
+
+
+CONTACT_SHEET_LABELS = 24  # the sheet is embedded in every materialization event: keep it small
 
 
 @asset(group_name=GROUP, kinds={"python", "parquet"})
@@ -65,9 +78,12 @@ def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd
     counts = catalog.groupby("label").size().rename("images").reset_index()
     if ignored:
         context.log.warning(f"ignored {len(ignored)} file(s) that are not images in a label folder, e.g. {ignored[:3]}")
+    samples = catalog[catalog.label.isin(sorted(counts.label)[:CONTACT_SHEET_LABELS])].groupby("label").head(3)
+    with_bytes = [(row.label, read_bytes(row.path)) for row in samples.itertuples()]
     return Output(
         catalog,
         metadata={
+            **_plot(context, "sample_images", plots.contact_sheet(with_bytes)),
             "images_uri": MetadataValue.path(root.uri),
             "rows": len(catalog),
             "labels": len(counts),
@@ -230,6 +246,8 @@ def pca_model(
     yield Output(
         result.model,
         metadata={
+            **_plot(context, "explained_variance_plot",
+                    plots.explained_variance_plot(result.explained_variance, result.k, config.variance_target)),
             "k": result.k,
             "k_chosen_by": "fixed k" if config.k is not None else f"variance_target {config.variance_target}",
             "variance_target": config.variance_target,
@@ -271,7 +289,12 @@ def reduced_features(
             F.max(F.size("pca_features")).alias("max_k"),
         ).first()
         source_rows = image_features.count()
-        yield Output(reduced, metadata={"rows": stats["rows"], "k": k})
+        sample = reduced.select("label", F.slice("pca_features", 1, 2).alias("xy")).limit(SCATTER_POINTS).toPandas()
+        scatter = plots.pca_scatter_plot(np.stack(sample.xy) if len(sample) else np.zeros((0, 2)), list(sample.label))
+        yield Output(
+            reduced,
+            metadata={"rows": stats["rows"], "k": k, **_plot(context, "pca_scatter_plot", scatter)},
+        )
         yield AssetCheckResult(
             check_name="k_columns_and_same_rows",
             passed=bool(stats["rows"] == source_rows and stats["min_k"] == k and stats["max_k"] == k),
