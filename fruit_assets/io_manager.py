@@ -15,8 +15,12 @@ pandas DataFrame).
 
 from __future__ import annotations
 
+import os
 import posixpath
+import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 
 import pandas as pd
 import pyarrow as pa
@@ -138,11 +142,10 @@ class ParquetIOManager(ConfigurableIOManager):
         if destination.is_local:
             model.write().overwrite().save(destination.path)
             return
-        # Spark cannot write to S3 here: save locally, then upload the folder with pyarrow.
-        with tempfile.TemporaryDirectory() as scratch:
-            local = posixpath.join(scratch, "model")
-            model.write().save(local)
-            pafs.copy_files(local, destination.path, destination_filesystem=destination.filesystem)
+        # Spark cannot write to S3 here: save to scratch space, then upload the folder with pyarrow.
+        with _spark_scratch() as (spark_path, local_path):
+            model.write().save(spark_path)
+            pafs.copy_files(local_path, destination.path, destination_filesystem=destination.filesystem)
 
     def load_input(self, context: InputContext):
         stored = self.load_stored(context.asset_key, context.dagster_type.typing_type)
@@ -176,9 +179,25 @@ class ParquetIOManager(ConfigurableIOManager):
     def _load_spark_model(source: storage.Location, model_class):
         if source.is_local:
             return model_class.load(source.path)
-        # Spark ML reads models through Hadoop filesystems only: fetch a local copy first. The model is
-        # small (k x 1280 doubles). Its data is read eagerly by load(), so the copy can go right after.
-        with tempfile.TemporaryDirectory() as scratch:
-            local = posixpath.join(scratch, "model")
-            pafs.copy_files(source.path, local, source_filesystem=source.filesystem)
-            return model_class.load(local)
+        # Spark ML reads models through Hadoop filesystems only: fetch a copy into scratch space first.
+        # The model is small (k x 1280 doubles), and load() reads it eagerly, so the copy can go after.
+        with _spark_scratch() as (spark_path, local_path):
+            pafs.copy_files(source.path, local_path, source_filesystem=source.filesystem)
+            return model_class.load(spark_path)
+
+
+@contextmanager
+def _spark_scratch():
+    """A temporary folder that Spark (driver and executors) and this Python process both see, as
+    (path for Spark, path for Python). Locally a temp dir; on a Databricks cluster a DBFS folder, since
+    a multi-node cluster's executors cannot see the driver's local disk."""
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        name = f"tmp/fruit_assets/{uuid.uuid4().hex}"
+        try:
+            yield f"dbfs:/{name}", f"/dbfs/{name}"
+        finally:
+            shutil.rmtree(f"/dbfs/{name}", ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        path = posixpath.join(scratch, "model")
+        yield path, path

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar, ResourceDefinition
-from dagster_pyspark import PySparkResource
+from dagster_pyspark import LazyPySparkResource, PySparkResource
 from pydantic import Field
 
 from fruit_assets import storage
 from fruit_assets.io_manager import ParquetIOManager
 
-DEPLOYMENTS = ("local",)
+# local: everything in-process on local Spark (the embedded default).
+# databricks: the Spark assets go to a Databricks cluster through the step launcher.
+# databricks_cluster: set by the launcher for the step it runs on the cluster; not for users.
+DEPLOYMENTS = ("local", "databricks", "databricks_cluster")
+# Settings the step needs on the cluster too (never credentials: those come from a secret scope
+# or the instance profile).
+FORWARDED_TO_CLUSTER = (
+    "FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+)
 
 
 def project_data_dir() -> Path:
@@ -111,18 +122,102 @@ def build_resources(deployment: str | None = None) -> dict:
     deployment = (deployment or os.environ.get("FRUIT_DEPLOYMENT") or "local").strip().lower()
     if deployment not in DEPLOYMENTS:
         raise ValueError(
-            f"FRUIT_DEPLOYMENT={deployment!r} is not a known deployment; use one of: {', '.join(DEPLOYMENTS)}"
+            f"FRUIT_DEPLOYMENT={deployment!r} is not a known deployment; use one of: local, databricks"
         )
-    # Read when the local SparkContext starts: bind Spark to loopback rather than guessing a public
-    # interface, and run Python workers (UDFs, data sources) with this interpreter, the one that has
-    # TensorFlow; pyspark takes it from PYSPARK_PYTHON, not from the spark.pyspark.python conf.
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return {
+    shared = {
         "io_manager": ParquetIOManager(base_uri=env_or_default("FRUIT_STORAGE_URI", default_storage_uri())),
         "images": ImageSource(uri=env_or_default("FRUIT_IMAGES_URI", default_images_uri())),
         "feature_model": FeatureModel(weights=env_or_default("FRUIT_MODEL_WEIGHTS", "imagenet")),
-        "pyspark": PySparkResource(spark_config=local_spark_config()),
-        # Spark assets run in-process locally; the Databricks deployment puts its step launcher here.
-        "step_launcher": ResourceDefinition.none_resource(),
     }
+    if deployment == "local":
+        # Read when the local SparkContext starts: bind Spark to loopback rather than guessing a
+        # public interface, and run Python workers (UDFs, data sources) with this interpreter, the
+        # one that has TensorFlow; pyspark takes it from PYSPARK_PYTHON, not from spark.pyspark.python.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        return shared | {
+            "pyspark": PySparkResource(spark_config=local_spark_config()),
+            # Spark assets run in-process locally; the Databricks deployment puts its launcher here.
+            "step_launcher": ResourceDefinition.none_resource(),
+        }
+    _require_s3("FRUIT_STORAGE_URI", deployment)
+    _require_s3("FRUIT_IMAGES_URI", deployment)
+    # Lazy: the host only launches the Spark steps, it must not start a Spark session of its own.
+    # On the cluster, the session is the cluster's.
+    spark = LazyPySparkResource(spark_config={})
+    if deployment == "databricks_cluster":
+        return shared | {"pyspark": spark, "step_launcher": ResourceDefinition.none_resource()}
+    from dagster_databricks import databricks_pyspark_step_launcher
+
+    return shared | {
+        "pyspark": spark,
+        "step_launcher": databricks_pyspark_step_launcher.configured(databricks_launcher_config()),
+    }
+
+
+def _require_s3(setting: str, deployment: str) -> None:
+    if not os.environ.get(setting, "").startswith("s3://"):
+        raise ValueError(
+            f"FRUIT_DEPLOYMENT={deployment} needs {setting}=s3://bucket/prefix: a Databricks cluster "
+            "cannot see this machine's folders"
+        )
+
+
+def databricks_launcher_config() -> dict:
+    """Settings of `databricks_pyspark_step_launcher`: our defaults, overridden by the YAML file named
+    by FRUIT_DATABRICKS_CONFIG (cluster spec, libraries, storage secret scope, ...: any key the
+    launcher takes). The workspace host and token come from DATABRICKS_HOST and DATABRICKS_TOKEN, or
+    an OAuth service principal given as `oauth_credentials` in the file."""
+    import yaml
+
+    path = os.environ.get("FRUIT_DATABRICKS_CONFIG", "").strip()
+    if not path:
+        raise ValueError(
+            "FRUIT_DEPLOYMENT=databricks needs FRUIT_DATABRICKS_CONFIG: the path of a YAML file with the "
+            "step launcher settings (see README, 'Run on Databricks')"
+        )
+    try:
+        with open(path) as handle:
+            settings = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} cannot be read: {error.strerror}") from None
+    if not isinstance(settings, dict) or "run_config" not in settings:
+        raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} must be a YAML mapping with at least run_config.cluster")
+    forwarded = {name: os.environ[name] for name in FORWARDED_TO_CLUSTER if os.environ.get(name)}
+    config = {
+        "databricks_host": {"env": "DATABRICKS_HOST"},
+        # By reference: a literal token would be pickled into the step files uploaded to DBFS.
+        "databricks_token": {"env": "DATABRICKS_TOKEN"},
+        "local_pipeline_package_path": staged_package(),
+        "staging_prefix": "/dagster_staging/fruit_assets",
+        "secrets_to_env_variables": [],
+        "wait_for_logs": True,
+        "poll_interval_sec": 5,
+        **settings,
+        "env_variables": forwarded | settings.get("env_variables", {}) | {"FRUIT_DEPLOYMENT": "databricks_cluster"},
+    }
+    if "oauth_credentials" in settings:
+        config.pop("databricks_token")
+    return config
+
+
+def staged_package() -> str:
+    """A folder holding only a clean copy of the `fruit_assets` package, for the launcher to zip.
+
+    Zipping the checkout would ship .venv and data/ (the launcher's default excludes match `venv`,
+    not `.venv`), and its `.*pytest.*` exclude empties the zip under pytest's temporary folders."""
+    source = Path(__file__).resolve().parent
+    files = sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"fruit_assets_code_{digest}"
+    if not (target / "fruit_assets").exists():
+        staging = Path(tempfile.mkdtemp(prefix="fruit_assets_code_"))
+        for path in files:
+            destination = staging / "fruit_assets" / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, destination)
+        try:
+            staging.rename(target)
+        except OSError:  # another process staged the same code meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,75 @@
+"""A local Databricks workspace emulator, to run the real Databricks step launcher without a workspace.
+
+It serves the part of the Databricks REST API that databricks-sdk and
+``dagster_databricks.databricks_pyspark_step_launcher`` use, on 127.0.0.1, with bearer-token auth. DBFS is
+a local folder, and each submitted ``spark_python_task`` runs as a local process on local Spark. Nothing
+is installed and nothing leaves the machine.
+
+Python API::
+
+    from fruit_assets.databricks_emulator import DatabricksEmulator
+
+    with DatabricksEmulator(root="/tmp/dbx", secrets={"storage": {"access_key": "...", "secret_key": "..."}}) as emu:
+        emu.url, emu.token             # host and personal access token for databricks-sdk / the step launcher
+        emu.workspace_client()         # a databricks.sdk.WorkspaceClient for it
+        emu.runs, emu.get_run(run_id)  # the submitted runs (state, pid, log files, "would install" libraries)
+        emu.wait_for_run(run_id, timeout=300)
+        emu.request_log                # (time, method, path, status) of every request: no headers, bodies or tokens
+        emu.requests_to(r"/jobs/runs/submit")
+        emu.local_path("dbfs:/x")      # the local file behind a DBFS path (or a /dbfs/x driver path)
+
+``start()`` / ``stop()`` work too; ``stop()`` cancels the runs still going. Command line (for dry runs by
+hand)::
+
+    python -m fruit_assets.databricks_emulator --root ./data/databricks --port 8765 \\
+        --token-env MY_TOKEN --secret storage/access_key=AWS_ACCESS_KEY_ID --secret storage/secret_key=AWS_SECRET_ACCESS_KEY
+
+Endpoints (anything else answers 404 ``ENDPOINT_NOT_FOUND`` naming the method and path):
+
+* DBFS ``/api/2.0/dbfs/``: ``create``, ``add-block``, ``close`` (streaming upload, 1 MB blocks), ``put``,
+  ``read`` (at most 1 MB at a time), ``get-status``, ``list``, ``mkdirs``, ``delete``, ``move``.
+* Jobs ``/api/2.{0,1,2}/jobs/runs/``: ``submit`` (one ``spark_python_task`` on ``new_cluster`` or
+  ``existing_cluster_id``; 2.0's single-task form too; ``idempotency_token``, ``timeout_seconds``), ``get``
+  (by run id or task run id), ``get-output`` (task run id only, as on Databricks), ``cancel``, ``list``.
+* ``/api/2.{0,1}/clusters/get``, ``clusters/list``: the runs' job clusters and the existing clusters.
+* ``/api/2.0/libraries/``: ``cluster-status``, ``all-cluster-statuses``, ``install``, ``uninstall`` (recorded,
+  never installed).
+* ``/api/2.0/permissions/{type}/{id}``: GET, PUT, PATCH (recorded: ``emu.permissions(type, id)``).
+* ``/api/2.0/secrets/scopes/list``, ``/api/2.0/secrets/list`` (names only). ``/api/2.0/secrets/get`` is
+  refused: secret values go to tasks only, through ``dbutils.secrets``.
+* ``/api/2.0/preview/scim/v2/Me`` (the current user), and, for people: ``/`` (the runs) and
+  ``/emulator/runs/<run_id>`` (one run with its log tails), which is where ``run_page_url`` points. The
+  token is required there too (``curl -H "Authorization: Bearer $DATABRICKS_TOKEN" ...``).
+
+A missing token answers 401 ``UNAUTHENTICATED``, a wrong one 403 ``PERMISSION_DENIED``; databricks-sdk
+raises ``Unauthenticated`` / ``PermissionDenied``.
+
+How a task runs (``runner.py``): in a new process group, with this interpreter, the emulator's
+environment plus ``env`` plus the cluster's ``spark_env_vars`` (``PYSPARK_PYTHON`` is always this
+interpreter; ``SPARK_LOCAL_IP=127.0.0.1``; ``DATABRICKS_EMULATOR_URL`` is set), a local SparkSession
+(``spark_master``, default ``local[2]``, UI off; the cluster's ``spark_conf`` except ``spark.master``), and
+the Databricks globals ``spark``, ``sc`` and ``dbutils`` (``secrets`` and ``fs``). Libraries are logged as
+"would install" and not installed. The run is PENDING until Spark is up, then RUNNING, then TERMINATED
+with SUCCESS (exit 0), FAILED (the traceback tail in ``state_message``, ``error``/``error_trace`` in
+get-output), CANCELED (runs/cancel: the process group gets SIGTERM, then SIGKILL) or TIMEDOUT; a task that
+dies before Spark is up ends INTERNAL_ERROR / FAILED. (SKIPPED, Databricks' "a previous run of the same
+job was active", cannot happen to one-time runs.) stdout and stderr go to ``<root>/runs/<run_id>/``;
+``get-output`` serves stdout (``logs``, last 5 MB) with secret values replaced by ``[REDACTED]``. A
+cluster with ``cluster_log_conf.dbfs`` gets its driver logs at ``<destination>/<cluster_id>/driver/
+{stdout,stderr}`` when the run ends.
+
+DBFS paths: ``dbfs:/x`` and ``/x`` (REST API, dbutils.fs) are ``<root>/dbfs/x``. A task sees DBFS as
+Databricks drivers do through their ``/dbfs`` FUSE mount, but there is no mount here (it would need root
+and be shared by every emulator on the machine). Instead the emulator rewrites the task's arguments: the
+``python_file`` (``dbfs:/...``, the only kind accepted) is run from ``<root>/dbfs/...``, a parameter
+``/dbfs/x`` becomes the local path ``<root>/dbfs/x``, and a parameter ``dbfs:/x`` becomes
+``file://<root>/dbfs/x`` (still a URI, so Spark and dbutils.fs read it and a plain ``open()`` fails, as
+on Databricks). Other parameters are passed as they are. Nothing is patched: paths a task derives from its arguments (as
+``databricks_step_main`` does for its events, stdout and stderr files, next to the step-run-ref it was
+given) are local paths inside the DBFS folder, which the REST API serves. A ``/dbfs/...`` path written
+into code or into a pickled object, not passed as a parameter, is not translated.
+"""
+
+from fruit_assets.databricks_emulator.server import DatabricksEmulator, EmulatedRun, RequestRecord
+
+__all__ = ["DatabricksEmulator", "EmulatedRun", "RequestRecord"]

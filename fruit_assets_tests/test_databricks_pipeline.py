@@ -1,0 +1,184 @@
+"""FRUIT_DEPLOYMENT=databricks: the Spark assets materialized by the real databricks_pyspark_step_launcher,
+against the local workspace emulator, with the data in SeaweedFS. Dagster runs as users run it: the
+`dagster asset materialize` command, in its own process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from dagster import DagsterEventType, DagsterInstance
+
+from fruit_assets.local_s3 import upload_tree
+from fruit_assets_tests.conftest import TEST_BUCKET
+from fruit_assets_tests.test_s3_pipeline import by_image, read_s3
+
+REPO = Path(__file__).resolve().parent.parent
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+SPARK_ASSETS = ("image_features", "pca_model", "reduced_features")
+
+
+@pytest.fixture(scope="module")
+def emulator(s3, tmp_path_factory):
+    from fruit_assets.databricks_emulator import DatabricksEmulator
+
+    # The secret scope holds the S3 keys, as a real workspace would; the launcher's storage config
+    # reads them on the cluster.
+    with DatabricksEmulator(
+        str(tmp_path_factory.mktemp("workspace")),
+        secrets={"storage": {"access_key": s3.access_key, "secret_key": s3.secret_key}},
+        spark_master="local[2,4]",
+    ) as workspace:
+        yield workspace
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, demo_images):
+    prefix = f"s3://{TEST_BUCKET}/databricks-{uuid.uuid4().hex[:6]}"
+    upload_tree(demo_images, f"{prefix}/images")
+    return prefix
+
+
+def launcher_settings(path: Path) -> Path:
+    settings = {
+        "run_config": {
+            "run_name": "fruit_assets",
+            "cluster": {
+                "new": {
+                    "size": {"num_workers": 1},
+                    "spark_version": "15.4.x-scala2.12",
+                    "nodes": {"node_types": {"node_type_id": "i3.xlarge"}},
+                }
+            },
+            "libraries": [{"pypi": {"package": "tensorflow-cpu==2.21.0"}}, {"pypi": {"package": "pillow"}}],
+        },
+        "storage": {"s3": {"secret_scope": "storage", "access_key_key": "access_key", "secret_key_key": "secret_key"}},
+        "poll_interval_sec": 0.5,
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def dagster_env(emulator, bucket, home: Path, tmp_path: Path, **overrides) -> dict:
+    home.mkdir(exist_ok=True)
+    return os.environ | {
+        "FRUIT_DEPLOYMENT": "databricks",
+        "FRUIT_DATABRICKS_CONFIG": str(launcher_settings(tmp_path / "databricks.yaml")),
+        "DATABRICKS_HOST": emulator.url,
+        "DATABRICKS_TOKEN": emulator.token,
+        "FRUIT_IMAGES_URI": f"{bucket}/images",
+        "FRUIT_STORAGE_URI": f"{bucket}/assets",
+        "FRUIT_MODEL_WEIGHTS": "random:0",
+        "DAGSTER_HOME": str(home),
+    } | overrides
+
+
+def materialize_cli(env: dict, select: str = "*", config: dict | None = None, **popen) -> subprocess.Popen:
+    command = [DAGSTER, "asset", "materialize", "-m", "fruit_assets.definitions", "--select", select]
+    if config:
+        command += ["--config-json", json.dumps(config)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(process: subprocess.Popen, timeout: float = 900) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    return output
+
+
+def last_run_events(home: Path):
+    with DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs(limit=1)
+        return run, [record.event_log_entry for record in instance.get_records_for_run(run.run_id, limit=100_000).records]
+
+
+def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path):
+    submits_before = len(emulator.requests_to(r"/jobs/runs/submit$"))
+    home = tmp_path / "home"
+    process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path))
+    output = finish(process)
+    assert process.returncode == 0, output[-5000:]
+
+    # Each Spark asset went to the workspace as its own run, and ended well there.
+    submitted = emulator.requests_to(r"/jobs/runs/submit$")[submits_before:]
+    assert len(submitted) == len(SPARK_ASSETS)
+    assert [run.result_state for run in emulator.runs[-3:]] == ["SUCCESS"] * 3
+
+    # The remote steps' events came back into the Dagster run: materializations with metadata, logs.
+    run, events = last_run_events(home)
+    materialized = {e.dagster_event.asset_key.to_user_string(): e for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION}
+    assert set(materialized) == {"raw_images", *SPARK_ASSETS}
+    metadata = {k: v.value for k, v in materialized["image_features"].dagster_event.materialization.metadata.items()}
+    assert (metadata["rows"], metadata["featurized"], metadata["weights_source"]) == (72, 72, "random:0")
+    messages = [e.user_message for e in events]
+    assert any("72 of 72 images have features" in m for m in messages)
+    checks = [e.dagster_event.event_specific_data for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+    assert {c.check_name for c in checks} >= {"one_row_per_image", "vectors_are_1280_finite_floats", "k_columns_and_same_rows"}
+
+    # Same outputs as the local run on the same images.
+    _, local_storage = demo_run
+    for name, column in [("image_features", "features"), ("reduced_features", "pca_features")]:
+        remote, local = by_image(read_s3_frame(name, bucket)), by_image(pd.read_parquet(local_storage / name))
+        assert list(remote.index) == list(local.index)
+        a, b = np.stack(remote[column]), np.stack(local[column])
+        if column == "pca_features":
+            a, b = np.abs(a), np.abs(b)  # components are defined up to sign
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def read_s3_frame(name: str, bucket: str) -> pd.DataFrame:
+    from fruit_assets.storage import resolve
+
+    location = resolve(f"{bucket}/assets/{name}")
+    return pd.read_parquet(location.path, filesystem=location.filesystem)
+
+
+def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emulator, bucket, tmp_path):
+    home = tmp_path / "home"
+    process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path), "pca_model", {"ops": {"pca_model": {"config": {"k": 500}}}})
+    output = finish(process)
+    assert process.returncode != 0
+    _, events = last_run_events(home)
+    [failure] = [e.dagster_event for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE]
+    error = failure.step_failure_data.error
+    text = error.to_string()
+    assert "k=500 is out of range" in text and "fit_pca" in text  # the remote traceback, frames included
+
+
+def test_cancelling_the_dagster_run_cancels_the_remote_run(emulator, bucket, tmp_path):
+    home = tmp_path / "home"
+    # Other weights: nothing to reuse, so the remote step is busy long enough to be cancelled.
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_WEIGHTS="random:99",
+                      FRUIT_STORAGE_URI=f"{bucket}/cancelled")
+    known = {run.run_id for run in emulator.runs}
+    process = materialize_cli(env, "raw_images,image_features", start_new_session=True)
+    deadline = time.monotonic() + 600
+    remote = None
+    while time.monotonic() < deadline and remote is None:
+        remote = next((r for r in emulator.runs if r.run_id not in known and r.life_cycle_state == "RUNNING"), None)
+        time.sleep(0.5)
+    assert remote is not None, "the remote run never started"
+    time.sleep(3)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    finish(process, timeout=300)
+    assert process.returncode != 0
+    assert emulator.wait_for_run(remote.run_id, timeout=120).result_state == "CANCELED"
+    assert emulator.requests_to(r"/jobs/runs/cancel$")
+
+
+def test_a_wrong_token_is_a_clear_error(emulator, bucket, tmp_path):
+    home = tmp_path / "home"
+    process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path, DATABRICKS_TOKEN="not-the-token"), "image_features")
+    output = finish(process, timeout=300)
+    assert process.returncode != 0
+    _, events = last_run_events(home)
+    text = "\n".join(e.dagster_event.step_failure_data.error.to_string() for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE)
+    assert "PERMISSION_DENIED" in text or "Invalid access token" in text or "403" in text, text[-3000:]
+    assert "not-the-token" not in text and emulator.token not in output
