@@ -39,8 +39,10 @@ from fruit_assets import plots
 from fruit_assets.catalog import list_images
 from fruit_assets.ml.featurize import read_bytes
 from fruit_assets.resources import FeatureModel, ImageSource, weights_fingerprint
+from fruit_assets.spark_progress import reporting_progress
 
 GROUP = "fruit_features"
+PROGRESS_EVERY_SECONDS = 10.0  # how often featurization logs images done and the rate
 SCATTER_POINTS = 5000  # the scatter shows a sample: enough to see the structure, cheap to collect
 FEATURE_DIM = 1280
 
@@ -139,15 +141,19 @@ def image_features(
         reused = plan.reused.withColumn("error", F.lit(None).cast("string")).withColumn("reused", F.lit(True))
         results = results.unionByName(reused)
     results = results.withColumn("weights_fingerprint", F.lit(fingerprint)).persist(StorageLevel.MEMORY_AND_DISK)
+    def log_progress(done: int, total: int, seconds: float) -> None:
+        context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
+
     try:
         started = time.perf_counter()
         finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
-        stats = results.agg(
-            F.count("*").alias("rows"),
-            F.count("features").alias("with_features"),
-            F.sum(F.when(~F.col("reused") & F.col("features").isNotNull(), 1).otherwise(0)).alias("featurized"),
-            F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
-        ).first()
+        with reporting_progress(pyspark.spark_session, to_featurize, log_progress, PROGRESS_EVERY_SECONDS):
+            stats = results.agg(
+                F.count("*").alias("rows"),
+                F.count("features").alias("with_features"),
+                F.sum(F.when(~F.col("reused") & F.col("features").isNotNull(), 1).otherwise(0)).alias("featurized"),
+                F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
+            ).first()
         seconds = time.perf_counter() - started
         dropped = plan.dropped.count() if plan.dropped is not None else 0
         skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()

@@ -1,0 +1,70 @@
+"""Progress of a Spark action, reported from the driver while it runs.
+
+Spark's status tracker counts finished tasks per job group; the action's work (here: images) is
+estimated from the fraction of finished tasks, so the estimate is as fine as the partitioning. No
+Dagster here: the caller passes a `report(done, total, seconds)` callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from pyspark.sql import SparkSession
+
+
+def _task_counts(spark: SparkSession, group: str) -> tuple[int, int] | None:
+    """Finished and total tasks of the group's latest submitted stage while it runs, else None.
+
+    The latest stage is the one doing the work (featurizing) once the short stages before it
+    (reading, shuffling; with adaptive execution each runs as a job of its own) are done; between
+    stages, and after the last one, there is nothing to report."""
+    tracker = spark.sparkContext.statusTracker()
+    stages = [
+        stage
+        for job_id in tracker.getJobIdsForGroup(group)
+        for job in [tracker.getJobInfo(job_id)] if job
+        for stage_id in job.stageIds
+        for stage in [tracker.getStageInfo(stage_id)] if stage is not None
+    ]
+    if not stages:
+        return None
+    latest = max(stages, key=lambda stage: stage.stageId)
+    if latest.numCompletedTasks >= latest.numTasks:
+        return None
+    return latest.numCompletedTasks, latest.numTasks
+
+
+@contextmanager
+def reporting_progress(
+    spark: SparkSession, work: int, report: Callable[[int, int, float], None], every_seconds: float = 10.0
+) -> Iterator[None]:
+    """Run the body's Spark actions in a job group; every `every_seconds`, call
+    `report(estimated units of work done, work, seconds so far)` until the body ends."""
+    group = f"fruit-progress-{uuid.uuid4().hex[:8]}"
+    spark.sparkContext.setJobGroup(group, "fruit_assets", interruptOnCancel=True)
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def poll() -> None:
+        last = -1
+        while not stop.wait(every_seconds):
+            counts = _task_counts(spark, group)
+            if counts is None:
+                continue
+            done = round(work * counts[0] / counts[1]) if counts[1] else 0
+            if done > last:  # never report going backwards
+                report(done, work, time.perf_counter() - started)
+                last = done
+
+    thread = threading.Thread(target=poll, name=group, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_seconds + 1)
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
