@@ -96,3 +96,33 @@ def demo_run(spark, demo_images, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     result = materialize_all(local_resources(demo_images, storage))
     return result, storage
+
+
+def private_copy(storage, tmp_path):
+    """A copy of a run's storage, for tests that write new versions of its assets."""
+    import shutil
+
+    copy = tmp_path / "storage"
+    shutil.copytree(storage, copy)
+    return copy
+
+
+def failure_text(result) -> str:
+    """Every error message of a failed run: step failures, resource init failures, run failure."""
+    texts = []
+    for event in result.all_events:
+        data = event.event_specific_data
+        error = getattr(data, "error", None)
+        while error is not None:
+            texts.append(error.message)
+            error = error.cause
+        user_failure = getattr(data, "user_failure_data", None)
+        if user_failure is not None:
+            texts.append(user_failure.description or "")
+    return "\n".join(texts)
+
+
+def by_image(frame):
+    """Index rows by <Label>/<file>, the part of the path that local and S3 runs share."""
+    keyed = frame.assign(image=frame.path.str.split("/").str[-2:].str.join("/"))
+    return keyed.set_index("image").sort_index()

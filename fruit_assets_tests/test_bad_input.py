@@ -12,26 +12,11 @@ from dagster import instance_for_test, materialize
 from fruit_assets.definitions import all_assets
 from fruit_assets.local_s3 import upload_tree
 from fruit_assets.resources import FeatureModel, build_resources
-from fruit_assets_tests.conftest import TEST_BUCKET, local_resources, materialize_all, metadata_of
+from fruit_assets_tests.conftest import TEST_BUCKET, failure_text, local_resources, materialize_all, metadata_of, private_copy
 from fruit_assets_tests.hostile_files import write_hostile_tree
 from fruit_assets_tests.weights_files import save_legacy_h5
 
 FEATURIZE = ["raw_images", "image_features"]
-
-
-def failure_text(result) -> str:
-    """Every error message of a failed run: step failures, resource init failures, run failure."""
-    texts = []
-    for event in result.all_events:
-        data = event.event_specific_data
-        error = getattr(data, "error", None)
-        while error is not None:
-            texts.append(error.message)
-            error = error.cause
-        user_failure = getattr(data, "user_failure_data", None)
-        if user_failure is not None:
-            texts.append(user_failure.description or "")
-    return "\n".join(texts)
 
 
 def s3_reader(s3):
@@ -145,10 +130,7 @@ def test_unusable_weights_settings_fail_at_step_start(spark, demo_images, tmp_pa
 
 
 def test_k_beyond_the_feature_dimension_is_refused_before_fitting(spark, demo_run, demo_images, tmp_path):
-    import shutil
-
-    storage = tmp_path / "storage"
-    shutil.copytree(demo_run[1], storage)
+    storage = private_copy(demo_run[1], tmp_path)
     before = pd.read_parquet(storage / "pca_model")
     result = materialize_all(
         local_resources(demo_images, storage),

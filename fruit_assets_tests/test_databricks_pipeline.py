@@ -18,8 +18,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance
 
 from fruit_assets.local_s3 import upload_tree
-from fruit_assets_tests.conftest import TEST_BUCKET
-from fruit_assets_tests.test_s3_pipeline import by_image, read_s3
+from fruit_assets_tests.conftest import TEST_BUCKET, by_image
 
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -143,7 +142,7 @@ def read_s3_frame(name: str, bucket: str) -> pd.DataFrame:
 def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emulator, bucket, tmp_path):
     home = tmp_path / "home"
     process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path), "pca_model", {"ops": {"pca_model": {"config": {"k": 500}}}})
-    output = finish(process)
+    finish(process)
     assert process.returncode != 0
     _, events = last_run_events(home)
     [failure] = [e.dagster_event for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE]

@@ -11,8 +11,8 @@ import pytest
 
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.local_s3 import start_local_s3
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of
-from fruit_assets_tests.test_bad_input import failure_text
+from fruit_assets.storage import s3_filesystem
+from fruit_assets_tests.conftest import failure_text, local_resources, materialize_all, metadata_of
 
 
 def _parents() -> dict[int, int]:
@@ -125,7 +125,7 @@ def test_s3_outage_fails_clearly_and_the_last_version_survives(spark, private_s3
 
     back = start_local_s3(data_dir=data_dir, s3_port=port, access_key=private_s3.access_key, secret_key=secret, die_with_parent=True)
     try:
-        frame = pd.read_parquet("outage/assets/raw_images", filesystem=__import__("fruit_assets.storage", fromlist=["x"]).s3_filesystem())
+        frame = pd.read_parquet("outage/assets/raw_images", filesystem=s3_filesystem())
         assert len(frame) == 6
     finally:
         back.stop()

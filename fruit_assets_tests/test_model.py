@@ -3,7 +3,6 @@
 Models are built once per module (fixtures) to keep the runtime small.
 """
 
-import hashlib
 import json
 import os
 import subprocess

@@ -1,13 +1,11 @@
 """The four assets end to end on the embedded default: real local Spark, TensorFlow and Dagster runs."""
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of
+from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, private_copy
 
 ROWS = 72  # 24 labels x 3 images
 
@@ -141,13 +139,6 @@ def test_rematerializing_gives_the_same_results(demo_run, demo_images):
                 np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=f"{name}.{column}")
             else:
                 pd.testing.assert_series_equal(after[column], frame[column], check_names=False)
-
-
-def private_copy(storage, tmp_path):
-    """A copy of the demo run's storage, for tests that write new versions of assets."""
-    copy = tmp_path / "storage"
-    shutil.copytree(storage, copy)
-    return copy
 
 
 def test_variance_target_chooses_the_smallest_k(demo_run, demo_images, tmp_path):

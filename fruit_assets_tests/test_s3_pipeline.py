@@ -14,7 +14,7 @@ from dagster._core.types.dagster_type import resolve_dagster_type
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.io_manager import ParquetIOManager
 from fruit_assets.local_s3 import upload_tree
-from fruit_assets_tests.conftest import TEST_BUCKET, local_resources, materialize_all, metadata_of
+from fruit_assets_tests.conftest import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of
 
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
 
@@ -33,12 +33,6 @@ def s3_filesystem(s3) -> pafs.S3FileSystem:
 def read_s3(s3, uri: str) -> pd.DataFrame:
     dataset = pads.dataset(uri.removeprefix("s3://"), filesystem=s3_filesystem(s3), format="parquet")
     return dataset.to_table().to_pandas()
-
-
-def by_image(frame: pd.DataFrame) -> pd.DataFrame:
-    """Index rows by <Label>/<file>, the part of the path that local and S3 runs share."""
-    keyed = frame.assign(image=frame.path.str.split("/").str[-2:].str.join("/"))
-    return keyed.set_index("image").sort_index()
 
 
 def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, demo_images, demo_run):
