@@ -39,10 +39,10 @@ def test_graph_materializes_on_demo_set(demo_run, demo_images):
 
     for asset, key in [("raw_images", "sample_images"), ("pca_model", "explained_variance_plot"), ("reduced_features", "pca_scatter_plot")]:
         metadata = metadata_of(result, asset)
-        png = png_from_markdown(metadata[key].value)
+        png = png_from_markdown(metadata[key])
         assert png.startswith(b"\x89PNG"), (asset, key)
         assert (storage / "_plots" / asset / f"{key}.png").read_bytes() == png
-        assert metadata[f"{key}_file"].value == str(storage / "_plots" / asset / f"{key}.png")
+        assert metadata[f"{key}_file"] == str(storage / "_plots" / asset / f"{key}.png")
 
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["one_row_per_image"].passed
