@@ -1,0 +1,1 @@
+"""Benchmarks of the featurization: `python -m benchmarks.featurize` (see BENCHMARKS.md)."""

@@ -1,0 +1,269 @@
+"""Featurization benchmark: the project's pipeline against plain Keras and the original notebook.
+
+    .venv/bin/python -m benchmarks.featurize                  # sizes 500, 1000, 2000, 4000
+    .venv/bin/python -m benchmarks.featurize --quick          # a smoke run on 200 images
+    .venv/bin/python -m benchmarks.featurize --sizes 1000,2000 --methods baseline,pipeline
+
+In one run, on the same machine and the same generated images (`fruit_assets.demo_data`), each method
+runs in a fresh process per size while the summed RSS of its whole process tree (driver, JVM, Spark
+Python workers) is sampled every 0.2 s:
+
+- baseline: plain single-process Keras, Pillow decode, RGB, resize 224, preprocess_input,
+  `model.predict` in batches of 32;
+- notebook: the original notebook's code on local Spark (binaryFile, broadcast weights, SCALAR_ITER
+  pandas UDF building the model per task, repartition(24), `model.predict`, Parquet write);
+- pipeline: the project's whole graph through Dagster `materialize()` on local Spark; then the same
+  graph again in the same process into fresh storage (warm: Spark and its Python workers already up);
+- demo: `python -m fruit_assets.demo` on the seed-sized set (72 images), timed end to end.
+
+All methods use the same weights: MobileNetV2 `random:0` saved as a legacy .h5 file, loaded as users
+load the ImageNet file. The steady rate of a method is the slope of its featurization time over the
+sizes (least squares), its fixed overhead the intercept; rates between consecutive sizes are shown too.
+Results: printed as Markdown and saved as JSON under the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import (
+    DEFAULT_WORKDIR,
+    SEED_SET,
+    ChildFailed,
+    image_set,
+    loadavg,
+    machine_info,
+    run_child,
+    wait_for_quiet,
+    weights_file,
+)
+
+METHODS = ("baseline", "notebook", "pipeline")
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float | None, float | None]:
+    """Least-squares line t = fixed + n / rate through (n, t): (rate images/s, fixed s)."""
+    points = [(n, t) for n, t in points if t is not None]
+    if len(points) < 2:
+        return None, None
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    var = sum((n - mean_n) ** 2 for n, _ in points)
+    if var == 0:
+        return None, None
+    slope = sum((n - mean_n) * (t - mean_t) for n, t in points) / var
+    if slope <= 0:
+        return None, None
+    return 1.0 / slope, mean_t - slope * mean_n
+
+
+def segment_rates(points: list[tuple[int, float]]) -> dict[int, float]:
+    """Images/s between consecutive sizes: (n2 - n1) / (t2 - t1), keyed by n2."""
+    points = sorted((n, t) for n, t in points if t is not None)
+    return {n2: round((n2 - n1) / (t2 - t1), 1) for (n1, t1), (n2, t2) in zip(points, points[1:]) if t2 > t1}
+
+
+def measure(args) -> dict:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    logs = workdir / "logs" / stamp
+    weights = weights_file(workdir)
+    sizes = sorted(args.sizes)
+    sets = {n: image_set(workdir, n) for n in sizes}
+    seed_set = image_set(workdir, SEED_SET) if args.demo else None
+    report = {"started": stamp, "machine": machine_info(), "sizes": sizes, "methods": args.methods, "runs": []}
+    if args.wait_quiet:
+        report["load_waited_for"] = wait_for_quiet(args.quiet_threshold, args.wait_quiet)
+    report["load_before"] = loadavg()
+    print(f"# machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, load {report['load_before']}", flush=True)
+
+    for n in sizes:
+        for method in args.methods:
+            scratch = Path(tempfile.mkdtemp(prefix=f"{method}-{n}-", dir=workdir))
+            features_file = workdir / f"baseline_features_{n}.npy"
+            child = [method, "--images", str(sets[n]), "--weights", str(weights), "--scratch", str(scratch)]
+            if method == "baseline":
+                child += ["--save-features", str(features_file)]
+            if method == "pipeline":
+                child += ["--warm"] if args.warm else []
+                if features_file.exists() and "baseline" in args.methods:
+                    child += ["--compare-features", str(features_file)]
+            load = wait_for_quiet(args.quiet_threshold, args.cooldown)  # let the previous run's load decay
+            try:
+                result = run_child(child, logs / f"{method}-{n}.log")
+            except ChildFailed as error:
+                print(f"!! {error}", file=sys.stderr, flush=True)
+                result = {"failed": str(error)}
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            result.update({"method": method, "n": n, "load_before": load, "load_after": loadavg()})
+            report["runs"].append(result)
+            print(f"{method:>9} n={n:>5}: {summary(result)}", flush=True)
+    if seed_set is not None:
+        scratch = Path(tempfile.mkdtemp(prefix="demo-", dir=workdir))
+        load = wait_for_quiet(args.quiet_threshold, args.cooldown)
+        try:
+            result = run_child(["demo", "--images", str(seed_set), "--scratch", str(scratch)], logs / "demo.log")
+        except ChildFailed as error:
+            print(f"!! {error}", file=sys.stderr, flush=True)
+            result = {"failed": str(error)}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        result.update({"method": "demo", "n": SEED_SET, "load_before": load, "load_after": loadavg()})
+        report["runs"].append(result)
+        print(f"{'demo':>9} n={SEED_SET:>5}: {summary(result)}", flush=True)
+    report["load_after"] = loadavg()
+    report["analysis"] = analyse(report)
+    out = workdir / f"results-{stamp}.json"
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\n# results: {out}  logs: {logs}\n")
+    print(markdown(report))
+    return report
+
+
+def summary(result: dict) -> str:
+    if "failed" in result:
+        return "FAILED"
+    text = (f"total {result.get('process_wall_s')} s, featurize {result.get('featurize_s')} s, peak RSS {result['peak_rss_mb']} MB, "
+            f"load before {result['load_before']}, foreign CPU {result['foreign_cpu_share']:.1%}")
+    if result.get("runs") and len(result["runs"]) > 1:
+        text += f", warm image_features {result['runs'][1]['steps_s'].get('image_features')} s"
+    if result.get("in_run_steady_images_per_s"):
+        text += f", in-run steady {result['in_run_steady_images_per_s']}/s"
+    if "max_abs_diff_vs_baseline" in (result.get("runs") or [{}])[0]:
+        text += f", max |pipeline - baseline| {result['runs'][0]['max_abs_diff_vs_baseline']:.2e}"
+    return text
+
+
+def _points(report, method, key) -> list[tuple[int, float]]:
+    return [(r["n"], key(r)) for r in report["runs"] if r["method"] == method and "failed" not in r]
+
+
+def analyse(report: dict) -> dict:
+    analysis = {}
+    keys = {
+        "baseline": {"featurize": lambda r: r["featurize_s"], "process": lambda r: r["process_wall_s"]},
+        "notebook": {"featurize": lambda r: r["featurize_s"], "process": lambda r: r["process_wall_s"]},
+        "pipeline": {
+            "featurize": lambda r: r["runs"][0]["steps_s"].get("image_features"),
+            "featurize_warm": lambda r: r["runs"][1]["steps_s"].get("image_features") if len(r["runs"]) > 1 else None,
+            "graph": lambda r: r["runs"][0]["materialize_s"],
+            "process": lambda r: r["process_wall_s"] if len(r["runs"]) == 1 else r["total_s"],
+        },
+    }
+    for method, measures in keys.items():
+        for name, key in measures.items():
+            points = _points(report, method, key)
+            rate, fixed = fit(points)
+            if rate is None:
+                continue
+            analysis[f"{method}.{name}"] = {
+                "steady_images_per_s": round(rate, 1),
+                "fixed_s": round(fixed, 1),
+                "segment_images_per_s": segment_rates(points),
+                "images_per_s_by_size": {n: round(n / t, 1) for n, t in points if t},
+            }
+    base = analysis.get("baseline.featurize")
+    for other in ("pipeline.featurize", "pipeline.featurize_warm", "notebook.featurize"):
+        if base and other in analysis:
+            analysis[f"ratio {other} / baseline.featurize"] = round(
+                analysis[other]["steady_images_per_s"] / base["steady_images_per_s"], 2
+            )
+            analysis[f"ratio {other} / baseline.featurize by segment"] = {
+                n: round(rate / base["segment_images_per_s"][n], 2)
+                for n, rate in analysis[other]["segment_images_per_s"].items()
+                if n in base["segment_images_per_s"]
+            }
+    if "pipeline.featurize" in analysis and "notebook.featurize" in analysis:
+        analysis["ratio pipeline.featurize / notebook.featurize"] = round(
+            analysis["pipeline.featurize"]["steady_images_per_s"] / analysis["notebook.featurize"]["steady_images_per_s"], 2
+        )
+        analysis["ratio pipeline.process / notebook.process by size"] = {
+            r["n"]: round(q["process_wall_s"] / (r["total_s"] if len(r["runs"]) > 1 else r["process_wall_s"]), 2)
+            for r in report["runs"] if r["method"] == "pipeline" and "failed" not in r
+            for q in report["runs"] if q["method"] == "notebook" and q["n"] == r["n"] and "failed" not in q
+        }
+    return analysis
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, {m['java']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"Load (1, 5, 15 min) before: {report['load_before']}, after: {report['load_after']}",
+        "",
+        "| method | images | process wall s | featurize s | images/s (featurize) | warm image_features s | peak RSS MB (driver / JVM / workers) | load before | foreign CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+    ]
+    for r in report["runs"]:
+        if "failed" in r:
+            lines.append(f"| {r['method']} | {r['n']} | FAILED | | | | | {r['load_before']} |")
+            continue
+        if r["method"] == "pipeline":
+            featurize = r["runs"][0]["steps_s"].get("image_features")
+            warm = r["runs"][1]["steps_s"].get("image_features") if len(r["runs"]) > 1 else None
+            wall = r["total_s"] if len(r["runs"]) > 1 else r["process_wall_s"]
+        else:
+            featurize, warm, wall = r.get("featurize_s"), None, r["process_wall_s"]
+        kinds = r["peak_rss_mb_by_kind"]
+        mem = f"{r['peak_rss_mb']} ({kinds.get('driver', 0)} / {kinds.get('jvm', 0)} / {kinds.get('python_workers', 0)})"
+        rate = f"{r['n'] / featurize:.1f}" if featurize else ""
+        lines.append(
+            f"| {r['method']} | {r['n']} | {wall:.1f} | {featurize if featurize is not None else ''} | {rate} | {warm or ''} | {mem} | {r['load_before']} | {r['foreign_cpu_share']:.1%} |"
+        )
+    lines += ["", "| measure | steady images/s (slope) | fixed s (intercept) | images/s between sizes |", "| --- | ---: | ---: | --- |"]
+    for name, value in report["analysis"].items():
+        if isinstance(value, dict) and "steady_images_per_s" in value:
+            segments = ", ".join(f"->{n}: {v}" for n, v in value["segment_images_per_s"].items())
+            lines.append(f"| {name} | {value['steady_images_per_s']} | {value['fixed_s']} | {segments} |")
+    lines.append("")
+    for name, value in report["analysis"].items():
+        if name.startswith("ratio"):
+            lines.append(f"- {name}: {value}")
+    return "\n".join(lines)
+
+
+def _terminate_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt  # run_child then stops the measured process tree
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.featurize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="500,1000,2000,4000", help="comma-separated image counts (multiples of 20)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 images (overrides --sizes)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--no-warm", dest="warm", action="store_false", help="pipeline: skip the warm second run")
+    parser.add_argument("--no-demo", dest="demo", action="store_false", help="skip the seed-sized demo run")
+    parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="image sets, weights, logs, results")
+    parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to this many s for load < threshold")
+    parser.add_argument("--quiet-threshold", type=float, default=0.5)
+    parser.add_argument("--cooldown", type=float, default=120,
+                        help="before each run, wait up to this many s for the 1-min load to drop below the threshold")
+    args = parser.parse_args(argv)
+    args.sizes = [200] if args.quick else [int(s) for s in args.sizes.split(",") if s]
+    if args.quick:
+        args.cooldown = 0
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}")
+    _terminate_on_sigterm()
+    measure(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
