@@ -539,7 +539,9 @@ def upload_tree(local_root: str | os.PathLike, s3_uri: str, client=None) -> int:
     if client is None:
         import boto3
 
-        client = boto3.client("s3")
+        # A fresh session reads the AWS settings as they are now: boto3's default session caches the
+        # credentials it first resolved, for the life of the process.
+        client = boto3.session.Session().client("s3")
     count = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()

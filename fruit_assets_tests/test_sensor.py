@@ -12,6 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from dagster._core.errors import DagsterResourceFunctionError
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, DefaultSensorStatus, build_sensor_context
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 
@@ -318,9 +319,24 @@ def test_missing_local_folder_fails_the_tick(instance, tmp_path):
         tick(instance, str(tmp_path / "nowhere"))
 
 
+# A tick fails either in the sensor's listing (ImageListingError) or, when the ImageSource resource
+# already refuses the bucket at start (storage.check_reachable), as a resource error caused by it.
+TICK_ERRORS = (ImageListingError, DagsterResourceFunctionError)
+
+
+def error_chain(error: BaseException) -> str:
+    """The messages of an exception and of everything that caused it."""
+    texts = []
+    while error is not None:
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
 def test_missing_bucket_fails_the_tick(s3, instance):
-    with pytest.raises(ImageListingError, match=r"FRUIT_IMAGES_URI=s3://no-such-bucket-42/images: bucket"):
+    with pytest.raises(TICK_ERRORS) as failure:
         tick(instance, "s3://no-such-bucket-42/images")
+    assert "FRUIT_IMAGES_URI=s3://no-such-bucket-42/images: bucket" in error_chain(failure.value)
 
 
 def _unused_port() -> int:
@@ -334,9 +350,9 @@ def test_unreachable_endpoint_fails_the_tick(s3, instance, images_uri, monkeypat
     cursor = tick(instance, images_uri).cursor
     put(s3, images_uri, "Apple/a2.jpg")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_unused_port()}")  # nothing listens there
-    with pytest.raises(ImageListingError) as failure:  # a failed tick: the daemon keeps the stored cursor
+    with pytest.raises(TICK_ERRORS) as failure:  # a failed tick: the daemon keeps the stored cursor
         tick(instance, images_uri, cursor)
-    message = str(failure.value)
+    message = error_chain(failure.value)
     assert f"FRUIT_IMAGES_URI={images_uri}" in message
     assert s3.secret_key not in message
 
@@ -347,9 +363,9 @@ def test_bad_credentials_fail_the_tick_without_leaking_them(s3, instance, images
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     # storage caches one filesystem per endpoint string: a trailing slash makes a fresh one with these keys
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url + "/")
-    with pytest.raises(ImageListingError) as failure:
+    with pytest.raises(TICK_ERRORS) as failure:
         tick(instance, images_uri)
-    message = str(failure.value) + repr(failure.value.__cause__)
+    message = error_chain(failure.value)
     assert f"FRUIT_IMAGES_URI={images_uri}" in message
     assert wrong not in message and s3.secret_key not in message
 
