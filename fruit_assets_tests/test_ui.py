@@ -62,11 +62,7 @@ STOP_TIMEOUT_S = 60
 UI_TIMEOUT_MS = 60_000
 
 # The metadata key (and image alt text) of the explained-variance plot on pca_model.
-# TODO(lead): the plots are not wired into the assets yet. Once pca_model's metadata has
-#   "explained_variance_plot": MetadataValue.md(plots.markdown_image(png, "explained_variance_plot"))
-# set this to True, so that the plot assertion in test_materialize_all_in_the_ui runs.
 PCA_PLOT_KEY = "explained_variance_plot"
-PCA_PLOT_WIRED = True
 
 
 # --- what the test needs: Chromium and Playwright ---
@@ -430,13 +426,15 @@ def test_materialize_all_in_the_ui(dagster_dev, browser):
             ).first
             metadata_row.wait_for(state="visible")  # this run's metadata is shown
             metadata_row.scroll_into_view_if_needed()
-            # TODO(lead): enable once the plots are wired (set PCA_PLOT_WIRED = True above): the
-            # explained-variance plot must be visible in pca_model's metadata.
-            if PCA_PLOT_WIRED:
-                metadata_image(page, PCA_PLOT_KEY)
-            else:
-                print(f"NOTE: the {PCA_PLOT_KEY!r} assertion is disabled until the plots are wired (PCA_PLOT_WIRED)")
-            page.screenshot(path=str(ARTIFACTS / "pca_model.png"))  # with the plot's dialog open, once wired
+            # The explained-variance plot must be visible in pca_model's metadata.
+            metadata_image(page, PCA_PLOT_KEY)
+            # Let the dialog finish fading in, so the screenshot shows the plot, not a ghost of it.
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('[role=dialog]')]
+                    .every(d => getComputedStyle(d).opacity === '1')"""
+            )
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "pca_model.png"))  # with the plot's dialog open
             page.keyboard.press("Escape")
 
         with step(page, "asset-graph-materialized", server, console):
