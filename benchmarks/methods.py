@@ -412,10 +412,11 @@ def micro_decode(args) -> dict:
             best = min(best, time.perf_counter() - started)
         return round(best / len(paths) * 1000, 4)  # ms per image
 
-    def decode(data, draft):
+    def decode(data, draft, factor=1):
         with Image.open(io.BytesIO(data)) as image:
             if draft:
-                image.draft("RGB", (224, 224))  # JPEG DCT scaling: decodes at 1/2, 1/4 or 1/8 size, >= 224
+                # JPEG DCT scaling: decodes at 1/2, 1/4 or 1/8 size, never below the size asked for.
+                image.draft("RGB", (224 * factor, 224 * factor))
             return np.array(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), dtype=np.uint8)
 
     blobs = [read_bytes(p) for p in paths]
@@ -424,8 +425,10 @@ def micro_decode(args) -> dict:
     out["decode_image_ms"] = timed(lambda: [decode_image(b) for b in blobs])
     out["decode_plain_ms"] = timed(lambda: [decode(b, False) for b in blobs])
     out["decode_draft_ms"] = timed(lambda: [decode(b, True) for b in blobs])
+    out["decode_draft2x_ms"] = timed(lambda: [decode(b, True, 2) for b in blobs])
     plain = np.stack([decode(b, False) for b in blobs])
     drafted = np.stack([decode(b, True) for b in blobs])
+    drafted2 = np.stack([decode(b, True, 2) for b in blobs])
     out["preprocess_ms"] = timed(lambda: preprocess(plain))
     out["max_pixel_diff_draft"] = int(np.abs(plain.astype(int) - drafted.astype(int)).max())
     out["mean_pixel_diff_draft"] = round(float(np.abs(plain.astype(int) - drafted.astype(int)).mean()), 3)
@@ -441,6 +444,10 @@ def micro_decode(args) -> dict:
         out["feature_mean_abs"] = float(np.abs(a).mean())
         out["feature_relative_l2_diff_draft_max"] = float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).max())
         out["feature_min_cosine_draft"] = float(cosine.min())
+        c = model.predict(preprocess(drafted2), batch_size=32, verbose=0)
+        out["feature_max_abs_diff_draft2x"] = float(np.abs(a - c).max())
+        out["feature_relative_l2_diff_draft2x_max"] = float((np.linalg.norm(a - c, axis=1) / np.linalg.norm(a, axis=1)).max())
+        out["max_pixel_diff_draft2x"] = int(np.abs(plain.astype(int) - drafted2.astype(int)).max())
     return out
 
 
