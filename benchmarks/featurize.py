@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.sizes = [200] if args.quick else [int(s) for s in args.sizes.split(",") if s]
     if args.quick:
-        args.cooldown = 0
+        args.cooldown, args.retries = 0, 0  # a smoke run: no waiting, no re-measuring
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
     if unknown:

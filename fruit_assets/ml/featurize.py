@@ -9,6 +9,11 @@ Images are read by the workers themselves, through pyarrow (local folder or S3),
 driver. An image that cannot be read or decoded does not fail the task: its row gets null features and
 the reason in `error`, and the caller decides what to do with it.
 
+Speed (measured in BENCHMARKS.md, `python -m benchmarks.featurize`): one worker per core with one
+TensorFlow thread each (two processes scale, TensorFlow's intra-op threads barely do), the model run as
+one graph with its weights frozen to constants (BatchNorm folded into the convolutions), and the files
+of the next batches read by background threads while the model runs (hides storage latency).
+
 No Dagster here.
 """
 
