@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.featurize                  # sizes 500, 1000, 2000, 4000
     .venv/bin/python -m benchmarks.featurize --quick          # a smoke run on 200 images
     .venv/bin/python -m benchmarks.featurize --sizes 1000,2000 --methods baseline,pipeline
+    .venv/bin/python -m benchmarks.featurize --sizes 2000,4000,8000 --repeat 2 --no-demo
 
 In one run, on the same machine and the same generated images (`fruit_assets.demo_data`), each method
 runs in a fresh process per size while the summed RSS of its whole process tree (driver, JVM, Spark
@@ -18,7 +19,8 @@ Python workers) is sampled every 0.2 s:
 
 All methods use the same weights: MobileNetV2 `random:0` saved as a legacy .h5 file, loaded as users
 load the ImageNet file. The steady rate of a method is the slope of its featurization time over the
-sizes (least squares), its fixed overhead the intercept; rates between consecutive sizes are shown too.
+sizes (least squares over every run, repeats included), its fixed overhead the intercept; rates between
+consecutive sizes (median time per size) are shown too.
 Results: printed as Markdown and saved as JSON under the work folder.
 """
 
@@ -28,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -63,9 +66,18 @@ def fit(points: list[tuple[int, float]]) -> tuple[float | None, float | None]:
     return 1.0 / slope, mean_t - slope * mean_n
 
 
+def medians(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """One (n, median time) per size: repeated runs of a size count once."""
+    by_size: dict[int, list[float]] = {}
+    for n, t in points:
+        if t is not None:
+            by_size.setdefault(n, []).append(t)
+    return sorted((n, statistics.median(ts)) for n, ts in by_size.items())
+
+
 def segment_rates(points: list[tuple[int, float]]) -> dict[int, float]:
     """Images/s between consecutive sizes: (n2 - n1) / (t2 - t1), keyed by n2."""
-    points = sorted((n, t) for n, t in points if t is not None)
+    points = medians(points)
     return {n2: round((n2 - n1) / (t2 - t1), 1) for (n1, t1), (n2, t2) in zip(points, points[1:]) if t2 > t1}
 
 
@@ -84,7 +96,7 @@ def measure(args) -> dict:
     report["load_before"] = loadavg()
     print(f"# machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, load {report['load_before']}", flush=True)
 
-    for n in sizes:
+    for n, repeat in [(n, r) for n in sizes for r in range(args.repeat)]:
         for method in args.methods:
             scratch = Path(tempfile.mkdtemp(prefix=f"{method}-{n}-", dir=workdir))
             features_file = workdir / f"baseline_features_{n}.npy"
@@ -98,11 +110,11 @@ def measure(args) -> dict:
             for attempt in range(1 + args.retries):
                 load = wait_for_quiet(args.quiet_threshold, args.cooldown)  # let the previous run's load decay
                 try:
-                    result = run_child(child, logs / f"{method}-{n}-{attempt}.log")
+                    result = run_child(child, logs / f"{method}-{n}-r{repeat}-{attempt}.log")
                 except ChildFailed as error:
                     print(f"!! {error}", file=sys.stderr, flush=True)
                     result = {"failed": str(error)}
-                result.update({"method": method, "n": n, "load_before": load, "load_after": loadavg(), "attempt": attempt})
+                result.update({"method": method, "n": n, "repeat": repeat, "load_before": load, "load_after": loadavg(), "attempt": attempt})
                 if result.get("foreign_cpu_share", 0) <= args.max_foreign or attempt == args.retries:
                     break
                 print(f"   ({method} n={n}: {result['foreign_cpu_share']:.0%} of the CPU went to other processes: measuring again)", flush=True)
@@ -143,10 +155,11 @@ def merge(reports: list[dict]) -> dict:
     runs = {}
     for report in reports:
         for run in report["runs"]:
-            if "failed" not in run or (run["method"], run["n"]) not in runs:
-                runs[(run["method"], run["n"])] = run
+            key = (run["method"], run["n"], run.get("repeat", 0))
+            if "failed" not in run or key not in runs:
+                runs[key] = run
     order = {m: i for i, m in enumerate(METHODS + ("demo",))}
-    merged["runs"] = sorted(runs.values(), key=lambda r: (r["method"] == "demo", r["n"], order.get(r["method"], 9)))
+    merged["runs"] = sorted(runs.values(), key=lambda r: (r["method"] == "demo", r["n"], r.get("repeat", 0), order.get(r["method"], 9)))
     merged["load_before"] = " / ".join(r["load_before"] for r in reports)
     merged["load_after"] = " / ".join(r["load_after"] for r in reports)
     merged["analysis"] = analyse(merged)
@@ -193,7 +206,7 @@ def analyse(report: dict) -> dict:
                 "steady_images_per_s": round(rate, 1),
                 "fixed_s": round(fixed, 1),
                 "segment_images_per_s": segment_rates(points),
-                "images_per_s_by_size": {n: round(n / t, 1) for n, t in points if t},
+                "images_per_s_by_size": {n: round(n / t, 1) for n, t in medians(points) if t},
             }
     base = analysis.get("baseline.featurize")
     for other in ("pipeline.featurize", "pipeline.featurize_warm", "notebook.featurize"):
@@ -210,10 +223,10 @@ def analyse(report: dict) -> dict:
         analysis["ratio pipeline.featurize / notebook.featurize"] = round(
             analysis["pipeline.featurize"]["steady_images_per_s"] / analysis["notebook.featurize"]["steady_images_per_s"], 2
         )
+        pipeline = dict(medians(_points(report, "pipeline", lambda r: r["total_s"] if len(r["runs"]) > 1 else r["process_wall_s"])))
+        notebook = dict(medians(_points(report, "notebook", lambda r: r["process_wall_s"])))
         analysis["ratio pipeline.process / notebook.process by size"] = {
-            r["n"]: round(q["process_wall_s"] / (r["total_s"] if len(r["runs"]) > 1 else r["process_wall_s"]), 2)
-            for r in report["runs"] if r["method"] == "pipeline" and "failed" not in r
-            for q in report["runs"] if q["method"] == "notebook" and q["n"] == r["n"] and "failed" not in q
+            n: round(notebook[n] / pipeline[n], 2) for n in pipeline if n in notebook
         }
     return analysis
 
@@ -268,6 +281,7 @@ def _terminate_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.featurize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="500,1000,2000,4000", help="comma-separated image counts (multiples of 20)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each method and size this many times")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 images (overrides --sizes)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="pipeline: skip the warm second run")
