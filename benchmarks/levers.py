@@ -47,7 +47,6 @@ SPARK_LEVERS: dict[str, tuple[dict, dict, int, str]] = {
     "no-reuse-8": ({}, {"spark.python.worker.reuse": "false"}, 8, "8 partitions without Python worker reuse"),
     "local-cluster": ({}, {"spark.master": "local-cluster[2,1,3072]", "spark.executor.memory": "2g"}, 2, "2 executor JVMs x 1 core"),
     "driver-memory-1g": ({}, {"spark.driver.memory": "1g"}, 0, "spark.driver.memory 1g instead of 4g (JVM heap cap)"),
-    "best": ({}, {"spark.driver.memory": "1g"}, 0, "defaults + driver memory 1g"),
 }
 
 # (inference mode, TF intra-op threads, batch size)

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from fruit_assets import storage
 from fruit_assets.io_manager import ParquetIOManager
+from fruit_assets.ml.featurize import FeaturizeSettings
 
 # local: everything in-process on local Spark (the embedded default).
 # databricks: the Spark assets go to a Databricks cluster through the step launcher.
@@ -74,11 +75,11 @@ class FeatureModel(ConfigurableResource):
         description="FRUIT_MODEL_WEIGHTS: 'imagenet' (Keras download/cache), a path to a MobileNetV2 "
         ".h5 weights file (with or without top), or 'random[:seed]' (deterministic, NOT meaningful)",
     )
-    # 8 rather than 32: measured 11-15% faster on 2 cores (smaller activations stay in cache), and
-    # less memory per worker; see BENCHMARKS.md.
-    batch_size: int = Field(default=8, description="Images per model call inside a Spark task.")
+    batch_size: int = Field(default=FeaturizeSettings.batch_size, description="Images per model call inside a Spark task.")
     partitions: int = Field(default=0, description="Spark partitions to featurize in; 0 = one per core.")
-    tf_intra_op_threads: int = Field(default=1, description="TensorFlow threads per Spark Python worker.")
+    tf_intra_op_threads: int = Field(
+        default=FeaturizeSettings.tf_intra_op_threads, description="TensorFlow threads per Spark Python worker."
+    )
     max_skipped_fraction: float = Field(
         default=0.1,
         description="Fail the run when more than this fraction of the images cannot be featurized "

@@ -54,7 +54,9 @@ TRACE_SETTING = "FRUIT_FEATURIZE_TRACE"
 
 @dataclass(frozen=True)
 class FeaturizeSettings:
-    batch_size: int = 8           # images per model call (8 measured 1.3x faster than 32: BENCHMARKS.md)
+    # Images per model call. 8 rather than 32: 1.1-1.3x faster on 2 cores in every measurement (smaller
+    # activations stay in cache), and less memory per worker (BENCHMARKS.md).
+    batch_size: int = 8
     tf_intra_op_threads: int = 1  # per Python worker; Spark runs one worker per core
     tf_inter_op_threads: int = 1
     # How the model is called (see BENCHMARKS.md for the measurements):
