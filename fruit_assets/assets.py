@@ -175,10 +175,15 @@ def image_features(
                 metadata={"skipped": len(skipped), "skipped_fraction": rate, "skipped_images": _table(skipped)},
             )
 
+        # Reused rows come out of a join: up to spark.sql.shuffle.partitions (200) partitions of a few
+        # rows each. Written as they are, every incremental run would store that many tiny files, and
+        # every later read would pay for them. Coalescing reads the cached rows, so it does not narrow
+        # the featurization itself.
+        written_partitions = default_partitions(pyspark.spark_session, catalog_rows)
         yield Output(
-            results.where(F.col("error").isNull()).select(
-                "path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"
-            ),
+            results.where(F.col("error").isNull())
+            .select("path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint")
+            .coalesce(written_partitions),
             metadata={
                 "rows": rows,
                 "featurized": featurized,
