@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cooldown", type=float, default=120,
                         help="before each run, wait up to this many s for the 1-min load to drop below the threshold")
     parser.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
-                        help="measure nothing: merge these result files (a later run of the same method and size "
+                        help="measure nothing: merge these result files (a later run of the same method, size and repeat "
                         "replaces an earlier one) and print the analysis")
     args = parser.parse_args(argv)
     if args.report:
