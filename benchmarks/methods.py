@@ -223,7 +223,7 @@ def pipeline(args) -> dict:
         os.environ["FRUIT_SPARK_MASTER"] = args.master
     from dagster import DagsterInstance, materialize
 
-    from fruit_assets.definitions import all_assets
+    from fruit_assets.definitions import all_assets_and_checks
     from fruit_assets.resources import build_resources
 
     imported_at = since_start()
@@ -235,7 +235,7 @@ def pipeline(args) -> dict:
             resources["pyspark"] = _pyspark_resource(json.loads(args.spark_conf))
         started = since_start()
         instance = DagsterInstance.ephemeral()
-        result = materialize(all_assets, resources=resources, selection=args.selection, instance=instance)
+        result = materialize(all_assets_and_checks, resources=resources, selection=args.selection, instance=instance)
         ended = since_start()
         assert result.success
         metadata = {

@@ -27,16 +27,18 @@ from dagster import (
     TableRecord,
     TableSchema,
     asset,
+    asset_check,
+    AssetCheckExecutionContext,
 )
 from dagster_pyspark import PySparkResource
 from pydantic import Field
-from pyspark.ml.feature import PCAModel
 from pyspark.sql import DataFrame as SparkDataFrame
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
 from fruit_assets import plots
 from fruit_assets.catalog import list_images
+from fruit_assets.ml.pca import PcaResult
 from fruit_assets.ml.featurize import read_bytes
 from fruit_assets.resources import FeatureModel, ImageSource, weights_fingerprint
 from fruit_assets.spark_progress import reporting_progress
@@ -230,7 +232,7 @@ class PcaConfig(Config):
 
 @asset(
     group_name=GROUP,
-    kinds={"spark", "parquet"},
+    kinds={"spark", "numpy", "parquet"},
     check_specs=[AssetCheckSpec("explained_variance_reaches_target", asset="pca_model")],
 )
 def pca_model(
@@ -240,10 +242,14 @@ def pca_model(
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """Spark ML PCA fitted on the features; stored as a components table and a Spark ML model."""
-    from fruit_assets.ml.pca import fit_pca
+    """PCA of the features: Spark sums the covariance's statistics in one pass, numpy decomposes it on
+    the driver. Stored as a components table, the statistics, and a Spark ML PCAModel."""
+    from fruit_assets.ml.pca import decompose, feature_statistics
 
-    result = fit_pca(image_features, config.k, config.variance_target, config.max_k, FEATURE_DIM)
+    started = time.perf_counter()
+    statistics = feature_statistics(image_features)
+    statistics_seconds = time.perf_counter() - started
+    result = decompose(statistics, config.k, config.variance_target, config.max_k)
     cumulative = result.cumulative
     table = pd.DataFrame(
         {
@@ -255,7 +261,7 @@ def pca_model(
     kept = float(cumulative[-1])
     context.log.info(f"PCA: k={result.k} keeps {kept:.1%} of the variance of {result.rows} images")
     yield Output(
-        result.model,
+        result,
         metadata={
             **_plot(context, "explained_variance_plot",
                     plots.explained_variance_plot(result.explained_variance, result.k, config.variance_target)),
@@ -265,6 +271,9 @@ def pca_model(
             "explained_variance_total": round(kept, 6),
             "explained_variance": _table(table),
             "rows": result.rows,
+            "decomposition": "numpy.linalg.eigh of the covariance summed by Spark",
+            "statistics_seconds": round(statistics_seconds, 2),
+            "decomposition_seconds": round(time.perf_counter() - started - statistics_seconds, 2),
         },
     )
     yield AssetCheckResult(
@@ -276,6 +285,35 @@ def pca_model(
     )
 
 
+@asset_check(
+    asset=pca_model,
+    blocking=True,
+    description="The stored components are orthonormal eigenvectors of the covariance of the stored "
+    "statistics, with the explained variances they report, sorted, and the top k; the stored Spark ML "
+    "model holds the same components. A failure stops reduced_features.",
+)
+def pca_model_is_an_exact_decomposition(context: AssetCheckExecutionContext) -> AssetCheckResult:
+    from fruit_assets.ml.pca import PcaResult, verify
+
+    io_manager = context.resources.io_manager
+    stored = io_manager.load_stored(pca_model.key, PcaResult)
+    verification = verify(stored.statistics, stored.components, stored.explained_variance)
+    problems = list(verification.problems)
+    spark_components = io_manager.stored_spark_components(pca_model.key)
+    spark_difference = (
+        float(np.abs(spark_components - stored.components).max())
+        if spark_components.shape == stored.components.shape else float("inf")
+    )
+    if spark_difference > 0:
+        problems.append(f"the Spark ML model's components differ from the components table by {spark_difference:.2e}")
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        description="; ".join(problems) or f"{stored.k} components verified against the covariance of {stored.rows} images",
+        metadata={**verification.metadata(), "spark_model_difference": spark_difference, "k": stored.k},
+    )
+
+
 @asset(
     group_name=GROUP,
     kinds={"spark", "parquet"},
@@ -284,15 +322,15 @@ def pca_model(
 def reduced_features(
     context: AssetExecutionContext,
     image_features: SparkDataFrame,
-    pca_model: PCAModel,
+    pca_model: PcaResult,
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
     """The image features projected onto the PCA components: path, label, pca_features (k float32)."""
     from fruit_assets.ml.pca import project
 
-    k = pca_model.getK()
-    reduced = project(image_features, pca_model).persist(StorageLevel.MEMORY_AND_DISK)
+    k = pca_model.k
+    reduced = project(image_features, pca_model.components).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         stats = reduced.agg(
             F.count("*").alias("rows"),

@@ -3,11 +3,20 @@ deployment named by FRUIT_DEPLOYMENT (default `local`)."""
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
-from fruit_assets.assets import image_features, pca_model, raw_images, reduced_features
+from fruit_assets.assets import (
+    image_features,
+    pca_model,
+    pca_model_is_an_exact_decomposition,
+    raw_images,
+    reduced_features,
+)
 from fruit_assets.resources import build_resources
 from fruit_assets.sensors import fruit_images_sensor
 
 all_assets = [raw_images, image_features, pca_model, reduced_features]
+all_checks = [pca_model_is_an_exact_decomposition]
+# What `materialize()` takes to run the whole graph with its checks (the demo, the tests).
+all_assets_and_checks = [*all_assets, *all_checks]
 
 fruit_features_job = define_asset_job(
     "fruit_features_job",
@@ -17,6 +26,7 @@ fruit_features_job = define_asset_job(
 
 defs = Definitions(
     assets=all_assets,
+    asset_checks=all_checks,
     jobs=[fruit_features_job],
     sensors=[fruit_images_sensor],
     resources=build_resources(),

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dagster import DagsterInstance, materialize
 
-    from fruit_assets.definitions import all_assets
+    from fruit_assets.definitions import all_assets_and_checks
     from fruit_assets.demo_data import generate_demo_set
     from fruit_assets.resources import FeatureModel, build_resources, default_images_uri
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     resources["feature_model"] = FeatureModel(weights=weights)
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
     result = materialize(
-        all_assets,
+        all_assets_and_checks,
         resources=resources,
         instance=instance,
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},

@@ -7,10 +7,11 @@ the last good one in place. The datasets need nothing but a Parquet reader: pand
 What it stores, by the type of the asset's value:
 - pandas DataFrame: one Parquet file.
 - Spark DataFrame: one file per Spark partition, written by the executors (`spark_parquet`).
-- Spark ML `PCAModel`: the components table (component, explained variance, cumulative, loadings) as
-  Parquet for pandas users, and the Spark ML model itself in `_spark_model/` for `PCAModel.load`.
-Inputs are loaded as the downstream asset's parameter annotation asks (Spark DataFrame, PCAModel or
-pandas DataFrame).
+- `ml.pca.PcaResult`: the components table (component, explained variance, cumulative, loadings) as
+  Parquet for pandas users, the Spark ML model itself in `_spark_model/` for `PCAModel.load`, and the
+  statistics it was computed from (row count, feature sums, Gram matrix) in `_statistics/`.
+Inputs are loaded as the downstream asset's parameter annotation asks (Spark DataFrame, PcaResult,
+PCAModel or pandas DataFrame).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -38,8 +40,10 @@ from dagster import (
 from pydantic import Field
 
 from fruit_assets import storage
+from fruit_assets.ml.pca import FeatureStatistics, PcaResult, components_table, to_spark_model
 
 SPARK_MODEL_DIR = "_spark_model"
+STATISTICS_DIR = "_statistics"
 
 
 def _spark_types():
@@ -117,17 +121,18 @@ class ParquetIOManager(ConfigurableIOManager):
 
             spark_parquet.register(obj.sparkSession)
             obj.write.format(spark_parquet.FORMAT).mode("append").save(staging.uri)
-        elif isinstance(obj, PCAModel):
-            from fruit_assets.ml.pca import components_table
-
+        elif isinstance(obj, PcaResult):
             self._write_pandas(components_table(obj), staging)
-            self._write_spark_model(obj, staging.child(SPARK_MODEL_DIR))
+            self._write_pandas(statistics_table(obj.statistics), staging.child(STATISTICS_DIR))
+            model = to_spark_model(_active_spark(), obj.components, obj.explained_variance)
+            self._write_spark_model(model, staging.child(SPARK_MODEL_DIR))
         else:
             raise TypeError(f"ParquetIOManager cannot store a {type(obj).__name__}")
 
     @staticmethod
     def _write_pandas(frame: pd.DataFrame, staging: storage.Location) -> None:
         table = pa.Table.from_pandas(frame, preserve_index=False)
+        staging.filesystem.create_dir(staging.path, recursive=True)
         # Spark's timestamps are microseconds; nanoseconds would not round-trip through Spark.
         pq.write_table(
             table,
@@ -172,8 +177,20 @@ class ParquetIOManager(ConfigurableIOManager):
             return spark.read.format(spark_parquet.FORMAT).load(location.uri)
         if as_type is PCAModel:
             return self._load_spark_model(location.child(SPARK_MODEL_DIR), PCAModel)
+        if as_type is PcaResult:
+            return pca_result_of(_read_pandas(location), _read_pandas(location.child(STATISTICS_DIR)))
+        return _read_pandas(location)
+
+    def stored_spark_components(self, asset_key: AssetKey) -> np.ndarray:
+        """The components (k, d) held by the stored Spark ML PCAModel, read without Spark."""
+        location = self.root().child(*asset_key.path, SPARK_MODEL_DIR, "data")
         files = [info.path for info in location.files(".parquet")]
-        return pq.ParquetDataset(files, filesystem=location.filesystem).read().to_pandas()
+        [pc] = pq.ParquetDataset(files, filesystem=location.filesystem).read(columns=["pc"]).column("pc").to_pylist()
+        # Spark's DenseMatrix: numRows x numCols, column-major unless isTransposed.
+        values = np.asarray(pc["values"], dtype=np.float64)
+        if pc["isTransposed"]:
+            return values.reshape(pc["numRows"], pc["numCols"]).T.copy()
+        return values.reshape(pc["numCols"], pc["numRows"])
 
     @staticmethod
     def _load_spark_model(source: storage.Location, model_class):
@@ -184,6 +201,34 @@ class ParquetIOManager(ConfigurableIOManager):
         with _spark_scratch() as (spark_path, local_path):
             pafs.copy_files(source.path, local_path, source_filesystem=source.filesystem)
             return model_class.load(spark_path)
+
+
+def _read_pandas(location: storage.Location) -> pd.DataFrame:
+    files = [info.path for info in location.files(".parquet")]
+    return pq.ParquetDataset(files, filesystem=location.filesystem).read().to_pandas()
+
+
+def statistics_table(statistics: FeatureStatistics) -> pd.DataFrame:
+    """The PCA's sufficient statistics as one row: rows, sums (d), gram (d*d, row-major)."""
+    return pd.DataFrame(
+        {"rows": [statistics.rows], "sums": [statistics.sums], "gram": [statistics.gram.ravel()]}
+    )
+
+
+def pca_result_of(components: pd.DataFrame, statistics: pd.DataFrame) -> PcaResult:
+    [row] = statistics.itertuples()
+    dimensions = len(row.sums)
+    stats = FeatureStatistics(
+        int(row.rows), np.asarray(row.sums, dtype=np.float64), np.asarray(row.gram, dtype=np.float64).reshape(dimensions, dimensions)
+    )
+    components = components.sort_values("component")
+    explained = components.explained_variance.to_numpy(dtype=np.float64)
+    return PcaResult(
+        components=np.stack(components.loadings).astype(np.float64) if len(components) else np.zeros((0, dimensions)),
+        eigenvalues=explained * np.trace(stats.covariance()),
+        explained_variance=explained,
+        statistics=stats,
+    )
 
 
 @contextmanager

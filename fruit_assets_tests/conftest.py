@@ -78,10 +78,10 @@ def local_resources(images_uri, storage_uri, weights: str = TEST_WEIGHTS) -> dic
 def materialize_all(resources: dict, selection=None, run_config=None, raise_on_error=True):
     from dagster import materialize
 
-    from fruit_assets.definitions import all_assets
+    from fruit_assets.definitions import all_assets_and_checks
 
     return materialize(
-        all_assets, resources=resources, selection=selection, run_config=run_config, raise_on_error=raise_on_error
+        all_assets_and_checks, resources=resources, selection=selection, run_config=run_config, raise_on_error=raise_on_error
     )
 
 

@@ -9,7 +9,7 @@ import pyarrow.dataset as pads
 import pytest
 from dagster import instance_for_test, materialize
 
-from fruit_assets.definitions import all_assets
+from fruit_assets.definitions import all_assets_and_checks
 from fruit_assets.local_s3 import upload_tree
 from fruit_assets.resources import FeatureModel, build_resources
 from fruit_assets_tests.conftest import TEST_BUCKET, failure_text, local_resources, materialize_all, metadata_of, private_copy
@@ -163,7 +163,7 @@ def test_credentials_never_reach_logs_metadata_or_parquet(spark, s3, demo_images
     home = tmp_path / "dagster_home"
     home.mkdir()
     with instance_for_test(temp_dir=str(home)) as instance:
-        result = materialize(all_assets, resources=local_resources(f"{prefix}/images", f"{prefix}/assets"), instance=instance)
+        result = materialize(all_assets_and_checks, resources=local_resources(f"{prefix}/images", f"{prefix}/assets"), instance=instance)
         assert result.success
         records = instance.get_records_for_run(result.run_id).records
         event_log = "\n".join(str(record.event_log_entry) for record in records)

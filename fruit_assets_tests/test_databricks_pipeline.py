@@ -119,7 +119,8 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     messages = [e.user_message for e in events]
     assert any("72 of 72 images have features" in m for m in messages)
     checks = [e.dagster_event.event_specific_data for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
-    assert {c.check_name for c in checks} >= {"one_row_per_image", "vectors_are_1280_finite_floats", "k_columns_and_same_rows"}
+    assert {c.check_name for c in checks} >= {"one_row_per_image", "vectors_are_1280_finite_floats", "k_columns_and_same_rows",
+                                                  "pca_model_is_an_exact_decomposition"}
 
     # Same outputs as the local run on the same images.
     _, local_storage = demo_run
@@ -148,7 +149,7 @@ def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emula
     [failure] = [e.dagster_event for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE]
     error = failure.step_failure_data.error
     text = error.to_string()
-    assert "k=500 is out of range" in text and "fit_pca" in text  # the remote traceback, frames included
+    assert "k=500 is out of range" in text and "_requested_k" in text  # the remote traceback, frames included
 
 
 def test_cancelling_the_dagster_run_cancels_the_remote_run(emulator, bucket, tmp_path):
