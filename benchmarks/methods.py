@@ -257,9 +257,9 @@ def pipeline(args) -> dict:
     cold = runs[0]
     if args.compare_features:
         import numpy as np
-        import pandas as pd
+        from deltalake import DeltaTable
 
-        stored = pd.read_parquet(os.path.join(args.scratch, "assets_0", "image_features")).sort_values("path")
+        stored = DeltaTable(os.path.join(args.scratch, "assets_0", "image_features")).to_pandas().sort_values("path")
         reference = np.load(args.compare_features)
         cold["max_abs_diff_vs_baseline"] = float(np.abs(np.stack(stored.features) - reference).max())
     return {

@@ -19,7 +19,6 @@ import sys
 import textwrap
 import time
 
-import pyarrow.dataset as pads
 
 RANDOM_FALLBACK = "random:0"
 
@@ -55,16 +54,14 @@ def choose_weights() -> str:
 
 
 def _dataset_shape(uri: str, column: str | None = None) -> str:
-    """Rows (and vector width) of a stored asset, read with pyarrow alone: no Spark needed."""
+    """Rows (and vector width) of a stored asset's latest version, read with deltalake: no Spark needed."""
+    from fruit_assets import delta_tables
     from fruit_assets.storage import resolve
 
-    location = resolve(uri)
-    dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet")
-    rows = dataset.count_rows()
-    if column is None or rows == 0:
-        return f"{rows} rows"
-    first = dataset.head(1, columns=[column]).column(column)[0]
-    return f"{rows} x {len(first)}"
+    table = delta_tables.read_arrow(resolve(uri), columns=[column] if column else None)
+    if column is None or table.num_rows == 0:
+        return f"{table.num_rows} rows"
+    return f"{table.num_rows} x {len(table.column(column)[0])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, column in [("raw_images", None), ("image_features", "features"), ("pca_model", "loadings"), ("reduced_features", "pca_features")]:
         uri = metadata[name]["path"]
         print(f"  {name:<16} {_dataset_shape(uri, column):<12} {uri}")
-    print(f"\nread them without Spark, e.g.: pandas.read_parquet({metadata['image_features']['path']!r})")
+    print(f"\nread them without Spark, e.g.: deltalake.DeltaTable({metadata['image_features']['path']!r}).to_pandas()")
     return 0
 
 

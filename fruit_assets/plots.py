@@ -247,8 +247,8 @@ def png_from_markdown(markdown: str) -> bytes:
 def plot_location(root: storage.Location, asset_name: str, name: str) -> storage.Location:
     """Where `save_png` stores a plot: `<storage root>/_plots/<asset name>/<name>.png`.
 
-    A sibling of the asset folders, not inside one: the IO manager publishes an asset by swapping a
-    staging folder in, which would drop files written into the asset folder before it runs."""
+    A sibling of the asset folders, not inside one: an asset folder is a Delta table, whose vacuum
+    deletes files that its log does not name."""
     return root.child(PLOTS_DIR, asset_name, f"{name}.png")
 
 

@@ -19,7 +19,8 @@ from dagster_pyspark import LazyPySparkResource, PySparkResource
 from pydantic import Field
 
 from fruit_assets import storage
-from fruit_assets.io_manager import ParquetIOManager
+from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.delta_tables import DEFAULT_RETENTION_HOURS
 from fruit_assets.ml.featurize import FeaturizeSettings
 
 # local: everything in-process on local Spark (the embedded default).
@@ -29,7 +30,7 @@ DEPLOYMENTS = ("local", "databricks", "databricks_cluster")
 # Settings the step needs on the cluster too (never credentials: those come from a secret scope
 # or the instance profile).
 FORWARDED_TO_CLUSTER = (
-    "FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS",
+    "FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS", "FRUIT_RETENTION_HOURS",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
 )
 
@@ -128,7 +129,10 @@ def build_resources(deployment: str | None = None) -> dict:
             f"FRUIT_DEPLOYMENT={deployment!r} is not a known deployment; use one of: local, databricks"
         )
     shared = {
-        "io_manager": ParquetIOManager(base_uri=env_or_default("FRUIT_STORAGE_URI", default_storage_uri())),
+        "io_manager": DeltaIOManager(
+            base_uri=env_or_default("FRUIT_STORAGE_URI", default_storage_uri()),
+            retention_hours=EnvVar.int("FRUIT_RETENTION_HOURS") if os.environ.get("FRUIT_RETENTION_HOURS") else DEFAULT_RETENTION_HOURS,
+        ),
         "images": ImageSource(uri=env_or_default("FRUIT_IMAGES_URI", default_images_uri())),
         "feature_model": FeatureModel(weights=env_or_default("FRUIT_MODEL_WEIGHTS", "imagenet")),
     }

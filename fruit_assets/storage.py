@@ -1,14 +1,9 @@
-"""Where data lives: URIs, pyarrow filesystems and staged, all-or-nothing dataset writes.
+"""Where data lives: URIs and pyarrow filesystems, for local folders and S3 alike.
 
-Everything that touches storage goes through `pyarrow.fs`, locally and on S3 alike: Spark on these
-machines has no S3A connector, so pyarrow is the one client that serves the driver, the Spark Python
-workers (through the data source in `spark_parquet`) and plain pandas users.
-
-A dataset is a folder of Parquet files. It is written in two phases so that a failed write never
-replaces the last good version: every file goes first to a private staging folder
-(`<root>/_staging/<name>-<uuid>/`), and only a complete staging folder is published to `<root>/<name>/`.
-Names starting with `_` are ignored by pyarrow, pandas, Spark and DuckDB's hive discovery, so staging
-folders never show up as data.
+Everything that touches storage goes through `pyarrow.fs`: Spark on these machines has no S3A
+connector, so pyarrow is the one client that serves the driver, the Spark Python workers (through the
+data source in `spark_delta`) and plain pandas users. The assets themselves are Delta tables
+(`delta_tables`); this module knows only where things are and how to reach them.
 
 This module does not import Dagster or Spark.
 """
@@ -26,7 +21,6 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 DEFAULT_REGION = "eu-central-1"  # Frankfurt: the product's default, chosen for GDPR
-STAGING_DIR = "_staging"
 
 
 class StorageConfigError(ValueError):
@@ -146,12 +140,20 @@ def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple) ->
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_endpoint() -> str | None:
+    """AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (a non-AWS S3 such as the local SeaweedFS), if set."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """The S3 filesystem configured by the standard AWS settings (region defaults to eu-central-1).
 
     pyarrow does not read AWS_ENDPOINT_URL itself, so it is passed on explicitly."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    endpoint, region = s3_endpoint(), s3_region()
     # A new filesystem when the credentials in the environment change (they are only hashed into
     # the cache key, in memory; never logged).
     credentials_key = tuple(
@@ -179,57 +181,3 @@ def check_reachable(location: Location, setting: str) -> None:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def new_staging(root: Location, name: str) -> Location:
-    """A fresh, empty staging folder for a dataset called `name` below `root`."""
-    staging = root.child(STAGING_DIR, f"{name}-{uuid.uuid4().hex}")
-    staging.filesystem.create_dir(staging.path, recursive=True)
-    return staging
-
-
-def discard(location: Location) -> None:
-    """Delete a folder if it exists (best effort: used on failure paths)."""
-    try:
-        if location.exists():
-            location.filesystem.delete_dir(location.path)
-    except OSError:
-        pass
-
-
-def publish(staging: Location, target: Location) -> None:
-    """Make the complete dataset in `staging` the content of `target`, replacing what was there.
-
-    Locally this is two renames, so readers see either the old or the new folder. On S3 there is no
-    rename: the new files (named uniquely by their writer) are copied in first, then the old ones are
-    deleted, so a failure part-way leaves the old version plus extra files rather than a loss; the
-    window in which a reader could see both is the few seconds of server-side copies."""
-    fs = staging.filesystem
-    if staging.is_local:
-        fs.create_dir(posixpath.dirname(target.path), recursive=True)
-        retired = None
-        if target.exists():
-            retired = f"{staging.path}.retired"
-            fs.move(target.path, retired)
-        try:
-            fs.move(staging.path, target.path)
-        except BaseException:
-            if retired is not None:
-                fs.move(retired, target.path)
-            raise
-        if retired is not None:
-            fs.delete_dir(retired)
-        return
-
-    old = {info.path for info in fs.get_file_info(pafs.FileSelector(target.path, recursive=True, allow_not_found=True))
-           if info.type == pafs.FileType.File}
-    new = set()
-    for info in fs.get_file_info(pafs.FileSelector(staging.path, recursive=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        destination = posixpath.join(target.path, posixpath.relpath(info.path, staging.path))
-        fs.copy_file(info.path, destination)
-        new.add(destination)
-    for path in sorted(old - new):
-        fs.delete_file(path)
-    fs.delete_dir(staging.path)

@@ -65,11 +65,11 @@ def demo_images(tmp_path_factory):
 
 def local_resources(images_uri, storage_uri, weights: str = TEST_WEIGHTS) -> dict:
     """The embedded-default resources, pointed at test folders."""
-    from fruit_assets.io_manager import ParquetIOManager
+    from fruit_assets.io_manager import DeltaIOManager
     from fruit_assets.resources import FeatureModel, ImageSource, build_resources
 
     resources = build_resources("local")
-    resources["io_manager"] = ParquetIOManager(base_uri=str(storage_uri))
+    resources["io_manager"] = DeltaIOManager(base_uri=str(storage_uri))
     resources["images"] = ImageSource(uri=str(images_uri))
     resources["feature_model"] = FeatureModel(weights=weights)
     return resources
@@ -96,6 +96,21 @@ def demo_run(spark, demo_images, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     result = materialize_all(local_resources(demo_images, storage))
     return result, storage
+
+
+def delta_options(uri: str) -> dict:
+    """deltalake storage options for a table URI, as a user would write them for the test S3."""
+    if not str(uri).startswith("s3://"):
+        return {}
+    return {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_REGION": os.environ["AWS_REGION"], "AWS_ALLOW_HTTP": "true"}
+
+
+def read_asset(storage, name: str, version: int | None = None):
+    """An asset's rows as users read them: a Delta table, with the deltalake package."""
+    from deltalake import DeltaTable
+
+    uri = f"{storage}/{name}"
+    return DeltaTable(uri, version=version, storage_options=delta_options(uri)).to_pandas()
 
 
 def private_copy(storage, tmp_path):

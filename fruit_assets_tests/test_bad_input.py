@@ -5,14 +5,22 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 from dagster import instance_for_test, materialize
 
 from fruit_assets.definitions import all_assets_and_checks
 from fruit_assets.local_s3 import upload_tree
 from fruit_assets.resources import FeatureModel, build_resources
-from fruit_assets_tests.conftest import TEST_BUCKET, failure_text, local_resources, materialize_all, metadata_of, private_copy
+from fruit_assets_tests.conftest import (
+    TEST_BUCKET,
+    failure_text,
+    local_resources,
+    materialize_all,
+    metadata_of,
+    private_copy,
+    read_asset,
+)
 from fruit_assets_tests.hostile_files import write_hostile_tree
 from fruit_assets_tests.weights_files import save_legacy_h5
 
@@ -53,7 +61,7 @@ def test_hostile_files_are_featurized_or_listed_with_their_reason(spark, hostile
     metadata = metadata_of(result, "image_features")
     good = {k for k, reason in expected.items() if reason is None}
     bad = {k: reason for k, reason in expected.items() if reason is not None}
-    stored = pd.read_parquet(tmp_path / "image_features")
+    stored = read_asset(tmp_path, "image_features")
     relative = stored.path.str.removeprefix(f"{prefix}/images/")
     assert set(relative) == good
     assert (stored.features.map(len) == 1280).all()
@@ -72,14 +80,14 @@ def test_hostile_files_are_featurized_or_listed_with_their_reason(spark, hostile
 def test_too_many_bad_images_fail_the_run_and_keep_the_last_good_version(spark, hostile_bucket, tmp_path):
     prefix, expected = hostile_bucket
     assert materialize_all(hostile_resources(prefix, tmp_path, 1.0), selection=FEATURIZE).success
-    before = pd.read_parquet(tmp_path / "image_features")
+    before = read_asset(tmp_path, "image_features")
 
     result = materialize_all(hostile_resources(prefix, tmp_path, 0.1), selection=FEATURIZE, raise_on_error=False)
     assert not result.success
     text = failure_text(result)
     assert "4 of 16 images (25.0%) could not be featurized, over max_skipped_fraction=0.1" in text
     assert "Broken/" in text
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "image_features"), before)
+    pd.testing.assert_frame_equal(read_asset(tmp_path, "image_features"), before)
 
 
 @pytest.mark.parametrize("where", ["empty folder", "empty prefix"])
@@ -131,7 +139,7 @@ def test_unusable_weights_settings_fail_at_step_start(spark, demo_images, tmp_pa
 
 def test_k_beyond_the_feature_dimension_is_refused_before_fitting(spark, demo_run, demo_images, tmp_path):
     storage = private_copy(demo_run[1], tmp_path)
-    before = pd.read_parquet(storage / "pca_model")
+    before = read_asset(storage, "pca_model")
     result = materialize_all(
         local_resources(demo_images, storage),
         selection=["pca_model"],
@@ -140,7 +148,7 @@ def test_k_beyond_the_feature_dimension_is_refused_before_fitting(spark, demo_ru
     )
     assert not result.success
     assert "PcaConfig" in failure_text(result) and "less than or equal to 1280" in failure_text(result)
-    pd.testing.assert_frame_equal(pd.read_parquet(storage / "pca_model"), before)
+    pd.testing.assert_frame_equal(read_asset(storage, "pca_model"), before)
 
 
 @pytest.mark.parametrize("uri", ["s3://", "ftp://example.com/images", "s3://bucket/../escape"])
@@ -168,12 +176,14 @@ def test_credentials_never_reach_logs_metadata_or_parquet(spark, s3, demo_images
         records = instance.get_records_for_run(result.run_id).records
         event_log = "\n".join(str(record.event_log_entry) for record in records)
     assert "image_features" in event_log  # the log really holds the run
+    # Every object the run stored: data files, Delta logs, the PCA's side folders, plots.
     stored = b""
     reader = s3_reader(s3)
-    for name in ("raw_images", "image_features", "pca_model", "reduced_features"):
-        dataset = pads.dataset(f"{prefix.removeprefix('s3://')}/assets/{name}", filesystem=reader, format="parquet")
-        for fragment in dataset.get_fragments():
-            with reader.open_input_file(fragment.path) as f:
+    objects = reader.get_file_info(pafs.FileSelector(f"{prefix.removeprefix('s3://')}/assets", recursive=True))
+    assert any("_delta_log" in info.path for info in objects)
+    for info in objects:
+        if info.type == pafs.FileType.File:
+            with reader.open_input_file(info.path) as f:
                 stored += f.read()
     on_disk = b"".join(p.read_bytes() for p in Path(home).rglob("*") if p.is_file())
     for needle in (secret, f"secret_key={secret}"):

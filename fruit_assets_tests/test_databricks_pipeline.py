@@ -18,7 +18,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance
 
 from fruit_assets.local_s3 import upload_tree
-from fruit_assets_tests.conftest import TEST_BUCKET, by_image
+from fruit_assets_tests.conftest import TEST_BUCKET, by_image, read_asset
 
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -125,19 +125,10 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     # Same outputs as the local run on the same images.
     _, local_storage = demo_run
     for name, column in [("image_features", "features"), ("reduced_features", "pca_features")]:
-        remote, local = by_image(read_s3_frame(name, bucket)), by_image(pd.read_parquet(local_storage / name))
+        remote, local = by_image(read_asset(f"{bucket}/assets", name)), by_image(read_asset(local_storage, name))
         assert list(remote.index) == list(local.index)
-        a, b = np.stack(remote[column]), np.stack(local[column])
-        if column == "pca_features":
-            a, b = np.abs(a), np.abs(b)  # components are defined up to sign
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def read_s3_frame(name: str, bucket: str) -> pd.DataFrame:
-    from fruit_assets.storage import resolve
-
-    location = resolve(f"{bucket}/assets/{name}")
-    return pd.read_parquet(location.path, filesystem=location.filesystem)
+        # Components have a canonical sign, so the projections agree with their signs.
+        np.testing.assert_allclose(np.stack(remote[column]), np.stack(local[column]), rtol=1e-4, atol=1e-4)
 
 
 def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emulator, bucket, tmp_path):

@@ -6,13 +6,11 @@ import threading
 import time
 import uuid
 
-import pandas as pd
 import pytest
 
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.local_s3 import start_local_s3
-from fruit_assets.storage import s3_filesystem
-from fruit_assets_tests.conftest import failure_text, local_resources, materialize_all, metadata_of
+from fruit_assets_tests.conftest import failure_text, local_resources, materialize_all, metadata_of, read_asset
 
 
 def _parents() -> dict[int, int]:
@@ -89,7 +87,7 @@ def test_a_killed_python_worker_is_retried_and_every_image_appears_once(spark, t
     assert killed, "no featurizing Python worker was found to kill"
     assert result.success
     assert metadata_of(result, "image_features")["rows"] == 96
-    stored = pd.read_parquet(tmp_path / "store" / "image_features")
+    stored = read_asset(tmp_path / "store", "image_features")
     assert len(stored) == 96 and stored.path.is_unique
     assert sorted(stored.path) == sorted(str(p) for p in images.rglob("*.jpg"))
 
@@ -125,7 +123,6 @@ def test_s3_outage_fails_clearly_and_the_last_version_survives(spark, private_s3
 
     back = start_local_s3(data_dir=data_dir, s3_port=port, access_key=private_s3.access_key, secret_key=secret, die_with_parent=True)
     try:
-        frame = pd.read_parquet("outage/assets/raw_images", filesystem=s3_filesystem())
-        assert len(frame) == 6
+        assert len(read_asset("s3://outage/assets", "raw_images")) == 6
     finally:
         back.stop()

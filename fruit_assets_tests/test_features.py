@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of
+from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, read_asset
 from fruit_assets_tests.weights_files import save_legacy_h5
 
 
@@ -53,7 +53,7 @@ def test_spark_features_equal_single_process_keras(spark, handful, weights_file,
     # 1 broken file in 7 is over the default max_skipped_fraction (0.1): allow it here.
     resources["feature_model"] = FeatureModel(weights=str(weights_file), max_skipped_fraction=0.5)
     result = materialize_all(resources, selection=["raw_images", "image_features"])
-    features = pd.read_parquet(tmp_path / "image_features").sort_values("path", ignore_index=True)
+    features = read_asset(tmp_path, "image_features").sort_values("path", ignore_index=True)
     assert len(features) == 6
     expected = keras_reference(weights_file, list(features.path))
     actual = np.stack(features.features)

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, verify
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of
+from dagster import AssetKey
+
+from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, read_asset
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
 
@@ -114,9 +116,9 @@ def test_canonical_signs_make_the_components_independent_of_summation_order(spar
 
 
 def _store_features(storage: Path, x: np.ndarray) -> None:
-    """An image_features dataset holding the fixture matrix, as the pipeline stores it."""
-    folder = storage / "image_features"
-    folder.mkdir(parents=True)
+    """An image_features table holding the fixture matrix, as a user would write it."""
+    from deltalake import write_deltalake
+
     table = pa.table(
         {
             "path": [f"/images/label{i % 24}/{i:03d}.jpg" for i in range(len(x))],
@@ -124,11 +126,11 @@ def _store_features(storage: Path, x: np.ndarray) -> None:
             "features": pa.array(list(x), type=pa.list_(pa.float32())),
         }
     )
-    pq.write_table(table, folder / "part-00000.parquet")
+    write_deltalake(str(storage / "image_features"), table)
 
 
 def _stored(storage: Path, name: str) -> pd.DataFrame:
-    return pd.read_parquet(storage / name)
+    return read_asset(storage, name)
 
 
 def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, tmp_path, features_matrix):
@@ -144,9 +146,9 @@ def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, t
     from pyspark.ml.feature import PCAModel
     from pyspark.ml.functions import array_to_vector, vector_to_array
 
-    model = PCAModel.load(str(tmp_path / "pca_model" / "_spark_model"))
+    model = DeltaIOManager(base_uri=str(tmp_path)).load_stored(AssetKey("pca_model"), PCAModel)
     np.testing.assert_array_equal(model.pc.toArray().T, np.stack(pca.loadings))
-    features = spark.read.parquet(str(tmp_path / "image_features"))
+    features = spark.createDataFrame(read_asset(tmp_path, "image_features"))
     transformed = model.transform(features.select("path", array_to_vector("features").alias("vector")))
     expected = transformed.select("path", vector_to_array("pca").alias("pca")).toPandas().sort_values("path")
     reduced = _stored(tmp_path, "reduced_features").sort_values("path")

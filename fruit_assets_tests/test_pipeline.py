@@ -2,16 +2,15 @@
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 import pytest
 
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, private_copy
+from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, private_copy, read_asset
 
 ROWS = 72  # 24 labels x 3 images
 
 
 def read(storage, name) -> pd.DataFrame:
-    return pd.read_parquet(storage / name).sort_values("path" if name != "pca_model" else "component", ignore_index=True)
+    return read_asset(storage, name).sort_values("path" if name != "pca_model" else "component", ignore_index=True)
 
 
 def test_graph_materializes_on_demo_set(demo_run, demo_images):
@@ -54,8 +53,11 @@ def test_graph_materializes_on_demo_set(demo_run, demo_images):
 
 
 def test_outputs_are_readable_without_spark(demo_run, demo_images):
+    import polars as pl
+    from deltalake import DeltaTable
+
     _, storage = demo_run
-    table = pads.dataset(storage / "image_features", format="parquet").to_table()
+    table = DeltaTable(str(storage / "image_features")).to_pyarrow_table()
     assert table.num_rows == ROWS
     features = np.stack(table.column("features").to_numpy(zero_copy_only=False))
     assert features.shape == (ROWS, 1280) and features.dtype == np.float32
@@ -71,7 +73,8 @@ def test_outputs_are_readable_without_spark(demo_run, demo_images):
     reduced = read(storage, "reduced_features")
     assert reduced.shape == (ROWS, 3)
     assert {len(v) for v in reduced.pca_features} == {50}
-    assert not any(p.name.startswith("_staging") and any(p.iterdir()) for p in storage.iterdir())
+    for name in ("raw_images", "image_features", "pca_model", "reduced_features"):
+        assert pl.read_delta(str(storage / name)).height == (50 if name == "pca_model" else ROWS), name
 
 
 def test_pca_agrees_with_numpy_eigendecomposition(demo_run):
@@ -104,13 +107,16 @@ def test_pca_agrees_with_numpy_eigendecomposition(demo_run):
 def test_spark_can_load_the_stored_pca_model(demo_run, spark):
     from pyspark.ml.feature import PCAModel
     from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import DataFrame as SparkDataFrame
 
-    from fruit_assets import spark_parquet
+    from dagster import AssetKey
+
+    from fruit_assets.io_manager import DeltaIOManager
 
     _, storage = demo_run
-    model = PCAModel.load(str(storage / "pca_model" / "_spark_model"))
-    spark_parquet.register(spark)
-    features = spark.read.format(spark_parquet.FORMAT).load(str(storage / "image_features"))
+    manager = DeltaIOManager(base_uri=str(storage))
+    model = manager.load_stored(AssetKey("pca_model"), PCAModel)
+    features = manager.load_stored(AssetKey("image_features"), SparkDataFrame)
     transformed = model.transform(features.select("path", array_to_vector("features").alias("vector")))
     again = transformed.select("path", vector_to_array("pca", "float32").alias("pca_features")).toPandas()
     again = again.sort_values("path", ignore_index=True)
@@ -124,7 +130,9 @@ def test_rematerializing_gives_the_same_results(demo_run, demo_images):
     again = materialize_all(local_resources(demo_images, storage))
     assert again.success
     # All 72 vectors were reused, through a join: still one file per core, not one per shuffle partition.
-    assert len(list((storage / "image_features").glob("*.parquet"))) <= 2
+    from deltalake import DeltaTable
+
+    assert len(DeltaTable(str(storage / "image_features")).file_uris()) <= 2
     # An eigenvector's sign is arbitrary; the project fixes it (largest entry positive), so another
     # summation order (another partitioning) gives the same components, not flipped ones.
     old, new = np.stack(before["pca_model"].loadings), np.stack(read(storage, "pca_model").loadings)

@@ -163,23 +163,13 @@ def test_markdown_image_rejects_bad_input(png, alt):
         plots.markdown_image(png, alt)
 
 
-def test_save_png_writes_beside_the_asset_and_survives_publishing(tmp_path):
+def test_save_png_writes_beside_the_asset(tmp_path):
     root = storage.resolve(str(tmp_path))
     png = plots.explained_variance_plot(spectrum(5), 5, 0.95)
     saved = plots.save_png(root, "pca_model", "explained_variance", png)
     assert saved.path == str(tmp_path / "_plots" / "pca_model" / "explained_variance.png")
     assert (tmp_path / "_plots" / "pca_model" / "explained_variance.png").read_bytes() == png
     assert plots.save_png(root, "pca_model", "explained_variance", png[:]).path == saved.path  # overwrite
-
-    # The IO manager publishes the asset by swapping a staging folder in: the plot is not touched,
-    # and dataset readers of the storage root's assets never see it.
-    staging = storage.new_staging(root, "pca_model")
-    staging.filesystem.open_output_stream(staging.child("part-00000.parquet").path).close()
-    storage.publish(staging, root.child("pca_model"))
-    assert (tmp_path / "_plots" / "pca_model" / "explained_variance.png").read_bytes() == png
-    published = [info.path for info in root.child("pca_model").files()]
-    assert published == [str(tmp_path / "pca_model" / "part-00000.parquet")]
-    assert not any("_plots" in info.path for info in root.files())
 
 
 @pytest.mark.parametrize("name", ["../escape", "/abs", ""])

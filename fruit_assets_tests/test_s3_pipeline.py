@@ -5,16 +5,14 @@ import uuid
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
-from dagster import AssetKey, build_input_context, build_output_context
-from dagster._core.types.dagster_type import resolve_dagster_type
+from dagster import AssetKey, build_output_context
 
 from fruit_assets.demo_data import generate_demo_set
-from fruit_assets.io_manager import ParquetIOManager
+from fruit_assets.io_manager import DeltaIOManager
 from fruit_assets.local_s3 import upload_tree
-from fruit_assets_tests.conftest import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of
+from fruit_assets_tests.conftest import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
 
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
 
@@ -31,8 +29,12 @@ def s3_filesystem(s3) -> pafs.S3FileSystem:
 
 
 def read_s3(s3, uri: str) -> pd.DataFrame:
-    dataset = pads.dataset(uri.removeprefix("s3://"), filesystem=s3_filesystem(s3), format="parquet")
-    return dataset.to_table().to_pandas()
+    """A table's latest version as a user reads it: deltalake with explicit settings."""
+    from deltalake import DeltaTable
+
+    options = {"AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
+               "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_REGION": s3.region, "AWS_ALLOW_HTTP": "true"}
+    return DeltaTable(uri, storage_options=options).to_pandas()
 
 
 def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, demo_images, demo_run):
@@ -49,7 +51,7 @@ def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, dem
 
     for name in ASSETS:
         remote = read_s3(s3, f"{prefix}/assets/{name}")
-        local = pd.read_parquet(local_storage / name)
+        local = read_asset(local_storage, name)
         assert len(remote) == len(local), name
         if name == "pca_model":
             remote, local = remote.sort_values("component"), local.sort_values("component")
@@ -121,7 +123,7 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
     from pyspark.sql.functions import udf
 
     prefix = new_prefix()
-    manager = ParquetIOManager(base_uri=prefix)
+    manager = DeltaIOManager(base_uri=prefix)
     good = spark.range(50).repartition(3).select(F.col("id"), (F.col("id") * 2).alias("twice"))
     manager.handle_output(build_output_context(asset_key=AssetKey("table")), good)
 
@@ -137,7 +139,12 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
 
     stored = read_s3(s3, f"{prefix}/table").sort_values("id", ignore_index=True)
     assert list(stored.id) == list(range(50)) and list(stored.twice) == [2 * i for i in range(50)]
-    loaded = manager.load_input(build_input_context(asset_key=AssetKey("table"), dagster_type=resolve_dagster_type(pd.DataFrame)))
-    assert len(loaded) == 50
-    leftovers = s3_filesystem(s3).get_file_info(pafs.FileSelector(f"{prefix.removeprefix('s3://')}/_staging", recursive=True, allow_not_found=True))
-    assert [info.path for info in leftovers if info.type == pafs.FileType.File] == []
+    assert len(manager.load_stored(AssetKey("table"), pd.DataFrame)) == 50
+    # The failed write's files were deleted: the folder holds the log and the committed version's files.
+    from deltalake import DeltaTable
+
+    table = prefix.removeprefix("s3://") + "/table"
+    files = {info.path.removeprefix(table + "/") for info in s3_filesystem(s3).get_file_info(pafs.FileSelector(table)) if info.type == pafs.FileType.File}
+    options = {"AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": s3.region, "AWS_ALLOW_HTTP": "true"}
+    committed = {uri.removeprefix(f"{prefix}/table/") for uri in DeltaTable(f"{prefix}/table", storage_options=options).file_uris()}
+    assert files == committed and len(committed) == 3

@@ -1,16 +1,15 @@
-"""Storage URIs, staged publishing, the Parquet IO manager and the image catalog, on real files."""
+"""Storage URIs, the Delta IO manager and the image catalog, on real files."""
 
 import os
 
 import pandas as pd
 import pyarrow as pa
 import pytest
-from dagster import AssetKey, build_input_context, build_output_context
-from dagster._core.types.dagster_type import resolve_dagster_type
+from dagster import AssetKey, PythonObjectDagsterType, build_input_context, build_output_context
 
 from fruit_assets import storage
 from fruit_assets.catalog import list_images
-from fruit_assets.io_manager import ParquetIOManager
+from fruit_assets.io_manager import DeltaIOManager
 
 
 def test_resolve_local_paths_and_file_uris(tmp_path, monkeypatch):
@@ -55,59 +54,58 @@ def test_path_components_cannot_escape_the_root(tmp_path, name):
         storage.resolve(str(tmp_path)).child(name)
 
 
-def test_publish_replaces_the_dataset_and_leaves_no_staging(tmp_path):
-    root = storage.resolve(str(tmp_path))
-    target = root.child("asset")
-    for version in ("old", "new"):
-        staging = storage.new_staging(root, "asset")
-        with staging.filesystem.open_output_stream(staging.child(f"{version}.parquet").path) as out:
-            out.write(b"x")
-        storage.publish(staging, target)
-    assert sorted(os.listdir(target.path)) == ["new.parquet"]
-    assert os.listdir(tmp_path / "_staging") == []
+def _output(name, run_id="run-1"):
+    return build_output_context(asset_key=AssetKey(name), run_id=run_id)
 
 
-def _output(name):
-    return build_output_context(asset_key=AssetKey(name))
+def test_io_manager_round_trips_pandas_as_delta_versions(tmp_path):
+    from deltalake import DeltaTable
 
-
-def _input(name, typing_type):
-    return build_input_context(asset_key=AssetKey(name), dagster_type=resolve_dagster_type(typing_type))
-
-
-def test_io_manager_round_trips_pandas_with_metadata(tmp_path):
-    manager = ParquetIOManager(base_uri=str(tmp_path))
+    manager = DeltaIOManager(base_uri=str(tmp_path))
     frame = pd.DataFrame({"path": ["a", "b"], "n": [1, 2], "at": pd.to_datetime(["2026-01-01", "2026-01-02"], utc=True)})
-    context = _output("table")
-    manager.handle_output(context, frame)
-    metadata = context.get_logged_metadata()
-    assert metadata["dagster/row_count"].value == 2
-    assert metadata["path"].value == str(tmp_path / "table")
-    assert [c.name for c in metadata["dagster/column_schema"].schema.columns] == ["path", "n", "at"]
-    loaded = manager.load_input(_input("table", pd.DataFrame))
-    pd.testing.assert_frame_equal(loaded, frame, check_dtype=False)
+    for expected_version, rows in ((0, frame), (1, frame.iloc[:1])):
+        context = _output("table")
+        manager.handle_output(context, rows)
+        metadata = context.get_logged_metadata()
+        assert metadata["delta_version"].value == expected_version
+        assert metadata["dagster/row_count"].value == len(rows)
+        assert metadata["path"].value == str(tmp_path / "table")
+        assert [c.name for c in metadata["dagster/column_schema"].schema.columns] == ["path", "n", "at"]
+    pd.testing.assert_frame_equal(manager.load_stored(AssetKey("table")), frame.iloc[:1], check_dtype=False)
+    pd.testing.assert_frame_equal(manager.load_stored(AssetKey("table"), version=0), frame, check_dtype=False)
+    assert DeltaTable(str(tmp_path / "table"), version=0).to_pandas().shape == (2, 3)
 
 
 def test_io_manager_round_trips_spark_dataframes(tmp_path, spark):
+    from deltalake import DeltaTable
     from pyspark.sql import DataFrame as SparkDataFrame
 
-    manager = ParquetIOManager(base_uri=str(tmp_path))
+    manager = DeltaIOManager(base_uri=str(tmp_path))
     df = spark.createDataFrame([(i, [float(i)] * 3) for i in range(100)], "id long, v array<float>").repartition(4)
     manager.handle_output(_output("vectors"), df)
-    files = [f for f in os.listdir(tmp_path / "vectors") if f.endswith(".parquet")]
-    assert len(files) == 4  # one file per partition, written by the executors
-    loaded = manager.load_input(_input("vectors", SparkDataFrame))
+    assert len(DeltaTable(str(tmp_path / "vectors")).file_uris()) == 4  # one file per partition, written by the executors
+    loaded = manager.load_stored(AssetKey("vectors"), SparkDataFrame)
     assert sorted(row.id for row in loaded.collect()) == list(range(100))
-    assert pd.read_parquet(tmp_path / "vectors").shape == (100, 2)
+    assert DeltaTable(str(tmp_path / "vectors")).to_pandas().shape == (100, 2)
 
 
-def test_a_failed_write_keeps_the_last_good_version(tmp_path, spark):
+def test_spark_files_roll_over_at_the_row_limit(tmp_path, spark):
+    from fruit_assets import spark_delta
+
+    location = storage.resolve(str(tmp_path / "t"))
+    files, schema = spark_delta.write_files(spark.range(2500).repartition(2), location, rows_per_file=1000)
+    assert sorted(f.rows for f in files) == sorted([1000, 250] * 2)  # 1,250 rows per partition
+    assert schema.names == ["id"]
+
+
+def test_a_failed_write_keeps_the_last_good_version_and_leaves_no_files(tmp_path, spark):
     from pyspark.sql import functions as F
     from pyspark.sql.functions import udf
 
-    manager = ParquetIOManager(base_uri=str(tmp_path))
+    manager = DeltaIOManager(base_uri=str(tmp_path))
     good = pd.DataFrame({"id": range(10)})
     manager.handle_output(_output("asset"), good)
+    before = sorted(os.listdir(tmp_path / "asset"))
 
     @udf("long")
     def explode_on_seven(value):
@@ -118,21 +116,22 @@ def test_a_failed_write_keeps_the_last_good_version(tmp_path, spark):
     failing = spark.range(20).repartition(4).select(explode_on_seven(F.col("id")).alias("id"))
     with pytest.raises(Exception, match="injected failure mid-write"):
         manager.handle_output(_output("asset"), failing)
-    pd.testing.assert_frame_equal(manager.load_input(_input("asset", pd.DataFrame)), good)
-    assert os.listdir(tmp_path / "_staging") == []
+    pd.testing.assert_frame_equal(manager.load_stored(AssetKey("asset")), good)
+    assert sorted(os.listdir(tmp_path / "asset")) == before
 
 
 def test_io_manager_refuses_unknown_types_without_touching_data(tmp_path):
-    manager = ParquetIOManager(base_uri=str(tmp_path))
+    manager = DeltaIOManager(base_uri=str(tmp_path))
     manager.handle_output(_output("asset"), pd.DataFrame({"x": [1]}))
     with pytest.raises(TypeError, match="cannot store a dict"):
         manager.handle_output(_output("asset"), {"not": "a table"})
-    assert len(manager.load_input(_input("asset", pd.DataFrame))) == 1
+    assert len(manager.load_stored(AssetKey("asset"))) == 1
 
 
 def test_loading_an_asset_that_was_never_materialized_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="materialize it first"):
-        ParquetIOManager(base_uri=str(tmp_path)).load_input(_input("missing", pd.DataFrame))
+        context = build_input_context(asset_key=AssetKey("missing"), dagster_type=PythonObjectDagsterType(pd.DataFrame))
+        DeltaIOManager(base_uri=str(tmp_path)).load_input(context)
 
 
 def test_catalog_lists_images_with_their_folder_as_label(tmp_path):

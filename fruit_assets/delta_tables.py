@@ -1,0 +1,279 @@
+"""Delta tables on local folders and S3: how every asset is stored.
+
+A Delta table is a folder of Parquet data files plus a transaction log (`_delta_log/`, one JSON file
+per version). A file that the log does not list is not part of the table, so writing is two steps:
+the data files are written first (by Spark tasks in parallel, or by this process), and one commit
+then adds them, and removes the files they replace, atomically. A failed or killed writer commits
+nothing: readers keep seeing the last version, and the files it left are removed by `vacuum` once
+they are older than the retention period. Every commit is a version that can be read again
+(`DeltaTable(uri, version=N)`, polars `read_delta(uri, version=N)`) until vacuum removes its files.
+
+Commits are never retried on top of a newer version: each is made against the version its writer
+read (`Snapshot`), with delta-rs' retries off. On S3 the log entry is written with a conditional put
+(`If-None-Match`), so when two writers commit at once exactly one wins; the other gets a
+`TableConflictError` and nothing of it becomes visible. Never a mix, never a lost commit.
+
+delta-rs (the `deltalake` package, no JVM) writes the log. It has its own S3 client: it gets the
+endpoint and region here, and finds the credentials in the environment itself, as pyarrow and boto3
+do; none is passed through this code or written to the log.
+
+No Dagster, no Spark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fruit_assets.storage import Location, s3_endpoint, s3_region
+
+LOG_DIR = "_delta_log"
+COMMIT_KEY = "fruit_assets"  # our entry in a commit's commitInfo: what else the version consists of
+DEFAULT_RETENTION_HOURS = 168  # 7 days, Delta's own default for removed files
+
+
+class TableConflictError(RuntimeError):
+    """Another writer committed to the table since this writer read it; nothing was committed."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A Parquet data file written into a table's folder, not yet (or already) committed."""
+
+    path: str  # relative to the table folder
+    size: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One version of a table: what a writer read and commits against, and what a reader reads."""
+
+    location: Location
+    version: int
+    files: tuple[DataFile, ...]
+    schema: pa.Schema
+    table_id: str
+    commit: dict = field(default_factory=dict)  # our COMMIT_KEY entry of this version's commit
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def file_location(self, relative: str) -> Location:
+        return Location(
+            uri=posixpath.join(self.location.uri, relative),
+            filesystem=self.location.filesystem,
+            path=posixpath.join(self.location.path, relative),
+        )
+
+
+def table_uri(location: Location) -> str:
+    return location.path if location.is_local else f"s3://{location.path}"
+
+
+def storage_options(location: Location) -> dict[str, str]:
+    """delta-rs settings for the location: endpoint and region (no credentials: delta-rs reads them
+    from the environment, like pyarrow and boto3)."""
+    if location.is_local:
+        return {}
+    options = {"AWS_REGION": s3_region(), "conditional_put": "etag"}
+    endpoint = s3_endpoint()
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        options["AWS_ALLOW_HTTP"] = "true" if urlparse(endpoint).scheme == "http" else "false"
+    return options
+
+
+def _delta_table(location: Location, version: int | None = None):
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri(location), version=version, storage_options=storage_options(location))
+
+
+def is_table(location: Location) -> bool:
+    info = location.filesystem.get_file_info(posixpath.join(location.path, LOG_DIR))
+    return info.type == pafs.FileType.Directory or (not location.is_local and bool(_log_entries(location, limit=1)))
+
+
+def _log_entries(location: Location, limit: int | None = None) -> list[str]:
+    selector = pafs.FileSelector(posixpath.join(location.path, LOG_DIR), allow_not_found=True)
+    entries = [info.path for info in location.filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
+    return entries[:limit] if limit else entries
+
+
+def snapshot(location: Location, version: int | None = None) -> Snapshot | None:
+    """The table at `version` (default: the latest), or None if there is no table there yet."""
+    if not is_table(location):
+        return None
+    table = _delta_table(location, version)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    files = tuple(
+        DataFile(path, int(size), int(rows) if rows is not None else -1)
+        for path, size, rows in zip(
+            actions.column("path").to_pylist(),
+            actions.column("size_bytes").to_pylist(),
+            actions.column("num_records").to_pylist(),
+        )
+    )
+    return Snapshot(
+        location=location,
+        version=table.version(),
+        files=tuple(sorted(files, key=lambda f: f.path)),
+        schema=pa.schema(table.schema().to_arrow()),
+        table_id=table.metadata().id,
+        commit=commit_info(location, table.version()),
+    )
+
+
+def commit_info(location: Location, version: int) -> dict:
+    """Our entry in the commit of `version` ({} if the commit holds none, or its log file was cleaned).
+
+    Read from the commit's own log file (`_delta_log/<version>.json`, one JSON action per line)."""
+    path = posixpath.join(location.path, LOG_DIR, f"{version:020d}.json")
+    try:
+        with location.filesystem.open_input_stream(path) as stream:
+            lines = stream.read().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in lines:
+        action = json.loads(line) if line.strip() else {}
+        if "commitInfo" in action and COMMIT_KEY in action["commitInfo"]:
+            return json.loads(action["commitInfo"][COMMIT_KEY])
+    return {}
+
+
+def same_schema(a: pa.Schema, b: pa.Schema) -> bool:
+    """Whether two Arrow schemas are the same Delta schema (names of list items and nullability of
+    top-level fields aside, which Arrow writers spell differently)."""
+    from deltalake import Schema as DeltaSchema
+
+    def canonical(schema: pa.Schema) -> str:
+        return DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in schema])).to_json()
+
+    return canonical(a) == canonical(b)
+
+
+def new_file_name(prefix: str = "part") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}.parquet"
+
+
+def write_arrow_file(location: Location, table: pa.Table, name: str | None = None) -> DataFile:
+    """Write one Parquet data file into the table folder (not committed)."""
+    name = name or new_file_name()
+    if location.is_local:  # S3 has no folders to create
+        location.filesystem.create_dir(location.path, recursive=True)
+    path = posixpath.join(location.path, name)
+    # Spark's timestamps are microseconds, and so are Delta's.
+    pq.write_table(table, path, filesystem=location.filesystem, coerce_timestamps="us", allow_truncated_timestamps=True)
+    return DataFile(name, location.filesystem.get_file_info(path).size, table.num_rows)
+
+
+def _add_action(file: DataFile):
+    from deltalake.transaction import AddAction
+
+    stats = json.dumps({"numRecords": file.rows})
+    return AddAction(file.path, file.size, {}, int(time.time() * 1000), True, stats)
+
+
+def _commit_properties(metadata: dict | None):
+    from deltalake import CommitProperties
+
+    custom = {COMMIT_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
+    # No retries: a commit is only valid on top of the version its writer read.
+    return CommitProperties(custom_metadata=custom, max_commit_retries=0)
+
+
+def commit(
+    location: Location,
+    added: list[DataFile],
+    schema: pa.Schema,
+    base: Snapshot | None,
+    removed: list[str] | None = None,
+    replace: bool = False,
+    metadata: dict | None = None,
+) -> int:
+    """Commit `added` (and remove `removed`, or with `replace` everything `base` holds) in one
+    transaction on top of `base`, the version the writer read (None: create the table). Returns the
+    new version. Raises TableConflictError if another writer committed since `base`."""
+    from deltalake import Schema as DeltaSchema
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import RemoveAction, create_table_with_add_actions
+
+    adds = [_add_action(f) for f in added]
+    properties = _commit_properties(metadata)
+    try:
+        if base is None:
+            create_table_with_add_actions(
+                table_uri(location), DeltaSchema.from_arrow(schema), adds, mode="error",
+                storage_options=storage_options(location), commit_properties=properties,
+            )
+            return 0
+        table = _delta_table(location, base.version)
+        if replace:
+            # "overwrite" removes every file of `base` itself, and takes the new schema.
+            table.create_write_transaction(adds, mode="overwrite", schema=schema, commit_properties=properties)
+        else:
+            now = int(time.time() * 1000)
+            removes = [RemoveAction(path, True, now) for path in removed or []]
+            table.create_write_transaction(adds + removes, mode="append", schema=schema, commit_properties=properties)
+        return base.version + 1
+    except CommitFailedError as error:
+        raise _conflict(location, base, error) from error
+    except Exception as error:
+        if base is None and is_table(location):  # created by another writer meanwhile
+            raise _conflict(location, base, error) from error
+        raise
+
+
+def _conflict(location: Location, base: Snapshot | None, error: Exception) -> TableConflictError:
+    read = "found no table" if base is None else f"read version {base.version}"
+    return TableConflictError(
+        f"{location.uri}: another run committed to this Delta table after this run {read}, so this "
+        f"run committed nothing (the table holds the other run's version). Run again to build on it. "
+        f"({type(error).__name__}: {error})"
+    )
+
+
+def discard(location: Location, files: list[DataFile]) -> None:
+    """Delete data files that will not be committed (best effort: vacuum removes what is left)."""
+    for file in files:
+        try:
+            location.filesystem.delete_file(posixpath.join(location.path, file.path))
+        except OSError:
+            pass
+
+
+def discard_prefix(location: Location, prefix: str) -> None:
+    """Delete the data files whose names start with `prefix` (a failed write's files; best effort)."""
+    try:
+        infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
+        for info in infos:
+            if info.type == pafs.FileType.File and info.base_name.startswith(prefix):
+                location.filesystem.delete_file(info.path)
+    except OSError:
+        pass
+
+
+def read_arrow(location: Location, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a version of the table (default: the latest)."""
+    table = _delta_table(location, version).to_pyarrow_table(columns=columns)
+    return table
+
+
+def vacuum(location: Location, retention_hours: int) -> list[str]:
+    """Delete data files removed from the table more than `retention_hours` ago, and files no commit
+    ever added (left by failed writers) once they are that old. Versions younger than the retention
+    stay readable. Returns the deleted paths."""
+    table = _delta_table(location)
+    # full: also files that no commit references (a killed writer's), not only removed ones.
+    return table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)

@@ -1,0 +1,168 @@
+"""Spark reads and writes the Delta tables (`delta_tables`) through pyarrow, locally and on S3.
+
+The pip pyspark has no S3A connector and none can be downloaded here, so Spark cannot open `s3://`
+itself, and has no Delta reader either. pyarrow fills both gaps:
+- Writing: each Spark task streams its Arrow batches into Parquet files of its own, straight into the
+  table's folder (nothing is collected to the driver but the files' names, sizes and row counts).
+  The driver then commits them in one Delta transaction (`delta_tables.commit`).
+- Reading: a Spark 4 Python data source whose partitions are the data files of one version of the
+  table, as listed in its Delta log, never a folder listing (which would also see removed files and
+  files of uncommitted writes).
+
+    register(spark)
+    spark.read.format(FORMAT).option("path", table_uri).option("version", 3).load()
+    files = write_files(df, table_location)   # then delta_tables.commit(...)
+
+No Dagster here.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import weakref
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
+from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+from pyspark.sql.types import StringType, StructField, StructType
+
+from fruit_assets import delta_tables
+from fruit_assets.delta_tables import DataFile, Snapshot
+from fruit_assets.storage import Location, resolve
+
+FORMAT = "fruit_delta"
+ROWS_PER_FILE = 4096  # ~21 MB of 1280-float vectors: a rewrite of one file stays cheap
+_registered: "weakref.WeakSet[SparkSession]" = weakref.WeakSet()
+
+
+def register(spark: SparkSession) -> None:
+    """Register the data source with this session, once (registering again only logs a warning)."""
+    if spark not in _registered:
+        spark.dataSource.register(DeltaDataSource)
+        _registered.add(spark)
+
+
+def nullable(schema: pa.Schema) -> pa.Schema:
+    # Parquet written from Spark marks fields non-null; Spark insists that batches returned by a Python
+    # data source match the declared schema exactly (DATA_SOURCE_RETURN_SCHEMA_MISMATCH), and declared
+    # schemas are nullable. Declare and return everything nullable.
+    return pa.schema([f.with_nullable(True) for f in schema], metadata=None)
+
+
+def arrow_schema(frame: DataFrame) -> pa.Schema:
+    """The Arrow schema of a Spark DataFrame's rows, as stored in a table."""
+    return nullable(to_arrow_schema(frame.schema, timezone="UTC"))
+
+
+def read_table(spark: SparkSession, snapshot: Snapshot, files: list[str] | None = None, file_column: str | None = None) -> DataFrame:
+    """A version of a table as a Spark DataFrame: all its files, or only `files` of them. With
+    `file_column`, each row also says which data file holds it."""
+    register(spark)
+    reader = spark.read.format(FORMAT).option("path", snapshot.location.uri).option("version", str(snapshot.version))
+    if files is not None:
+        reader = reader.option("files", json.dumps(sorted(files)))
+    if file_column:
+        reader = reader.option("file_column", file_column)
+    return reader.load()
+
+
+class DeltaDataSource(DataSource):
+    @classmethod
+    def name(cls) -> str:
+        return FORMAT
+
+    def _snapshot(self) -> Snapshot:
+        location = resolve(self.options["path"], setting=f"{FORMAT} path")
+        found = delta_tables.snapshot(location, int(self.options["version"]) if "version" in self.options else None)
+        if found is None:
+            raise FileNotFoundError(f"no Delta table at {location.uri}")
+        return found
+
+    def schema(self) -> StructType:
+        schema = from_arrow_schema(nullable(self._snapshot().schema))
+        if "file_column" in self.options:
+            schema = schema.add(StructField(self.options["file_column"], StringType(), True))
+        return schema
+
+    def reader(self, schema: StructType) -> DataSourceReader:
+        snapshot = self._snapshot()
+        files = json.loads(self.options["files"]) if "files" in self.options else [f.path for f in snapshot.files]
+        known = {f.path for f in snapshot.files}
+        unknown = sorted(set(files) - known)
+        if unknown:
+            raise FileNotFoundError(f"{snapshot.location.uri} version {snapshot.version} has no data file {unknown[0]}")
+        return _Reader(snapshot.location.uri, files, schema, self.options.get("file_column"))
+
+
+class _Reader(DataSourceReader):
+    def __init__(self, uri: str, files: list[str], schema: StructType, file_column: str | None):
+        self.uri, self.files, self.schema, self.file_column = uri, files, schema, file_column
+
+    def partitions(self):
+        return [InputPartition(name) for name in self.files]
+
+    def read(self, partition):
+        location = resolve(self.uri).child(partition.value)
+        target = nullable(to_arrow_schema(self.schema, timezone="UTC"))
+        data_columns = [name for name in target.names if name != self.file_column]
+        data_schema = pa.schema([target.field(name) for name in data_columns])
+        with location.filesystem.open_input_file(location.path) as source:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=1024, columns=data_columns):
+                batch = batch.cast(data_schema)
+                if self.file_column:
+                    names = pa.array([partition.value] * batch.num_rows, type=pa.string())
+                    batch = pa.RecordBatch.from_arrays([*batch.columns, names], schema=target)
+                yield batch
+
+
+_WRITTEN_SCHEMA = "path string, size long, rows long"
+
+
+def _file_writer(uri: str, schema: pa.Schema, rows_per_file: int, prefix: str):
+    """The per-partition step of `write_files` (runs in Spark's Python workers)."""
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        location = resolve(uri)
+        written: list[DataFile] = []
+        for chunk in _chunks(batches, rows_per_file):
+            table = pa.Table.from_batches(chunk).cast(schema)
+            written.append(delta_tables.write_arrow_file(location, table, delta_tables.new_file_name(prefix)))
+        if written:
+            yield pa.RecordBatch.from_pydict(
+                {"path": [f.path for f in written], "size": [f.size for f in written], "rows": [f.rows for f in written]}
+            )
+
+    return write
+
+
+def _chunks(batches: Iterator[pa.RecordBatch], rows_per_file: int) -> Iterator[list[pa.RecordBatch]]:
+    """The batches regrouped into lists of at most `rows_per_file` rows (empty batches dropped)."""
+    chunk, rows = [], 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows_per_file - rows, batch.num_rows)
+            chunk.append(batch.slice(0, take))
+            rows, batch = rows + take, batch.slice(take)
+            if rows == rows_per_file:
+                yield chunk
+                chunk, rows = [], 0
+    if chunk:
+        yield chunk
+
+
+def write_files(frame: DataFrame, location: Location, rows_per_file: int = ROWS_PER_FILE) -> tuple[list[DataFile], pa.Schema]:
+    """Write the rows of `frame` as Parquet data files into the table folder, in parallel (each task
+    its own files, at most `rows_per_file` rows each). Returns the files and their schema, for the
+    commit. Nothing is committed here."""
+    schema = arrow_schema(frame)
+    prefix = f"part-{uuid.uuid4().hex[:12]}"  # this write's files, to clean up if it fails
+    try:
+        rows = frame.mapInArrow(_file_writer(location.uri, schema, rows_per_file, prefix), _WRITTEN_SCHEMA).collect()
+    except BaseException:
+        delta_tables.discard_prefix(location, prefix)
+        raise
+    return [DataFile(row.path, row.size, row.rows) for row in rows], schema

@@ -1,0 +1,250 @@
+"""Every asset is a Delta table: atomic versions on local folders and on a real S3 (SeaweedFS).
+
+What a user relies on, each shown against real parts:
+- a reader never sees a mix of two versions, nor a partial one;
+- a writer killed while committing leaves the previous version readable;
+- two writers at once: one whole version after the other, or a clear conflict for the loser;
+- every materialization records its version, and that version reads back that run's rows;
+- pca_model at version N loads the Spark ML model committed at N;
+- folders written by the release before Delta are converted in place;
+- vacuum deletes old versions' files only after the retention period.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from dagster import AssetKey, build_output_context
+from deltalake import DeltaTable
+
+from fruit_assets import delta_tables
+from fruit_assets.demo_data import generate_demo_set
+from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.storage import resolve
+from fruit_assets_tests.conftest import (
+    TEST_BUCKET,
+    delta_options,
+    local_resources,
+    materialize_all,
+    metadata_of,
+    private_copy,
+    read_asset,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "assets")
+    request.getfixturevalue("s3")
+    return f"s3://{TEST_BUCKET}/delta-{uuid.uuid4().hex[:8]}"
+
+
+def _output(name: str):
+    return build_output_context(asset_key=AssetKey(name), run_id=uuid.uuid4().hex)
+
+
+def _rows(generation: int, n: int = 2000) -> pd.DataFrame:
+    return pd.DataFrame({"path": [f"img/{i:05d}.jpg" for i in range(n)], "generation": generation})
+
+
+def test_readers_see_one_whole_version_while_versions_are_committed(spark, storage_uri):
+    """A reader in a loop, while a Spark writer commits 4 new versions of 2,000 rows in 8 files."""
+    manager = DeltaIOManager(base_uri=storage_uri)
+    manager.handle_output(_output("table"), _rows(0))
+    uri = f"{storage_uri}/table"
+    seen, stop = [], threading.Event()
+
+    def read_in_a_loop():
+        while not stop.is_set():
+            frame = DeltaTable(uri, storage_options=delta_options(uri)).to_pandas()
+            seen.append((len(frame), frame.path.nunique(), frozenset(frame.generation)))
+
+    reader = threading.Thread(target=read_in_a_loop)
+    reader.start()
+    try:
+        for generation in range(1, 5):
+            manager.handle_output(_output("table"), spark.createDataFrame(_rows(generation)).repartition(8))
+    finally:
+        stop.set()
+        reader.join()
+    assert len(seen) >= 4
+    assert {(rows, distinct) for rows, distinct, _ in seen} == {(2000, 2000)}
+    assert all(len(generations) == 1 for *_, generations in seen)
+    assert len({generations for *_, generations in seen}) >= 2  # the reader really read across commits
+
+
+def test_two_writers_at_once_give_one_whole_version_or_a_clear_conflict(storage_uri):
+    location = resolve(storage_uri).child("table")
+    schema = pa.schema([("path", pa.string()), ("writer", pa.int64())])
+    first = delta_tables.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [0, 0]}, schema=schema))
+    delta_tables.commit(location, [first], schema, None)
+    for round_ in range(4):
+        base = delta_tables.snapshot(location)
+        outcomes, barrier = {}, threading.Barrier(2)
+
+        def write(writer: int):
+            file = delta_tables.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [writer] * 2}, schema=schema))
+            barrier.wait()
+            try:
+                outcomes[writer] = delta_tables.commit(location, [file], schema, base, replace=True)
+            except delta_tables.TableConflictError as error:
+                outcomes[writer] = error
+                delta_tables.discard(location, [file])
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in (1, 2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        winners = [w for w, outcome in outcomes.items() if isinstance(outcome, int)]
+        [loser] = [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)]
+        assert len(winners) == 1 and outcomes[winners[0]] == base.version + 1
+        assert "another run committed to this Delta table" in str(loser)
+        stored = read_asset(storage_uri, "table")
+        assert sorted(stored.path) == ["a", "b"] and set(stored.writer) == set(winners)
+
+
+def test_each_materialization_records_its_version_which_reads_back_its_rows(spark, demo_run, demo_images, tmp_path):
+    storage = private_copy(demo_run[1], tmp_path)
+    first = metadata_of(demo_run[0], "image_features")
+    again = materialize_all(local_resources(demo_images, storage, weights="random:1"), selection=["image_features"])
+    second = metadata_of(again, "image_features")
+    assert second["delta_version"] > first["delta_version"]
+    for metadata in (first, second):
+        rows = read_asset(storage, "image_features", version=metadata["delta_version"])
+        assert len(rows) == metadata["rows"] == 72
+        assert set(rows.weights_fingerprint) == {metadata["weights_fingerprint"]}
+    assert first["weights_fingerprint"] != second["weights_fingerprint"]
+
+
+def test_pca_model_at_version_n_loads_the_model_committed_at_n(spark, demo_run, demo_images, tmp_path):
+    from pyspark.ml.feature import PCAModel
+
+    storage = private_copy(demo_run[1], tmp_path)
+    versions = {}
+    for k in (5, 7):
+        result = materialize_all(local_resources(demo_images, storage), selection=["pca_model"], run_config={"ops": {"pca_model": {"config": {"k": k}}}})
+        versions[k] = metadata_of(result, "pca_model")["delta_version"]
+    manager = DeltaIOManager(base_uri=str(storage))
+    for k, version in versions.items():
+        assert manager.load_stored(AssetKey("pca_model"), PCAModel, version=version).getK() == k
+        components = manager.stored_spark_components(AssetKey("pca_model"), version=version)
+        table = read_asset(storage, "pca_model", version=version).sort_values("component")
+        np.testing.assert_array_equal(components, np.stack(table.loadings))
+
+
+def _materialize_cli(env: dict, select: str, config: dict | None = None) -> subprocess.Popen:
+    command = [DAGSTER, "asset", "materialize", "-m", "fruit_assets.definitions", "--select", select]
+    if config:
+        command += ["--config-json", json.dumps(config)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _cli_env(images, storage_uri, tmp_path, weights="random:0") -> dict:
+    home = tmp_path / f"home-{uuid.uuid4().hex[:6]}"
+    home.mkdir()
+    return os.environ | {
+        "FRUIT_IMAGES_URI": str(images), "FRUIT_STORAGE_URI": storage_uri, "FRUIT_MODEL_WEIGHTS": weights,
+        "DAGSTER_HOME": str(home), "FRUIT_SPARK_MASTER": "local[2,4]",
+    }
+
+
+def _data_files(storage_uri: str, name: str) -> set[str]:
+    location = resolve(storage_uri).child(name)
+    infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
+    return {info.base_name for info in infos if info.base_name.endswith(".parquet")}
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_images")
+    generate_demo_set(root, labels=6, images_per_label=4)
+    return root
+
+
+def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, small_images, storage_uri, tmp_path):
+    assert materialize_all(local_resources(small_images, storage_uri), selection=["raw_images", "image_features"]).success
+    before = read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True)
+    version = DeltaTable(f"{storage_uri}/image_features", storage_options=delta_options(storage_uri)).version()
+    known = _data_files(storage_uri, "image_features")
+
+    # Other weights: every image is featurized again and the whole table rewritten. Kill the run
+    # (its whole process group: Dagster, the JVM, the Python workers) the moment its first new data
+    # file appears, that is, between writing the files and committing them.
+    process = _materialize_cli(_cli_env(small_images, storage_uri, tmp_path, "random:5"), "image_features")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None and not (_data_files(storage_uri, "image_features") - known):
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it wrote a data file"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    table = DeltaTable(f"{storage_uri}/image_features", storage_options=delta_options(storage_uri))
+    assert table.version() == version
+    pd.testing.assert_frame_equal(read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True), before)
+    assert _data_files(storage_uri, "image_features") - known  # the killed run's files are there, uncommitted
+
+    # Vacuum removes the uncommitted files once they are older than the retention; the version stays.
+    delta_tables.vacuum(resolve(storage_uri).child("image_features"), retention_hours=0)
+    assert _data_files(storage_uri, "image_features") == known
+    pd.testing.assert_frame_equal(read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True), before)
+
+
+def test_two_graph_runs_at_once_leave_every_table_whole(small_images, storage_uri, tmp_path):
+    config = {"ops": {"pca_model": {"config": {"k": 5}}}}
+    processes = [_materialize_cli(_cli_env(small_images, storage_uri, tmp_path), "*", config) for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in processes]
+    codes = [p.returncode for p in processes]
+    assert 0 in codes, outputs[0][-3000:]
+    for code, output in zip(codes, outputs):
+        if code != 0:
+            assert "another run committed to this Delta table" in output, output[-3000:]
+    for name, rows in (("raw_images", 24), ("image_features", 24), ("reduced_features", 24), ("pca_model", 5)):
+        frame = read_asset(storage_uri, name)
+        assert len(frame) == rows, name
+        if name != "pca_model":
+            assert frame.path.is_unique, name
+
+
+def test_a_folder_from_the_release_before_delta_is_converted_in_place(spark, demo_run, demo_images, tmp_path):
+    storage = tmp_path / "storage"
+    legacy = storage / "image_features"
+    legacy.mkdir(parents=True)
+    features = read_asset(demo_run[1], "image_features")
+    for part, rows in enumerate(np.array_split(np.arange(len(features)), 2)):
+        pq.write_table(pa.Table.from_pandas(features.iloc[rows], preserve_index=False), legacy / f"part-{part:05d}-legacy.parquet")
+    (legacy / "_spark_model").mkdir()  # what pca_model folders held: never mistaken for data
+    result = materialize_all(local_resources(demo_images, storage), selection=["raw_images", "image_features"])
+    metadata = metadata_of(result, "image_features")
+    assert (metadata["reused"], metadata["featurized"]) == (72, 0)  # the converted vectors were reused
+    converted = DeltaTable(str(legacy), version=0).to_pandas()
+    assert len(converted) == 72 and sorted(converted.path) == sorted(features.path)
+    assert {p.name for p in legacy.glob("part-*-legacy.parquet")} == {"part-00000-legacy.parquet", "part-00001-legacy.parquet"}
+
+
+def test_vacuum_keeps_versions_inside_the_retention_and_deletes_them_after(tmp_path):
+    kept = DeltaIOManager(base_uri=str(tmp_path / "kept"))
+    expired = DeltaIOManager(base_uri=str(tmp_path / "expired"), retention_hours=0)
+    for manager in (kept, expired):
+        for generation in range(3):
+            manager.handle_output(_output("table"), _rows(generation, 10))
+    assert set(DeltaTable(str(tmp_path / "kept" / "table"), version=0).to_pandas().generation) == {0}
+    assert len(list((tmp_path / "kept" / "table").glob("*.parquet"))) == 3
+    assert len(list((tmp_path / "expired" / "table").glob("*.parquet"))) == 1
+    assert set(read_asset(tmp_path / "expired", "table").generation) == {2}
+    with pytest.raises(Exception):
+        DeltaTable(str(tmp_path / "expired" / "table"), version=0).to_pandas()
