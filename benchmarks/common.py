@@ -285,11 +285,13 @@ def wait_for_quiet(threshold: float, max_wait: float) -> str:
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
+    cpu, flags = "unknown", []
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
+        if line.startswith("model name") and cpu == "unknown":
             cpu = line.split(":", 1)[1].strip()
-            break
+        if line.startswith("flags") and not flags:
+            # The flags that decide which kernels numerical libraries run.
+            flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4", "f16c"))]
     mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
     versions = {"python": platform.python_version()}
     from importlib.metadata import PackageNotFoundError, version
@@ -305,6 +307,7 @@ def machine_info() -> dict:
         java = "unknown"
     return {
         "cpu": cpu,
+        "flags": " ".join(sorted(flags)),
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 2**20, 1),
         "kernel": platform.release(),

@@ -38,6 +38,7 @@ from pyspark.storagelevel import StorageLevel
 
 from fruit_assets import plots
 from fruit_assets.catalog import list_images
+from fruit_assets.delta_tables import Snapshot
 from fruit_assets.ml.pca import PcaResult
 from fruit_assets.ml.featurize import read_bytes
 from fruit_assets.resources import FeatureModel, ImageSource, weights_fingerprint
@@ -69,7 +70,7 @@ def _plot(context: AssetExecutionContext, name: str, png: bytes) -> dict:
 CONTACT_SHEET_LABELS = 24  # the sheet is embedded in every materialization event: keep it small
 
 
-@asset(group_name=GROUP, kinds={"python", "parquet"})
+@asset(group_name=GROUP, kinds={"python", "delta"})
 def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd.DataFrame]:
     """Catalog of the image files under FRUIT_IMAGES_URI (<root>/<Label>/<file>, .jpg/.jpeg/.png)."""
     root = images.location()
@@ -99,11 +100,12 @@ def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd
 
 @asset(
     group_name=GROUP,
-    kinds={"spark", "tensorflow", "parquet"},
+    kinds={"spark", "tensorflow", "delta"},
     check_specs=[
         AssetCheckSpec("one_row_per_image", asset="image_features",
                        description="Every catalogued image has a feature row, or is listed as skipped with its reason."),
-        AssetCheckSpec("vectors_are_1280_finite_floats", asset="image_features"),
+        AssetCheckSpec("vectors_are_1280_finite_floats", asset="image_features",
+                       description="Every vector written by this run is 1280 finite floats (the others were checked when written)."),
     ],
 )
 def image_features(
@@ -116,9 +118,10 @@ def image_features(
     """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark.
 
     Incremental: an image whose file (path, size, modification time) was featurized by the same
-    weights in the stored version keeps its vector; only new and changed images go through the
-    model, and images no longer catalogued are dropped."""
-    from fruit_assets.ml.featurize import FeaturizeSettings, default_partitions, featurize, plan_incremental
+    weights keeps its stored vector and its data file; only new and replaced images go through the
+    model, and only the data files that hold a deleted or replaced image are rewritten."""
+    from fruit_assets.incremental import featurize_incremental
+    from fruit_assets.ml.featurize import FeaturizeSettings, featurize
     from fruit_assets.ml.model import feature_extractor_weights
 
     source = feature_model.weights_source()
@@ -129,93 +132,69 @@ def image_features(
     fingerprint = weights_fingerprint(weights)
     if not described["weights_meaningful"]:
         context.log.warning(f"featurizing with {described['weights_source']}: {described.get('weights_note', '')}")
+    settings = FeaturizeSettings(batch_size=feature_model.batch_size, tf_intra_op_threads=feature_model.tf_intra_op_threads)
 
-    catalog = raw_images.select("path", "label", "size_bytes", "modified_at")
-    previous = context.resources.io_manager.load_stored(context.asset_key, SparkDataFrame)
-    plan = plan_incremental(catalog, previous, fingerprint)
-    to_featurize = plan.todo.count()
-    partitions = feature_model.partitions or default_partitions(pyspark.spark_session, to_featurize)
-    settings = FeaturizeSettings(
-        batch_size=feature_model.batch_size, tf_intra_op_threads=feature_model.tf_intra_op_threads
-    )
-    results = featurize(plan.todo, weights, fingerprint, settings, partitions).withColumn("reused", F.lit(False))
-    if plan.reused is not None:
-        reused = plan.reused.withColumn("error", F.lit(None).cast("string")).withColumn("reused", F.lit(True))
-        results = results.unionByName(reused)
-    results = results.withColumn("weights_fingerprint", F.lit(fingerprint)).persist(StorageLevel.MEMORY_AND_DISK)
-    def log_progress(done: int, total: int, seconds: float) -> None:
-        context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
+    def featurize_rows(rows, partitions):
+        return featurize(rows, weights, fingerprint, settings, feature_model.partitions or partitions)
 
+    def progress(total):
+        def log(done: int, total: int, seconds: float) -> None:
+            context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
+
+        return reporting_progress(pyspark.spark_session, total, log, PROGRESS_EVERY_SECONDS)
+
+    stored = context.resources.io_manager.snapshot(context.asset_key)
+    result = featurize_incremental(pyspark.spark_session, raw_images, stored, featurize_rows, fingerprint, progress)
     try:
-        started = time.perf_counter()
-        finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
-        with reporting_progress(pyspark.spark_session, to_featurize, log_progress, PROGRESS_EVERY_SECONDS):
-            stats = results.agg(
-                F.count("*").alias("rows"),
-                F.count("features").alias("with_features"),
-                F.sum(F.when(~F.col("reused") & F.col("features").isNotNull(), 1).otherwise(0)).alias("featurized"),
-                F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
-            ).first()
-        seconds = time.perf_counter() - started
-        dropped = plan.dropped.count() if plan.dropped is not None else 0
-        skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
-        featurized, rows, catalog_rows = stats["featurized"] or 0, stats["with_features"], stats["rows"]
-        reused_count = rows - featurized
         context.log.info(
-            f"{rows} of {catalog_rows} images have features: "
-            f"{featurized} featurized in {seconds:.1f} s, {reused_count} reused, {dropped} dropped, {len(skipped)} skipped"
+            f"{result.rows} of {result.catalogued} images have features: {result.featurized} featurized in "
+            f"{result.seconds['featurize']:.1f} s, {result.reused} reused, {result.removed} stored row(s) removed, "
+            f"{len(result.skipped)} skipped ({result.plan_reason})"
         )
-
-        rate = len(skipped) / catalog_rows if catalog_rows else 0.0
-        if rate > feature_model.max_skipped_fraction:
-            examples = "; ".join(f"{row.path}: {row.error}" for row in skipped.head(5).itertuples())
+        if result.skipped_fraction > feature_model.max_skipped_fraction:
+            examples = "; ".join(f"{row.path}: {row.error}" for row in result.skipped.head(5).itertuples())
             # Raised before the output is yielded: nothing is written, the last good version stays.
             raise Failure(
-                description=f"{len(skipped)} of {catalog_rows} images ({rate:.1%}) could not be featurized, "
-                f"over max_skipped_fraction={feature_model.max_skipped_fraction} (feature_model resource). "
-                f"First ones: {examples}",
-                metadata={"skipped": len(skipped), "skipped_fraction": rate, "skipped_images": _table(skipped)},
+                description=f"{len(result.skipped)} of {result.catalogued} images ({result.skipped_fraction:.1%}) could "
+                f"not be featurized, over max_skipped_fraction={feature_model.max_skipped_fraction} (feature_model "
+                f"resource). First ones: {examples}",
+                metadata={"skipped": len(result.skipped), "skipped_fraction": result.skipped_fraction,
+                          "skipped_images": _table(result.skipped)},
             )
-
-        # Reused rows come out of a join: up to spark.sql.shuffle.partitions (200) partitions of a few
-        # rows each. Written as they are, every incremental run would store that many tiny files, and
-        # every later read would pay for them. Coalescing reads the cached rows, so it does not narrow
-        # the featurization itself.
-        written_partitions = default_partitions(pyspark.spark_session, catalog_rows)
-        yield Output(
-            results.where(F.col("error").isNull())
-            .select("path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint")
-            .coalesce(written_partitions),
-            metadata={
-                "rows": rows,
-                "featurized": featurized,
-                "reused": reused_count,
-                "dropped": dropped,
-                "skipped": len(skipped),
-                "skipped_images": _table(skipped) if len(skipped) else MetadataValue.text("none"),
-                **described,
-                "weights_fingerprint": fingerprint,
-                "feature_dim": FEATURE_DIM,
-                "partitions": partitions,
-                "batch_size": feature_model.batch_size,
-                "featurize_seconds": round(seconds, 2),
-                "model_setup_seconds": round(model_seconds, 2),
-                "throughput_images_per_s": round(featurized / seconds, 2) if featurized and seconds else 0.0,
-            },
-        )
+        yield Output(result.change, metadata={
+            "rows": result.rows,
+            "featurized": result.featurized,
+            "reused": result.reused,
+            "removed": result.removed,  # stored rows removed: deleted images and the old rows of replaced ones
+            "dropped": result.dropped,  # of those, deleted images
+            "skipped": len(result.skipped),
+            "skipped_images": _table(result.skipped) if len(result.skipped) else MetadataValue.text("none"),
+            "plan": result.plan_reason,
+            **described,
+            "weights_fingerprint": fingerprint,
+            "feature_dim": FEATURE_DIM,
+            "partitions": result.partitions,
+            "batch_size": feature_model.batch_size,
+            "model_setup_seconds": round(model_seconds, 2),
+            "plan_seconds": result.seconds["plan"],
+            "featurize_seconds": result.seconds["featurize"],
+            "throughput_images_per_s": round(result.featurized / result.seconds["featurize"], 2)
+            if result.featurized and result.seconds["featurize"] else 0.0,
+        })
         yield AssetCheckResult(
             check_name="one_row_per_image",
-            passed=bool(rows + len(skipped) == catalog_rows),
-            metadata={"catalogued": catalog_rows, "with_features": rows, "skipped": len(skipped),
-                      "skipped_fraction": round(rate, 4), "max_skipped_fraction": feature_model.max_skipped_fraction},
+            passed=bool(result.rows + len(result.skipped) == result.catalogued),
+            metadata={"catalogued": result.catalogued, "with_features": result.rows, "skipped": len(result.skipped),
+                      "skipped_fraction": round(result.skipped_fraction, 4),
+                      "max_skipped_fraction": feature_model.max_skipped_fraction},
         )
         yield AssetCheckResult(
             check_name="vectors_are_1280_finite_floats",
-            passed=bool(stats["bad_vectors"] == 0),
-            metadata={"bad_vectors": stats["bad_vectors"]},
+            passed=bool(result.bad_vectors == 0),
+            metadata={"bad_vectors": result.bad_vectors, "vectors_checked": result.featurized},
         )
     finally:
-        results.unpersist()
+        result.cached.unpersist()
 
 
 class PcaConfig(Config):
@@ -232,24 +211,38 @@ class PcaConfig(Config):
 
 @asset(
     group_name=GROUP,
-    kinds={"spark", "numpy", "parquet"},
+    kinds={"spark", "numpy", "delta"},
     check_specs=[AssetCheckSpec("explained_variance_reaches_target", asset="pca_model")],
 )
 def pca_model(
     context: AssetExecutionContext,
     config: PcaConfig,
-    image_features: SparkDataFrame,
+    image_features: Snapshot,
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """PCA of the features: Spark sums the covariance's statistics in one pass, numpy decomposes it on
-    the driver. Stored as a components table, the statistics, and a Spark ML PCAModel."""
-    from fruit_assets.ml.pca import decompose, feature_statistics
+    """PCA of the features: Spark sums the covariance's statistics, numpy decomposes it on the driver.
+    Stored as a components table, the statistics, and a Spark ML PCAModel.
+
+    Incremental: the statistics of the previous version are updated by the rows of the data files
+    added to and removed from image_features since, when that can be proven; else a full pass."""
+    from dataclasses import replace
+
+    from fruit_assets.incremental import feature_statistics_since, provenance
+    from fruit_assets.ml.pca import decompose
 
     started = time.perf_counter()
-    statistics = feature_statistics(image_features)
+    try:
+        previous = context.resources.io_manager.load_stored(context.asset_key, PcaResult)
+    except FileNotFoundError:  # stored by an earlier release, without its statistics
+        previous = None
+    update = feature_statistics_since(
+        pyspark.spark_session, image_features,
+        previous.statistics if previous else None, previous.provenance if previous else {},
+    )
+    context.log.info(f"PCA statistics: {update.mode} ({update.reason}), {update.rows_read} feature rows read")
     statistics_seconds = time.perf_counter() - started
-    result = decompose(statistics, config.k, config.variance_target, config.max_k)
+    result = replace(decompose(update.statistics, config.k, config.variance_target, config.max_k), provenance=provenance(image_features))
     cumulative = result.cumulative
     table = pd.DataFrame(
         {
@@ -272,6 +265,10 @@ def pca_model(
             "explained_variance": _table(table),
             "rows": result.rows,
             "decomposition": "numpy.linalg.eigh of the covariance summed by Spark",
+            "statistics_mode": update.mode,
+            "statistics_reason": update.reason,
+            "feature_rows_read": update.rows_read,
+            "features_version": image_features.version,
             "statistics_seconds": round(statistics_seconds, 2),
             "decomposition_seconds": round(time.perf_counter() - started - statistics_seconds, 2),
         },
@@ -316,28 +313,31 @@ def pca_model_is_an_exact_decomposition(context: AssetCheckExecutionContext) -> 
 
 @asset(
     group_name=GROUP,
-    kinds={"spark", "parquet"},
+    kinds={"spark", "delta"},
     check_specs=[AssetCheckSpec("k_columns_and_same_rows", asset="reduced_features")],
 )
 def reduced_features(
     context: AssetExecutionContext,
-    image_features: SparkDataFrame,
+    image_features: Snapshot,
     pca_model: PcaResult,
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """The image features projected onto the PCA components: path, label, pca_features (k float32)."""
+    """The image features projected onto the PCA components: path, label, pca_features (k float32).
+    One pass: read the features, project them in the Python workers, write; no shuffle."""
     from fruit_assets.ml.pca import project
+    from fruit_assets.spark_delta import read_table
 
     k = pca_model.k
-    reduced = project(image_features, pca_model.components).persist(StorageLevel.MEMORY_AND_DISK)
+    features = read_table(pyspark.spark_session, image_features, columns=["path", "label", "features"])
+    reduced = project(features, pca_model.components).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         stats = reduced.agg(
             F.count("*").alias("rows"),
             F.min(F.size("pca_features")).alias("min_k"),
             F.max(F.size("pca_features")).alias("max_k"),
         ).first()
-        source_rows = image_features.count()
+        source_rows = image_features.rows
         sample = reduced.select("label", F.slice("pca_features", 1, 2).alias("xy")).limit(SCATTER_POINTS).toPandas()
         scatter = plots.pca_scatter_plot(np.stack(sample.xy) if len(sample) else np.zeros((0, 2)), list(sample.label))
         yield Output(

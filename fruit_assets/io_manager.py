@@ -9,14 +9,14 @@ until the retention period (`retention_hours`, default 7 days) has passed since 
 What it stores, by the type of the asset's value:
 - pandas DataFrame: written by this process, replacing the table's rows.
 - Spark DataFrame: written by the Spark tasks in parallel (`spark_delta`), replacing the rows.
-- `TableChange`: rows to add and data files to remove, on top of the version they were planned on
-  (incremental featurization).
+- `TableChange`: rows to add and data files to remove (or everything to replace), on top of the version
+  the change was planned on (incremental featurization).
 - `ml.pca.PcaResult`: the components table (component, explained variance, cumulative, loadings) as
   the table's rows; the same model as a Spark ML `PCAModel`, and the statistics it was computed from
   (row count, feature sums, Gram matrix), in folders beside them (`_spark_model/<id>/`,
   `_statistics/<id>/`) that the commit names, so every version loads its own model.
 Inputs are loaded as the downstream parameter's annotation asks (Spark DataFrame, PcaResult,
-PCAModel or pandas DataFrame), from the latest version.
+PCAModel, pandas DataFrame, or the `Snapshot` of the latest version: which version, which files).
 
 A folder written by an earlier release (plain Parquet files, no `_delta_log/`) becomes a Delta table
 in place on first use: its files are committed as version 0, nothing is copied or deleted.
@@ -31,7 +31,6 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -51,20 +50,11 @@ from pydantic import Field
 
 from fruit_assets import delta_tables, storage
 from fruit_assets.delta_tables import DataFile, Snapshot
+from fruit_assets.spark_delta import TableChange
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, components_table, to_spark_model
 
 SPARK_MODEL_DIR = "_spark_model"
 STATISTICS_DIR = "_statistics"
-
-
-@dataclass(frozen=True)
-class TableChange:
-    """An incremental write: add `rows` (a Spark DataFrame) and remove the data files `removed`, in
-    one commit on top of `base`, the version the change was planned on."""
-
-    rows: object  # pyspark.sql.DataFrame
-    removed: list[str]
-    base: Snapshot
 
 
 def _spark_types():
@@ -122,10 +112,13 @@ class DeltaIOManager(ConfigurableIOManager):
             return
         location = self.table(context.asset_key)
         base = self.snapshot(context.asset_key)
-        metadata = {"run_id": context.run_id}
-        version = self._write(obj, location, base, metadata)
+        started = time.perf_counter()
+        version = self._write(obj, location, base, {"run_id": context.run_id})
+        written = time.perf_counter() - started
         self._vacuum(location)
         stored = delta_tables.snapshot(location, version)
+        before = {f.path for f in base.files} if base is not None and base.table_id == stored.table_id else set()
+        added = [f for f in stored.files if f.path not in before]
         context.add_output_metadata(
             {
                 "path": MetadataValue.path(location.uri),
@@ -133,6 +126,10 @@ class DeltaIOManager(ConfigurableIOManager):
                 "dagster/row_count": stored.rows,
                 "dagster/column_schema": table_schema(stored.schema),
                 "delta_version": version,
+                "files_added": len(added),
+                "files_removed": len(before - {f.path for f in stored.files}),
+                "bytes_written": sum(f.size for f in added),
+                "write_seconds": round(written, 2),
             }
         )
 
@@ -155,16 +152,19 @@ class DeltaIOManager(ConfigurableIOManager):
     def _write_change(change: TableChange, location, base: Snapshot | None, metadata: dict) -> int:
         from fruit_assets import spark_delta
 
-        if base is None or base.version != change.base.version:
+        planned_on = None if change.base is None else change.base.version
+        if (None if base is None else base.version) != planned_on:
             raise delta_tables.TableConflictError(
-                f"{location.uri}: the change was planned on version {change.base.version}, but the table is "
-                f"at {'nothing' if base is None else base.version} now; nothing was committed. Run again."
+                f"{location.uri}: another run committed to this Delta table after this run planned its change "
+                f"on version {planned_on}; nothing was committed. Run again to build on the new version."
             )
         files, schema = spark_delta.write_files(change.rows, location)
-        if not delta_tables.same_schema(schema, base.schema):
+        if not change.replace and not delta_tables.same_schema(schema, base.schema):
             delta_tables.discard(location, files)
             raise ValueError(f"{location.uri}: the new rows' schema {schema} differs from the table's {base.schema}")
-        return _commit_or_discard(location, files, schema, base, metadata, removed=change.removed)
+        return _commit_or_discard(
+            location, files, schema, base, metadata | change.commit_metadata, replace=change.replace, removed=change.removed
+        )
 
     @staticmethod
     def _write_pca(result: PcaResult, location, base: Snapshot | None, metadata: dict) -> int:
@@ -175,7 +175,8 @@ class DeltaIOManager(ConfigurableIOManager):
         )
         model = to_spark_model(_active_spark(), result.components, result.explained_variance)
         _save_spark_model(model, location.child(SPARK_MODEL_DIR, side))
-        return _commit_arrow(location, base, table, metadata | {"spark_model": f"{SPARK_MODEL_DIR}/{side}", "statistics": f"{STATISTICS_DIR}/{side}"})
+        sides = {"spark_model": f"{SPARK_MODEL_DIR}/{side}", "statistics": f"{STATISTICS_DIR}/{side}"}
+        return _commit_arrow(location, base, table, metadata | {"provenance": result.provenance} | sides)
 
     def _vacuum(self, location: storage.Location) -> None:
         delta_tables.vacuum(location, self.retention_hours)
@@ -195,10 +196,13 @@ class DeltaIOManager(ConfigurableIOManager):
 
     def load_stored(self, asset_key: AssetKey, as_type=pd.DataFrame, version: int | None = None):
         """A version (default: the latest) of an asset as `as_type` (Spark DataFrame, PcaResult,
-        PCAModel or pandas DataFrame), or None if it was never materialized."""
+        PCAModel, pandas DataFrame, or the `Snapshot` itself: which version, which files), or None if
+        it was never materialized."""
         snapshot = self.snapshot(asset_key, version)
         if snapshot is None:
             return None
+        if as_type is Snapshot:
+            return snapshot
         SparkDataFrame, PCAModel = _spark_types()
         if as_type is SparkDataFrame:
             from fruit_assets import spark_delta
@@ -314,6 +318,7 @@ def pca_result_of(snapshot: Snapshot) -> PcaResult:
         eigenvalues=explained * np.trace(stats.covariance()),
         explained_variance=explained,
         statistics=stats,
+        provenance=snapshot.commit.get("provenance", {}),
     )
 
 

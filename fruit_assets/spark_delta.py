@@ -22,6 +22,7 @@ import json
 import uuid
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +38,19 @@ from fruit_assets.storage import Location, resolve
 FORMAT = "fruit_delta"
 ROWS_PER_FILE = 4096  # ~21 MB of 1280-float vectors: a rewrite of one file stays cheap
 _registered: "weakref.WeakSet[SparkSession]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class TableChange:
+    """A write planned on `base`, the version it read: add `rows` and remove the data files `removed`
+    (or, with `replace`, everything `base` holds), in one commit. `commit_metadata` goes into the
+    commit, for later readers of this version."""
+
+    rows: DataFrame
+    base: Snapshot | None
+    removed: list[str] = field(default_factory=list)
+    replace: bool = False
+    commit_metadata: dict = field(default_factory=dict)
 
 
 def register(spark: SparkSession) -> None:
@@ -58,13 +72,22 @@ def arrow_schema(frame: DataFrame) -> pa.Schema:
     return nullable(to_arrow_schema(frame.schema, timezone="UTC"))
 
 
-def read_table(spark: SparkSession, snapshot: Snapshot, files: list[str] | None = None, file_column: str | None = None) -> DataFrame:
-    """A version of a table as a Spark DataFrame: all its files, or only `files` of them. With
-    `file_column`, each row also says which data file holds it."""
+def read_table(
+    spark: SparkSession,
+    snapshot: Snapshot,
+    files: list[str] | None = None,
+    columns: list[str] | None = None,
+    file_column: str | None = None,
+) -> DataFrame:
+    """A version of a table as a Spark DataFrame: all its files, or only `files` of them; all its
+    columns, or only `columns` (only those are read from the files). With `file_column`, each row
+    also says which data file holds it."""
     register(spark)
     reader = spark.read.format(FORMAT).option("path", snapshot.location.uri).option("version", str(snapshot.version))
     if files is not None:
         reader = reader.option("files", json.dumps(sorted(files)))
+    if columns is not None:
+        reader = reader.option("columns", json.dumps(columns))
     if file_column:
         reader = reader.option("file_column", file_column)
     return reader.load()
@@ -83,7 +106,10 @@ class DeltaDataSource(DataSource):
         return found
 
     def schema(self) -> StructType:
-        schema = from_arrow_schema(nullable(self._snapshot().schema))
+        stored = nullable(self._snapshot().schema)
+        if "columns" in self.options:
+            stored = pa.schema([stored.field(name) for name in json.loads(self.options["columns"])])
+        schema = from_arrow_schema(stored)
         if "file_column" in self.options:
             schema = schema.add(StructField(self.options["file_column"], StringType(), True))
         return schema
@@ -106,6 +132,8 @@ class _Reader(DataSourceReader):
         return [InputPartition(name) for name in self.files]
 
     def read(self, partition):
+        if partition.value is None:  # Spark's one partition of a source that listed none
+            return
         location = resolve(self.uri).child(partition.value)
         target = nullable(to_arrow_schema(self.schema, timezone="UTC"))
         data_columns = [name for name in target.names if name != self.file_column]

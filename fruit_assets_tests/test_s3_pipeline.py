@@ -72,52 +72,6 @@ def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, dem
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_featurization_is_incremental(s3, spark, tmp_path):
-    prefix = new_prefix()
-    local = tmp_path / "images"
-    generate_demo_set(local, labels=6, images_per_label=4)
-    assert upload_tree(local, f"{prefix}/images") == 24
-    resources = local_resources(f"{prefix}/images", f"{prefix}/assets")
-    selection = ["raw_images", "image_features"]
-
-    first = metadata_of(materialize_all(resources, selection=selection), "image_features")
-    assert (first["rows"], first["featurized"], first["reused"], first["dropped"]) == (24, 24, 0, 0)
-    before = by_image(read_s3(s3, f"{prefix}/assets/image_features"))
-
-    client, key_prefix = s3.client(), prefix.split("/", 3)[3]
-    labels = sorted({image.split("/")[0] for image in before.index})
-    extra = tmp_path / "extra"
-    generate_demo_set(extra, labels=7, images_per_label=6)  # the same first images, plus more
-    added = [f"{labels[0]}/r0_4.jpg", f"{labels[0]}/r0_5.jpg", f"{labels[1]}/r0_4.jpg"]
-    for image in added:
-        client.upload_file(str(extra / image), TEST_BUCKET, f"{key_prefix}/images/{image}")
-    changed = f"{labels[2]}/r0_0.jpg"  # same key, other content: a different image of another label
-    other = next(p for p in sorted(extra.iterdir()) if p.name not in labels)
-    client.upload_file(str(other / "r0_0.jpg"), TEST_BUCKET, f"{key_prefix}/images/{changed}")
-    deleted = [f"{labels[3]}/r0_1.jpg", f"{labels[4]}/r0_2.jpg"]
-    for image in deleted:
-        client.delete_object(Bucket=TEST_BUCKET, Key=f"{key_prefix}/images/{image}")
-
-    second = metadata_of(materialize_all(resources, selection=selection), "image_features")
-    assert (second["rows"], second["featurized"], second["reused"], second["dropped"]) == (25, 4, 21, 2)
-    after = by_image(read_s3(s3, f"{prefix}/assets/image_features"))
-    assert len(after) == 25 and after.index.is_unique
-    assert set(after.index) == (set(before.index) | set(added)) - set(deleted)
-    untouched = sorted(set(before.index) - set(deleted) - {changed})
-    np.testing.assert_array_equal(np.stack(after.loc[untouched].features), np.stack(before.loc[untouched].features))
-    assert np.abs(after.loc[changed].features - before.loc[changed].features).max() > 1e-3
-
-    third = metadata_of(materialize_all(resources, selection=selection), "image_features")
-    assert (third["rows"], third["featurized"], third["reused"], third["dropped"]) == (25, 0, 25, 0)
-
-    # Other weights: nothing can be reused.
-    other_model = metadata_of(
-        materialize_all(local_resources(f"{prefix}/images", f"{prefix}/assets", weights="random:1"), selection=selection),
-        "image_features",
-    )
-    assert (other_model["featurized"], other_model["reused"]) == (25, 0)
-
-
 def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
     from pyspark.sql import functions as F
     from pyspark.sql.functions import udf

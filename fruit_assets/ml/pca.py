@@ -145,6 +145,9 @@ class PcaResult:
     eigenvalues: np.ndarray  # (k,) variance along each component
     explained_variance: np.ndarray  # (k,) eigenvalue / total variance
     statistics: FeatureStatistics = field(repr=False)
+    # What the statistics were computed from (which version of which table), stored with them so that
+    # the next run can update them instead of summing every row again.
+    provenance: dict = field(default_factory=dict)
 
     @property
     def k(self) -> int:

@@ -1,0 +1,180 @@
+"""Incremental runs cost what changed: image_features rewrites only the data files that hold a deleted
+or replaced image, pca_model updates its statistics by the files added and removed since, and the
+results equal those of a full run on the same images. Against a real S3 (SeaweedFS)."""
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import AssetKey
+
+from fruit_assets import delta_tables, spark_delta
+from fruit_assets.demo_data import generate_demo_set
+from fruit_assets.incremental import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
+from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.local_s3 import upload_tree
+from fruit_assets.ml.pca import FeatureStatistics, PcaResult
+from fruit_assets.storage import resolve
+from fruit_assets_tests.conftest import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
+
+PCA_CONFIG = {"ops": {"pca_model": {"config": {"k": 8}}}}
+
+
+def stored_features(prefix: str) -> pd.DataFrame:
+    return by_image(read_asset(f"{prefix}/assets", "image_features"))
+
+
+def stored_pca(prefix: str) -> PcaResult:
+    return DeltaIOManager(base_uri=f"{prefix}/assets").load_stored(AssetKey("pca_model"), PcaResult)
+
+
+def assert_statistics_equal_a_full_pass(prefix: str) -> FeatureStatistics:
+    """The stored PCA statistics equal those of the stored features, summed again from scratch."""
+    statistics = stored_pca(prefix).statistics
+    full = FeatureStatistics.of(np.stack(stored_features(prefix).features))
+    assert statistics.rows == full.rows
+    covariance, expected = statistics.covariance(), full.covariance()
+    assert np.abs(covariance - expected).max() <= 1e-9 * np.abs(expected).max()
+    return statistics
+
+
+@pytest.fixture
+def bucket_with_images(s3, tmp_path):
+    prefix = f"s3://{TEST_BUCKET}/incremental-{uuid.uuid4().hex[:8]}"
+    local = tmp_path / "images"
+    generate_demo_set(local, labels=6, images_per_label=4)
+    assert upload_tree(local, f"{prefix}/images") == 24
+    return prefix
+
+
+def change_the_images(s3, prefix: str, tmp_path, labels: list[str]):
+    """Add 3 images, replace 1 by another picture under the same key, delete 2."""
+    client, key_prefix = s3.client(), prefix.split("/", 3)[3]
+    extra = tmp_path / "extra"
+    generate_demo_set(extra, labels=7, images_per_label=6)  # the same first images, plus more
+    added = [f"{labels[0]}/r0_4.jpg", f"{labels[0]}/r0_5.jpg", f"{labels[1]}/r0_4.jpg"]
+    for image in added:
+        client.upload_file(str(extra / image), TEST_BUCKET, f"{key_prefix}/images/{image}")
+    changed = f"{labels[2]}/r0_0.jpg"
+    other = next(p for p in sorted(extra.iterdir()) if p.name not in labels)
+    client.upload_file(str(other / "r0_0.jpg"), TEST_BUCKET, f"{key_prefix}/images/{changed}")
+    deleted = [f"{labels[3]}/r0_1.jpg", f"{labels[4]}/r0_2.jpg"]
+    for image in deleted:
+        client.delete_object(Bucket=TEST_BUCKET, Key=f"{key_prefix}/images/{image}")
+    return added, changed, deleted
+
+
+def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, bucket_with_images, tmp_path):
+    prefix = bucket_with_images
+    resources = local_resources(f"{prefix}/images", f"{prefix}/assets")
+
+    first = materialize_all(resources, run_config=PCA_CONFIG)
+    features, pca = metadata_of(first, "image_features"), metadata_of(first, "pca_model")
+    assert (features["rows"], features["featurized"], features["reused"], features["removed"]) == (24, 24, 0, 0)
+    assert pca["statistics_mode"] == "full"
+    assert_statistics_equal_a_full_pass(prefix)
+    before = stored_features(prefix)
+    files_before = {f.path for f in delta_tables.snapshot(resolve(f"{prefix}/assets/image_features")).files}
+
+    added, changed, deleted = change_the_images(s3, prefix, tmp_path, sorted({i.split("/")[0] for i in before.index}))
+    second = materialize_all(resources, run_config=PCA_CONFIG)
+    features, pca = metadata_of(second, "image_features"), metadata_of(second, "pca_model")
+    # The old row of the replaced image and the 2 deleted ones go; 3 new and 1 replaced are featurized.
+    assert (features["rows"], features["featurized"], features["reused"], features["removed"], features["dropped"]) == (25, 4, 21, 3, 2)
+    files_after = {f.path for f in delta_tables.snapshot(resolve(f"{prefix}/assets/image_features")).files}
+    assert features["files_removed"] == len(files_before - files_after) >= 1
+    assert features["files_added"] == len(files_after - files_before)
+    assert pca["statistics_mode"] == "incremental", pca["statistics_reason"]
+    assert pca["feature_rows_read"] < 2 * 25
+    assert_statistics_equal_a_full_pass(prefix)
+
+    after = stored_features(prefix)
+    assert len(after) == 25 and after.index.is_unique
+    assert set(after.index) == (set(before.index) | set(added)) - set(deleted)
+    untouched = sorted(set(before.index) - set(deleted) - {changed})
+    np.testing.assert_array_equal(np.stack(after.loc[untouched].features), np.stack(before.loc[untouched].features))
+    assert np.abs(after.loc[changed].features - before.loc[changed].features).max() > 1e-3
+
+    # A full run on the same images, into fresh storage: the same features exactly, the same PCA.
+    fresh = f"{prefix}/fresh"
+    materialize_all(local_resources(f"{prefix}/images", f"{fresh}/assets"), run_config=PCA_CONFIG)
+    full = stored_features(fresh)
+    assert list(full.index) == list(after.index)
+    np.testing.assert_array_equal(np.stack(full.features), np.stack(after.features))
+    incremental_pca, full_pca = stored_pca(prefix), stored_pca(fresh)
+    np.testing.assert_allclose(incremental_pca.explained_variance, full_pca.explained_variance, atol=1e-6)
+    np.testing.assert_allclose(incremental_pca.components, full_pca.components, atol=1e-4)
+    reduced, reduced_full = by_image(read_asset(f"{prefix}/assets", "reduced_features")), by_image(read_asset(f"{fresh}/assets", "reduced_features"))
+    np.testing.assert_allclose(np.stack(reduced.pca_features), np.stack(reduced_full.pca_features), rtol=1e-4, atol=1e-4)
+
+    # Nothing changed: nothing featurized, no file rewritten, the statistics updated by nothing.
+    third = materialize_all(resources, run_config=PCA_CONFIG)
+    features, pca = metadata_of(third, "image_features"), metadata_of(third, "pca_model")
+    assert (features["featurized"], features["reused"], features["removed"], features["files_removed"], features["bytes_written"]) == (0, 25, 0, 0, 0)
+    assert (pca["statistics_mode"], pca["feature_rows_read"]) == ("incremental", 0)
+
+    # Other weights: every image is featurized again, and the statistics are summed from scratch.
+    other = materialize_all(local_resources(f"{prefix}/images", f"{prefix}/assets", weights="random:1"), run_config=PCA_CONFIG)
+    features, pca = metadata_of(other, "image_features"), metadata_of(other, "pca_model")
+    assert (features["featurized"], features["reused"]) == (25, 0)
+    assert pca["statistics_mode"] == "full"
+    assert_statistics_equal_a_full_pass(prefix)
+
+
+def _table_of_many_files(spark, tmp_path, rows: int = 40, rows_per_file: int = 5):
+    """An image_features table of `rows` rows in files of `rows_per_file`."""
+    location = resolve(str(tmp_path / "image_features"))
+    frame = pd.DataFrame(
+        {
+            "path": [f"/img/L{i % 4}/{i:03d}.jpg" for i in range(rows)],
+            "label": [f"L{i % 4}" for i in range(rows)],
+            "features": [np.full(1280, i, dtype=np.float32) for i in range(rows)],
+            "size_bytes": np.arange(rows, dtype=np.int64) + 100,
+            "modified_at": pd.Timestamp("2026-01-01", tz="UTC"),
+            "weights_fingerprint": "fp",
+        }
+    )[FEATURE_COLUMNS]
+    files, schema = spark_delta.write_files(spark.createDataFrame(frame).coalesce(1), location, rows_per_file=rows_per_file)
+    delta_tables.commit(location, files, schema, None, metadata={"weights_fingerprint": "fp"})
+    return location, frame
+
+
+def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
+    location, frame = _table_of_many_files(spark, tmp_path)
+    stored = delta_tables.snapshot(location)
+    assert len(stored.files) == 8
+    catalog = spark.createDataFrame(frame[["path", "label", "size_bytes", "modified_at"]].drop(index=[7]))  # one image deleted
+    plan = plan_features(spark, catalog, stored, "fp")
+    [removed_file] = plan.removed_files
+    assert (plan.removed, plan.dropped, plan.reused, plan.todo.count()) == (1, 1, 39, 0)
+    kept = plan.kept.toPandas()
+    assert len(kept) == 4 and frame.path[7] not in set(kept.path)  # the 4 other rows of that one file
+
+    # The statistics follow the commit by reading the 2 files it touched, and equal a full pass.
+    before = FeatureStatistics.of(np.stack(frame.features))
+    files, schema = spark_delta.write_files(plan.kept, location)
+    delta_tables.commit(location, files, schema, stored, removed=plan.removed_files, metadata={"weights_fingerprint": "fp"})
+    now = delta_tables.snapshot(location)
+    update = feature_statistics_since(spark, now, before, provenance(stored))
+    assert update.mode == "incremental" and update.rows_read == 5 + 4
+    expected = FeatureStatistics.of(np.stack(frame.features.drop(index=[7])))
+    assert update.statistics.rows == expected.rows == 39
+    np.testing.assert_allclose(update.statistics.covariance(), expected.covariance(), rtol=0, atol=1e-9 * np.abs(expected.covariance()).max())
+
+
+@pytest.mark.parametrize(
+    "break_it, reason",
+    [
+        (lambda p, stored: {}, "no earlier statistics"),
+        (lambda p, stored: p | {"features_table_id": "another"}, "another image_features table"),
+        (lambda p, stored: p | {"weights_fingerprint": "other"}, "other weights"),
+        (lambda p, stored: p | {"features_version": 99}, "can no longer be read"),
+    ],
+)
+def test_statistics_fall_back_to_a_full_pass_when_an_update_cannot_be_proven(spark, tmp_path, break_it, reason):
+    location, frame = _table_of_many_files(spark, tmp_path)
+    stored = delta_tables.snapshot(location)
+    update = feature_statistics_since(spark, stored, FeatureStatistics.of(np.stack(frame.features)), break_it(provenance(stored), stored))
+    assert update.mode == "full" and reason in update.reason
+    assert update.rows_read == 40 and update.statistics.rows == 40
