@@ -9,6 +9,7 @@ features back and, on Databricks, launch another remote step), and reported as a
 """
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,9 +96,125 @@ def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd
     )
 
 
+@dataclass(frozen=True)
+class _PreparedModel:
+    payload: Any  # what the workers get by broadcast (see ml.featurize.prepare_model)
+    fingerprint: str  # of the weights: the workers' model cache key, and what reuse is keyed on
+    metadata: dict  # weights source and runtime, recorded in the materialization
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Counts:
+    rows: int  # with features
+    catalog_rows: int
+    featurized: int
+    dropped: int
+    bad_vectors: int
+    skipped: pd.DataFrame  # path, label, error
+    seconds: float
+
+
+def _prepare_model(context: AssetExecutionContext, feature_model: FeatureModel) -> _PreparedModel:
+    """Resolve the weights on the driver and prepare the model for the configured runtime (for
+    onnxruntime: convert to ONNX once, then read it from the cache)."""
+    from fruit_assets.ml.featurize import prepare_model
+    from fruit_assets.ml.model import feature_extractor_weights
+
+    source = feature_model.weights_source()
+    described = source.describe()
+    if not described["weights_meaningful"]:
+        context.log.warning(f"featurizing with {described['weights_source']}: {described.get('weights_note', '')}")
+    started = time.perf_counter()
+    weights = feature_extractor_weights(source)
+    fingerprint = weights_fingerprint(weights)
+    payload, runtime = prepare_model(weights, fingerprint, feature_model.featurize_settings())
+    seconds = time.perf_counter() - started
+    if runtime.get("onnx_converted_now"):
+        context.log.info(f"converted the model to ONNX in {runtime['onnx_model_seconds']} s, cached at {runtime['onnx_model_file']}")
+    return _PreparedModel(payload, fingerprint, described | runtime, seconds)
+
+
+def _count(context, spark, results: SparkDataFrame, to_featurize: int, dropped: SparkDataFrame | None) -> _Counts:
+    """Runs the featurization (results is persisted) while logging progress; counts what came out."""
+    def log_progress(done: int, total: int, seconds: float) -> None:
+        context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
+
+    started = time.perf_counter()
+    finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
+    with reporting_progress(spark, to_featurize, log_progress, PROGRESS_EVERY_SECONDS):
+        stats = results.agg(
+            F.count("*").alias("rows"),
+            F.count("features").alias("with_features"),
+            F.sum(F.when(~F.col("reused") & F.col("features").isNotNull(), 1).otherwise(0)).alias("featurized"),
+            F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
+        ).first()
+    seconds = time.perf_counter() - started
+    skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
+    counts = _Counts(
+        rows=stats["with_features"], catalog_rows=stats["rows"], featurized=stats["featurized"] or 0,
+        dropped=dropped.count() if dropped is not None else 0, bad_vectors=stats["bad_vectors"] or 0,
+        skipped=skipped, seconds=seconds,
+    )
+    context.log.info(
+        f"{counts.rows} of {counts.catalog_rows} images have features: {counts.featurized} featurized in {seconds:.1f} s, "
+        f"{counts.rows - counts.featurized} reused, {counts.dropped} dropped, {len(skipped)} skipped"
+    )
+    return counts
+
+
+def _fail_if_too_many_skipped(counts: _Counts, max_skipped_fraction: float) -> float:
+    """The skipped fraction; raised before the output is yielded: nothing is written, the last good
+    version stays."""
+    skipped = counts.skipped
+    rate = len(skipped) / counts.catalog_rows if counts.catalog_rows else 0.0
+    if rate > max_skipped_fraction:
+        examples = "; ".join(f"{row.path}: {row.error}" for row in skipped.head(5).itertuples())
+        raise Failure(
+            description=f"{len(skipped)} of {counts.catalog_rows} images ({rate:.1%}) could not be featurized, "
+            f"over max_skipped_fraction={max_skipped_fraction} (feature_model resource). First ones: {examples}",
+            metadata={"skipped": len(skipped), "skipped_fraction": rate, "skipped_images": _table(skipped)},
+        )
+    return rate
+
+
+def _features_metadata(counts: _Counts, model: _PreparedModel, partitions: int, batch_size: int) -> dict:
+    skipped = counts.skipped
+    return {
+        "rows": counts.rows,
+        "featurized": counts.featurized,
+        "reused": counts.rows - counts.featurized,
+        "dropped": counts.dropped,
+        "skipped": len(skipped),
+        "skipped_images": _table(skipped) if len(skipped) else MetadataValue.text("none"),
+        **model.metadata,
+        "weights_fingerprint": model.fingerprint,
+        "feature_dim": FEATURE_DIM,
+        "partitions": partitions,
+        "batch_size": batch_size,
+        "featurize_seconds": round(counts.seconds, 2),
+        "model_setup_seconds": round(model.seconds, 2),
+        "throughput_images_per_s": round(counts.featurized / counts.seconds, 2) if counts.featurized and counts.seconds else 0.0,
+    }
+
+
+def _feature_checks(counts: _Counts, rate: float, max_skipped_fraction: float):
+    yield AssetCheckResult(
+        check_name="one_row_per_image",
+        passed=bool(counts.rows + len(counts.skipped) == counts.catalog_rows),
+        metadata={"catalogued": counts.catalog_rows, "with_features": counts.rows, "skipped": len(counts.skipped),
+                  "skipped_fraction": round(rate, 4), "max_skipped_fraction": max_skipped_fraction},
+    )
+    yield AssetCheckResult(
+        check_name="vectors_are_1280_finite_floats",
+        passed=bool(counts.bad_vectors == 0),
+        metadata={"bad_vectors": counts.bad_vectors},
+    )
+
+
 @asset(
     group_name=GROUP,
-    kinds={"spark", "tensorflow", "parquet"},
+    kinds={"spark", "onnx", "parquet"},
     check_specs=[
         AssetCheckSpec("one_row_per_image", asset="image_features",
                        description="Every catalogued image has a feature row, or is listed as skipped with its reason."),
@@ -111,107 +228,40 @@ def image_features(
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark.
+    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark
+    (runtime: ONNX Runtime by default, or a frozen TensorFlow graph; see the feature_model resource).
 
     Incremental: an image whose file (path, size, modification time) was featurized by the same
     weights in the stored version keeps its vector; only new and changed images go through the
     model, and images no longer catalogued are dropped."""
-    from fruit_assets.ml.featurize import FeaturizeSettings, default_partitions, featurize, plan_incremental
-    from fruit_assets.ml.model import feature_extractor_weights
+    from fruit_assets.ml.featurize import default_partitions, featurize, plan_incremental
 
-    source = feature_model.weights_source()
-    described = source.describe()
-    started = time.perf_counter()
-    weights = feature_extractor_weights(source)
-    model_seconds = time.perf_counter() - started
-    fingerprint = weights_fingerprint(weights)
-    if not described["weights_meaningful"]:
-        context.log.warning(f"featurizing with {described['weights_source']}: {described.get('weights_note', '')}")
-
+    spark = pyspark.spark_session
+    model = _prepare_model(context, feature_model)
     catalog = raw_images.select("path", "label", "size_bytes", "modified_at")
-    previous = context.resources.io_manager.load_stored(context.asset_key, SparkDataFrame)
-    plan = plan_incremental(catalog, previous, fingerprint)
+    plan = plan_incremental(catalog, context.resources.io_manager.load_stored(context.asset_key, SparkDataFrame), model.fingerprint)
     to_featurize = plan.todo.count()
-    partitions = feature_model.partitions or default_partitions(pyspark.spark_session, to_featurize)
-    settings = FeaturizeSettings(
-        batch_size=feature_model.batch_size, tf_intra_op_threads=feature_model.tf_intra_op_threads
-    )
-    results = featurize(plan.todo, weights, fingerprint, settings, partitions).withColumn("reused", F.lit(False))
+    partitions = feature_model.partitions or default_partitions(spark, to_featurize)
+    settings = feature_model.featurize_settings()
+    results = featurize(plan.todo, model.payload, model.fingerprint, settings, partitions).withColumn("reused", F.lit(False))
     if plan.reused is not None:
         reused = plan.reused.withColumn("error", F.lit(None).cast("string")).withColumn("reused", F.lit(True))
         results = results.unionByName(reused)
-    results = results.withColumn("weights_fingerprint", F.lit(fingerprint)).persist(StorageLevel.MEMORY_AND_DISK)
-    def log_progress(done: int, total: int, seconds: float) -> None:
-        context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
-
+    results = results.withColumn("weights_fingerprint", F.lit(model.fingerprint)).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        started = time.perf_counter()
-        finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
-        with reporting_progress(pyspark.spark_session, to_featurize, log_progress, PROGRESS_EVERY_SECONDS):
-            stats = results.agg(
-                F.count("*").alias("rows"),
-                F.count("features").alias("with_features"),
-                F.sum(F.when(~F.col("reused") & F.col("features").isNotNull(), 1).otherwise(0)).alias("featurized"),
-                F.sum(F.when(F.col("features").isNotNull() & ((F.size("features") != FEATURE_DIM) | ~finite), 1).otherwise(0)).alias("bad_vectors"),
-            ).first()
-        seconds = time.perf_counter() - started
-        dropped = plan.dropped.count() if plan.dropped is not None else 0
-        skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
-        featurized, rows, catalog_rows = stats["featurized"] or 0, stats["with_features"], stats["rows"]
-        reused_count = rows - featurized
-        context.log.info(
-            f"{rows} of {catalog_rows} images have features: "
-            f"{featurized} featurized in {seconds:.1f} s, {reused_count} reused, {dropped} dropped, {len(skipped)} skipped"
-        )
-
-        rate = len(skipped) / catalog_rows if catalog_rows else 0.0
-        if rate > feature_model.max_skipped_fraction:
-            examples = "; ".join(f"{row.path}: {row.error}" for row in skipped.head(5).itertuples())
-            # Raised before the output is yielded: nothing is written, the last good version stays.
-            raise Failure(
-                description=f"{len(skipped)} of {catalog_rows} images ({rate:.1%}) could not be featurized, "
-                f"over max_skipped_fraction={feature_model.max_skipped_fraction} (feature_model resource). "
-                f"First ones: {examples}",
-                metadata={"skipped": len(skipped), "skipped_fraction": rate, "skipped_images": _table(skipped)},
-            )
-
+        counts = _count(context, spark, results, to_featurize, plan.dropped)
+        rate = _fail_if_too_many_skipped(counts, feature_model.max_skipped_fraction)
         # Reused rows come out of a join: up to spark.sql.shuffle.partitions (200) partitions of a few
         # rows each. Written as they are, every incremental run would store that many tiny files, and
         # every later read would pay for them. Coalescing reads the cached rows, so it does not narrow
         # the featurization itself.
-        written_partitions = default_partitions(pyspark.spark_session, catalog_rows)
         yield Output(
             results.where(F.col("error").isNull())
             .select("path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint")
-            .coalesce(written_partitions),
-            metadata={
-                "rows": rows,
-                "featurized": featurized,
-                "reused": reused_count,
-                "dropped": dropped,
-                "skipped": len(skipped),
-                "skipped_images": _table(skipped) if len(skipped) else MetadataValue.text("none"),
-                **described,
-                "weights_fingerprint": fingerprint,
-                "feature_dim": FEATURE_DIM,
-                "partitions": partitions,
-                "batch_size": feature_model.batch_size,
-                "featurize_seconds": round(seconds, 2),
-                "model_setup_seconds": round(model_seconds, 2),
-                "throughput_images_per_s": round(featurized / seconds, 2) if featurized and seconds else 0.0,
-            },
+            .coalesce(default_partitions(spark, counts.catalog_rows)),
+            metadata=_features_metadata(counts, model, partitions, settings.batch_size),
         )
-        yield AssetCheckResult(
-            check_name="one_row_per_image",
-            passed=bool(rows + len(skipped) == catalog_rows),
-            metadata={"catalogued": catalog_rows, "with_features": rows, "skipped": len(skipped),
-                      "skipped_fraction": round(rate, 4), "max_skipped_fraction": feature_model.max_skipped_fraction},
-        )
-        yield AssetCheckResult(
-            check_name="vectors_are_1280_finite_floats",
-            passed=bool(stats["bad_vectors"] == 0),
-            metadata={"bad_vectors": stats["bad_vectors"]},
-        )
+        yield from _feature_checks(counts, rate, feature_model.max_skipped_fraction)
     finally:
         results.unpersist()
 

@@ -4,6 +4,7 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
@@ -14,6 +15,7 @@ from fruit_assets.local_s3 import upload_tree
 from fruit_assets.resources import FeatureModel, build_resources
 from fruit_assets_tests.conftest import TEST_BUCKET, failure_text, local_resources, materialize_all, metadata_of, private_copy
 from fruit_assets_tests.hostile_files import write_hostile_tree
+from fruit_assets_tests.test_runtimes import keras_features
 from fruit_assets_tests.weights_files import save_legacy_h5
 
 FEATURIZE = ["raw_images", "image_features"]
@@ -58,6 +60,11 @@ def test_hostile_files_are_featurized_or_listed_with_their_reason(spark, hostile
     assert set(relative) == good
     assert (stored.features.map(len) == 1280).all()
     assert set(stored.label) == {"Apple Red", "Äpfel Grün", "Modes"}
+    # The default runtime (ONNX Runtime) equals plain Keras on the same decoded images.
+    assert metadata["runtime"] == "onnxruntime"
+    stored = stored.sort_values("path", ignore_index=True)
+    reference = keras_features("random:0", list(stored.path))
+    assert np.abs(np.stack(stored.features) - reference).max() < 1e-4
 
     assert metadata["skipped"] == len(bad)
     skipped = {r.data["path"].removeprefix(f"{prefix}/images/"): r.data["error"] for r in metadata["skipped_images"].records}
