@@ -88,17 +88,28 @@ def prepare_model(weights: list[np.ndarray], fingerprint: str, settings: Featuri
 
     onnxruntime: the converted ONNX model's bytes (converted now, or read from the cache);
     tensorflow: the weight arrays."""
-    from importlib.metadata import version
-
     check_runtime(settings.runtime)
     if settings.runtime == "tensorflow":
-        return weights, {"runtime": "tensorflow", "runtime_version": f"tensorflow {version('tensorflow-cpu')} (frozen graph)"}
+        return weights, {"runtime": "tensorflow", "runtime_version": f"tensorflow {_version('tensorflow-cpu', 'tensorflow')} (frozen graph)"}
     from fruit_assets.ml import onnx_model
 
     onnx_model.check_providers(settings.onnx_providers)
     converted = onnx_model.converted_model(weights, fingerprint)
-    described = {"runtime": "onnxruntime", "runtime_version": f"onnxruntime {version('onnxruntime')}"}
+    described = {"runtime": "onnxruntime", "runtime_version": f"onnxruntime {_version('onnxruntime', 'onnxruntime-gpu')}"}
     return converted.data, described | {"onnx_providers": ",".join(settings.onnx_providers)} | converted.describe()
+
+
+def _version(*distributions: str) -> str:
+    """The installed version of the first of these distributions (a cluster may have tensorflow, not
+    tensorflow-cpu; onnxruntime-gpu, not onnxruntime)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in distributions:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _build_inference(payload, settings: FeaturizeSettings) -> Callable[[np.ndarray], np.ndarray]:

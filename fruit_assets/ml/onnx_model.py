@@ -39,7 +39,7 @@ CONVERSION_TOLERANCE = 1e-4
 _CHECK_IMAGES = 4
 _CHECK_SEED = 12345
 # Packages whose versions change the converted graph: part of the cache key.
-_CONVERTER_PACKAGES = ("tf2onnx", "onnx", "tensorflow-cpu", "keras")
+_CONVERTER_PACKAGES = ("tf2onnx", "onnx", "tensorflow-cpu", "tensorflow", "keras")
 
 
 class RuntimeUnavailableError(RuntimeError):
