@@ -28,7 +28,7 @@ from benchmarks.common import DEFAULT_WORKDIR, ChildFailed, image_set, loadavg, 
 
 # name: (FeaturizeSettings overrides, Spark conf overrides, partitions (0 = default), what it tests)
 SPARK_LEVERS: dict[str, tuple[dict, dict, int, str]] = {
-    "default": ({}, {}, 0, "defaults: onnxruntime, local[*], 2 partitions, 1 intra-op + 1 inter-op thread, spinning off, batch 8, files read 2 batches ahead"),
+    "default": ({}, {}, 0, "defaults: onnxruntime, local[*], 2 partitions, 1 intra-op + 1 inter-op thread, spinning off, batch 4, files read 4 batches ahead"),
     "tensorflow": ({"runtime": "tensorflow"}, {}, 0, "runtime tensorflow: frozen TensorFlow graph, otherwise the defaults"),
     "ort-spinning": ({"allow_spinning": True}, {}, 0, "ONNX Runtime threads may spin (busy-wait)"),
     "ort-threads-2x2": ({"intra_op_threads": 2}, {}, 0, "2 workers x 2 intra-op threads, spinning off (oversubscribed)"),
@@ -36,6 +36,7 @@ SPARK_LEVERS: dict[str, tuple[dict, dict, int, str]] = {
     "threads-1x2-taskcpus": ({"intra_op_threads": 2}, {"spark.task.cpus": "2"}, 0, "1 worker at a time x 2 intra-op threads (spark.task.cpus=2)"),
     "no-read-ahead": ({"read_ahead": 0}, {}, 0, "no background thread: read, decode, infer in turn"),
     "batch-1": ({"batch_size": 1}, {}, 0, "1 image per model call"),
+    "batch-8": ({"batch_size": 8, "read_ahead": 2}, {}, 0, "8 images per model call, files read 2 batches ahead (the default before ONNX Runtime)"),
     "batch-16": ({"batch_size": 16}, {}, 0, "16 images per model call"),
     "batch-32": ({"batch_size": 32}, {}, 0, "32 images per model call"),
     "partitions-4": ({}, {}, 4, "4 partitions on 2 cores"),
@@ -47,10 +48,10 @@ SPARK_LEVERS: dict[str, tuple[dict, dict, int, str]] = {
 # model; the others are TensorFlow inference modes (benchmarks/inference_modes.py), "frozen" being the
 # package's `tensorflow` runtime.
 MICRO_MODEL = [
-    ("onnxruntime", 1, 8, False), ("onnxruntime", 1, 8, True), ("onnxruntime", 2, 8, False), ("onnxruntime", 2, 8, True),
-    ("onnxruntime", 1, 1, False), ("onnxruntime", 1, 4, False), ("onnxruntime", 1, 16, False), ("onnxruntime", 1, 32, False),
-    ("onnxruntime-int8", 1, 8, False),
-    ("frozen", 1, 8, False), ("frozen", 2, 8, False), ("frozen", 1, 32, False),
+    ("onnxruntime", 1, 4, False), ("onnxruntime", 1, 4, True), ("onnxruntime", 2, 4, False), ("onnxruntime", 2, 4, True),
+    ("onnxruntime", 1, 1, False), ("onnxruntime", 1, 2, False), ("onnxruntime", 1, 8, False), ("onnxruntime", 1, 16, False),
+    ("onnxruntime", 1, 32, False), ("onnxruntime-int8", 1, 4, False),
+    ("frozen", 1, 4, False), ("frozen", 1, 8, False), ("frozen", 2, 4, False), ("frozen", 1, 32, False),
     ("function", 1, 32, False), ("predict_on_batch", 1, 32, False), ("predict", 1, 32, False), ("call", 1, 32, False),
 ]
 

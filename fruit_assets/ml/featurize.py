@@ -60,20 +60,21 @@ _MODELS: dict[tuple, Callable[[np.ndarray], np.ndarray]] = {}
 class FeaturizeSettings:
     # "onnxruntime" (default, fastest exact fp32 runtime measured) or "tensorflow" (frozen graph).
     runtime: str = "onnxruntime"
-    # Images per model call. 8 rather than 32: faster on 2 cores in every measurement (smaller
-    # activations stay in cache), and less memory per worker (BENCHMARKS.md).
-    batch_size: int = 8
+    # Images per model call. Small batches are faster on 2 cores than 32 (smaller activations stay in
+    # cache), and take less memory: ONNX Runtime keeps one batch's activations in its arena, so a worker
+    # holds ~50 MB less at 4 than at 8, and 4 ran at least as fast as 8 (BENCHMARKS.md).
+    batch_size: int = 4
     intra_op_threads: int = 1  # per Python worker; Spark runs one worker per core
     inter_op_threads: int = 1
     # ONNX Runtime: whether idle pool threads busy-wait for work (off: they sleep, and leave the core
     # to the other workers; only matters with more than one thread per worker).
     allow_spinning: bool = False
     onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    # Overlap of I/O with inference: the files of the next `read_ahead` model batches are read by
-    # `io_threads` background threads while the model runs (it hides S3/network latency; 0: read inline).
+    # Overlap of I/O with inference: the files of the next `read_ahead` model batches (16 images) are read
+    # by `io_threads` background threads while the model runs (it hides S3/network latency; 0: read inline).
     # Decoding stays on the worker's main thread: with one worker per core a second CPU-bound thread
     # only competes with the model for the core (measured ~10% slower on 2 cores, BENCHMARKS.md).
-    read_ahead: int = 2
+    read_ahead: int = 4
     io_threads: int = 4
 
 
