@@ -119,6 +119,12 @@ def test_conversion_is_cached_by_weights_fingerprint(tmp_path):
     expected = np.asarray(feature_extractor_from_weights(weights)(images, training=False))
     assert np.abs(onnx_inference_function(second.data)(images) - expected).max() < 1e-4
 
+    # A damaged cache file is not used: it is converted again and replaced.
+    Path(first.path).write_bytes(first.data[: len(first.data) // 2])
+    repaired = converted_model(weights, fingerprint, tmp_path)
+    assert repaired.converted and Path(first.path).read_bytes() == repaired.data  # a conversion is not byte-stable
+    assert converted_model(weights, fingerprint, tmp_path).converted is False
+
     other = feature_extractor_weights(parse_weights_setting("random:6"))
     assert converted_model(other, weights_fingerprint(other), tmp_path).path != first.path
 

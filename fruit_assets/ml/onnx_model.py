@@ -118,9 +118,9 @@ def converted_model(weights: list[np.ndarray], fingerprint: str, directory: Path
     path = cache_path(fingerprint, directory)
     sidecar = path.with_suffix(".json")
     started = time.perf_counter()
-    if path.exists() and sidecar.exists():
-        data, info = path.read_bytes(), json.loads(sidecar.read_text())
-        return ConvertedModel(data, str(path), False, time.perf_counter() - started, info)
+    cached = _read_cached(path, sidecar)
+    if cached is not None:
+        return ConvertedModel(cached[0], str(path), False, time.perf_counter() - started, cached[1])
     try:
         data, difference = _convert_and_check(weights)
     except RuntimeUnavailableError:
@@ -130,10 +130,21 @@ def converted_model(weights: list[np.ndarray], fingerprint: str, directory: Path
             f"{RUNTIME_SETTING}: converting the Keras model to ONNX failed ({type(error).__name__}: {error}); "
             "set runtime: tensorflow to run the frozen TensorFlow graph instead"
         ) from error
-    info = {"opset": OPSET, "versions": _versions(), "fingerprint": fingerprint, "max_abs_diff_vs_keras": difference}
+    info = {"opset": OPSET, "versions": _versions(), "fingerprint": fingerprint, "max_abs_diff_vs_keras": difference,
+            "sha256": hashlib.sha256(data).hexdigest()}
     _write_atomically(path, data)
     _write_atomically(sidecar, json.dumps(info, indent=1).encode())
     return ConvertedModel(data, str(path), True, time.perf_counter() - started, info)
+
+
+def _read_cached(path: Path, sidecar: Path) -> tuple[bytes, dict] | None:
+    """The cached model and its record, or None when absent, incomplete or altered (then it is
+    converted again and replaced)."""
+    try:
+        data, info = path.read_bytes(), json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    return (data, info) if info.get("sha256") == hashlib.sha256(data).hexdigest() else None
 
 
 def _convert_and_check(weights: list[np.ndarray]) -> tuple[bytes, float]:
