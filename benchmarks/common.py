@@ -290,13 +290,12 @@ def machine_info() -> dict:
         if line.startswith("model name") and cpu == "unknown":
             cpu = line.split(":", 1)[1].strip()
         if line.startswith("flags") and not flags:
-            # The flags that decide which kernels numerical libraries run.
-            flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4", "f16c"))]
+            flags = line.split(":", 1)[1].split()
     mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
     versions = {"python": platform.python_version()}
     from importlib.metadata import PackageNotFoundError, version
 
-    for package in ("tensorflow-cpu", "keras", "pyspark", "dagster", "pillow", "numpy", "pyarrow", "pandas"):
+    for package in ("tensorflow-cpu", "keras", "onnxruntime", "tf2onnx", "onnx", "pyspark", "dagster", "pillow", "numpy", "pyarrow", "pandas"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -307,7 +306,9 @@ def machine_info() -> dict:
         java = "unknown"
     return {
         "cpu": cpu,
-        "flags": " ".join(sorted(flags)),
+        # What decides which kernels the runtimes use: AVX2/FMA, AVX-512 (VNNI, BF16), AMX.
+        "vector_flags": " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "vnni"))) or "none",
+        "cpu_flags": " ".join(flags),
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 2**20, 1),
         "kernel": platform.release(),

@@ -1,7 +1,7 @@
 """Featurization benchmark: the project's pipeline against plain Keras and the original notebook.
 
     .venv/bin/python -m benchmarks.featurize                  # sizes 500, 1000, 2000, 4000
-    .venv/bin/python -m benchmarks.featurize --quick          # a smoke run on 200 images
+    .venv/bin/python -m benchmarks.featurize --quick          # a smoke run on 200 and 400 images
     .venv/bin/python -m benchmarks.featurize --sizes 1000,2000 --methods baseline,pipeline
     .venv/bin/python -m benchmarks.featurize --sizes 2000,4000,8000 --repeat 2 --no-demo
 
@@ -13,12 +13,17 @@ Python workers) is sampled every 0.2 s:
   `model.predict` in batches of 32;
 - notebook: the original notebook's code on local Spark (binaryFile, broadcast weights, SCALAR_ITER
   pandas UDF building the model per task, repartition(24), `model.predict`, Parquet write);
-- pipeline: the project's whole graph through Dagster `materialize()` on local Spark; then the same
-  graph again in the same process into fresh storage (warm: Spark and its Python workers already up);
+- pipeline: the project's whole graph through Dagster `materialize()` on local Spark with the default
+  runtime (onnxruntime); then the same graph again in the same process into fresh storage (warm: Spark
+  and its Python workers already up);
+- pipeline-tensorflow: the same with `FRUIT_MODEL_RUNTIME=tensorflow` (the frozen TensorFlow graph in
+  the workers, as before ONNX Runtime);
 - demo: `python -m fruit_assets.demo` on the seed-sized set (72 images), timed end to end.
 
 All methods use the same weights: MobileNetV2 `random:0` saved as a legacy .h5 file, loaded as users
-load the ImageNet file. The steady rate of a method is the slope of its featurization time over the
+load the ImageNet file. The ONNX conversion of those weights is made once before any measurement
+(`make-onnx`, into <workdir>/onnx_cache, which the pipeline runs use as FRUIT_MODEL_CACHE): like every
+run after a user's first, the measured runs read it from the cache. The steady rate of a method is the slope of its featurization time over the
 sizes (least squares over every run, repeats included), its fixed overhead the intercept; rates between
 consecutive sizes (median time per size) are shown too.
 Results: printed as Markdown and saved as JSON under the work folder.
@@ -47,7 +52,9 @@ from benchmarks.common import (
     weights_file,
 )
 
-METHODS = ("baseline", "notebook", "pipeline")
+METHODS = ("baseline", "notebook", "pipeline", "pipeline-tensorflow")
+PIPELINES = ("pipeline", "pipeline-tensorflow")
+RUNTIME_OF = {"pipeline": "onnxruntime", "pipeline-tensorflow": "tensorflow"}
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float | None, float | None]:
@@ -91,6 +98,10 @@ def measure(args) -> dict:
     sets = {n: image_set(workdir, n) for n in sizes}
     seed_set = image_set(workdir, SEED_SET) if args.demo else None
     report = {"started": stamp, "machine": machine_info(), "sizes": sizes, "methods": args.methods, "runs": []}
+    if "pipeline" in args.methods:
+        report["onnx_conversion"] = run_child(
+            ["make-onnx", "--weights", str(weights), "--out", str(workdir / "model.onnx"), "--reference", str(workdir / "micro_reference.npy")],
+            logs / "make-onnx.log")
     if args.wait_quiet:
         report["load_waited_for"] = wait_for_quiet(args.quiet_threshold, args.wait_quiet)
     report["load_before"] = loadavg()
@@ -98,42 +109,11 @@ def measure(args) -> dict:
 
     for n, repeat in [(n, r) for n in sizes for r in range(args.repeat)]:
         for method in args.methods:
-            scratch = Path(tempfile.mkdtemp(prefix=f"{method}-{n}-", dir=workdir))
-            features_file = workdir / f"baseline_features_{n}.npy"
-            child = [method, "--images", str(sets[n]), "--weights", str(weights), "--scratch", str(scratch)]
-            if method == "baseline":
-                child += ["--save-features", str(features_file)]
-            if method == "pipeline":
-                child += ["--warm"] if args.warm else []
-                if features_file.exists() and "baseline" in args.methods:
-                    child += ["--compare-features", str(features_file)]
-            for attempt in range(1 + args.retries):
-                load = wait_for_quiet(args.quiet_threshold, args.cooldown)  # let the previous run's load decay
-                try:
-                    result = run_child(child, logs / f"{method}-{n}-r{repeat}-{attempt}.log")
-                except ChildFailed as error:
-                    print(f"!! {error}", file=sys.stderr, flush=True)
-                    result = {"failed": str(error)}
-                result.update({"method": method, "n": n, "repeat": repeat, "load_before": load, "load_after": loadavg(), "attempt": attempt})
-                if result.get("foreign_cpu_share", 0) <= args.max_foreign or attempt == args.retries:
-                    break
-                print(f"   ({method} n={n}: {result['foreign_cpu_share']:.0%} of the CPU went to other processes: measuring again)", flush=True)
-                shutil.rmtree(scratch, ignore_errors=True)
-                scratch.mkdir()
-            shutil.rmtree(scratch, ignore_errors=True)
+            result = _measure_run(method, n, repeat, sets[n], weights, workdir, logs, args)
             report["runs"].append(result)
             print(f"{method:>9} n={n:>5}: {summary(result)}", flush=True)
     if seed_set is not None:
-        scratch = Path(tempfile.mkdtemp(prefix="demo-", dir=workdir))
-        load = wait_for_quiet(args.quiet_threshold, args.cooldown)
-        try:
-            result = run_child(["demo", "--images", str(seed_set), "--scratch", str(scratch)], logs / "demo.log")
-        except ChildFailed as error:
-            print(f"!! {error}", file=sys.stderr, flush=True)
-            result = {"failed": str(error)}
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        result.update({"method": "demo", "n": SEED_SET, "load_before": load, "load_after": loadavg()})
+        result = _measure_demo(seed_set, workdir, logs, args)
         report["runs"].append(result)
         print(f"{'demo':>9} n={SEED_SET:>5}: {summary(result)}", flush=True)
     report["load_after"] = loadavg()
@@ -143,6 +123,56 @@ def measure(args) -> dict:
     print(f"\n# results: {out}  logs: {logs}\n")
     print(markdown(report))
     return report
+
+
+def _measure_run(method: str, n: int, repeat: int, images: Path, weights: Path, workdir: Path, logs: Path, args) -> dict:
+    """One method on one image set in a fresh process; measured again (up to --retries times) when
+    other processes took more than --max-foreign of the CPU."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"{method}-{n}-", dir=workdir))
+    features_file = workdir / f"baseline_features_{n}.npy"
+    child = _child_args(method, images, weights, scratch, features_file, args)
+    cache_env = {"FRUIT_MODEL_CACHE": str(workdir / "onnx_cache")}  # where make-onnx put the conversion
+    for attempt in range(1 + args.retries):
+        load = wait_for_quiet(args.quiet_threshold, args.cooldown)  # let the previous run's load decay
+        try:
+            result = run_child(child, logs / f"{method}-{n}-r{repeat}-{attempt}.log", extra_env=cache_env)
+        except ChildFailed as error:
+            print(f"!! {error}", file=sys.stderr, flush=True)
+            result = {"failed": str(error)}
+        result.update({"method": method, "n": n, "repeat": repeat, "load_before": load, "load_after": loadavg(), "attempt": attempt})
+        if result.get("foreign_cpu_share", 0) <= args.max_foreign or attempt == args.retries:
+            break
+        print(f"   ({method} n={n}: {result['foreign_cpu_share']:.0%} of the CPU went to other processes: measuring again)", flush=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _measure_demo(seed_set: Path, workdir: Path, logs: Path, args) -> dict:
+    scratch = Path(tempfile.mkdtemp(prefix="demo-", dir=workdir))
+    load = wait_for_quiet(args.quiet_threshold, args.cooldown)
+    try:
+        result = run_child(["demo", "--images", str(seed_set), "--scratch", str(scratch)], logs / "demo.log")
+    except ChildFailed as error:
+        print(f"!! {error}", file=sys.stderr, flush=True)
+        result = {"failed": str(error)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result.update({"method": "demo", "n": SEED_SET, "load_before": load, "load_after": loadavg()})
+    return result
+
+
+def _child_args(method: str, images: Path, weights: Path, scratch: Path, features_file: Path, args) -> list[str]:
+    child = [method if method not in PIPELINES else "pipeline", "--images", str(images), "--weights", str(weights),
+             "--scratch", str(scratch)]
+    if method == "baseline":
+        child += ["--save-features", str(features_file)]
+    if method in PIPELINES:
+        child += ["--runtime", RUNTIME_OF[method]] + (["--warm"] if args.warm else [])
+        if features_file.exists() and "baseline" in args.methods:
+            child += ["--compare-features", str(features_file)]
+    return child
 
 
 def _share(run: dict) -> str:
@@ -159,6 +189,7 @@ def merge(reports: list[dict]) -> dict:
             if "failed" not in run or key not in runs:
                 runs[key] = run
     order = {m: i for i, m in enumerate(METHODS + ("demo",))}
+    merged["methods"] = sorted({m for report in reports for m in report["methods"]}, key=lambda m: order.get(m, 9))
     merged["runs"] = sorted(runs.values(), key=lambda r: (r["method"] == "demo", r["n"], r.get("repeat", 0), order.get(r["method"], 9)))
     merged["load_before"] = " / ".join(r["load_before"] for r in reports)
     merged["load_after"] = " / ".join(r["load_after"] for r in reports)
@@ -184,18 +215,22 @@ def _points(report, method, key) -> list[tuple[int, float]]:
     return [(r["n"], key(r)) for r in report["runs"] if r["method"] == method and "failed" not in r]
 
 
-def analyse(report: dict) -> dict:
-    analysis = {}
+def _pipeline_keys() -> dict:
+    return {
+        "featurize": lambda r: r["runs"][0]["steps_s"].get("image_features"),
+        "featurize_warm": lambda r: r["runs"][1]["steps_s"].get("image_features") if len(r["runs"]) > 1 else None,
+        "graph": lambda r: r["runs"][0]["materialize_s"],
+        "process": lambda r: r["process_wall_s"] if len(r["runs"]) == 1 else r["total_s"],
+    }
+
+
+def _fits(report: dict) -> dict:
     keys = {
         "baseline": {"featurize": lambda r: r["featurize_s"], "process": lambda r: r["process_wall_s"]},
         "notebook": {"featurize": lambda r: r["featurize_s"], "process": lambda r: r["process_wall_s"]},
-        "pipeline": {
-            "featurize": lambda r: r["runs"][0]["steps_s"].get("image_features"),
-            "featurize_warm": lambda r: r["runs"][1]["steps_s"].get("image_features") if len(r["runs"]) > 1 else None,
-            "graph": lambda r: r["runs"][0]["materialize_s"],
-            "process": lambda r: r["process_wall_s"] if len(r["runs"]) == 1 else r["total_s"],
-        },
+        **{method: _pipeline_keys() for method in PIPELINES},
     }
+    analysis = {}
     for method, measures in keys.items():
         for name, key in measures.items():
             points = _points(report, method, key)
@@ -208,27 +243,65 @@ def analyse(report: dict) -> dict:
                 "segment_images_per_s": segment_rates(points),
                 "images_per_s_by_size": {n: round(n / t, 1) for n, t in medians(points) if t},
             }
-    base = analysis.get("baseline.featurize")
-    for other in ("pipeline.featurize", "pipeline.featurize_warm", "notebook.featurize"):
-        if base and other in analysis:
-            analysis[f"ratio {other} / baseline.featurize"] = round(
-                analysis[other]["steady_images_per_s"] / base["steady_images_per_s"], 2
-            )
-            analysis[f"ratio {other} / baseline.featurize by segment"] = {
-                n: round(rate / base["segment_images_per_s"][n], 2)
-                for n, rate in analysis[other]["segment_images_per_s"].items()
-                if n in base["segment_images_per_s"]
-            }
-    if "pipeline.featurize" in analysis and "notebook.featurize" in analysis:
-        analysis["ratio pipeline.featurize / notebook.featurize"] = round(
-            analysis["pipeline.featurize"]["steady_images_per_s"] / analysis["notebook.featurize"]["steady_images_per_s"], 2
-        )
-        pipeline = dict(medians(_points(report, "pipeline", lambda r: r["total_s"] if len(r["runs"]) > 1 else r["process_wall_s"])))
-        notebook = dict(medians(_points(report, "notebook", lambda r: r["process_wall_s"])))
-        analysis["ratio pipeline.process / notebook.process by size"] = {
-            n: round(notebook[n] / pipeline[n], 2) for n in pipeline if n in notebook
-        }
     return analysis
+
+
+def _ratio(analysis: dict, top: str, bottom: str) -> dict:
+    """Steady rate of `top` over `bottom` (slopes), and the same between sizes."""
+    if top not in analysis or bottom not in analysis:
+        return {}
+    a, b = analysis[top], analysis[bottom]
+    by_segment = {n: round(rate / b["segment_images_per_s"][n], 2)
+                  for n, rate in a["segment_images_per_s"].items() if n in b["segment_images_per_s"]}
+    return {f"ratio {top} / {bottom}": round(a["steady_images_per_s"] / b["steady_images_per_s"], 2),
+            f"ratio {top} / {bottom} by segment": by_segment}
+
+
+def _worker_memory(report: dict) -> dict:
+    """Peak RSS of all Spark Python workers together, per method (largest over its runs), in MB."""
+    peaks = {}
+    for run in report["runs"]:
+        if "failed" not in run and run["method"] != "demo":
+            workers = run["peak_rss_mb_by_kind"].get("python_workers", 0)
+            peaks[run["method"]] = max(peaks.get(run["method"], 0), workers)
+    return peaks
+
+
+def analyse(report: dict) -> dict:
+    analysis = _fits(report)
+    pairs = [(f"{m}.featurize", "baseline.featurize") for m in PIPELINES + ("notebook",)]
+    pairs += [("pipeline.featurize_warm", "baseline.featurize"), ("pipeline.featurize", "pipeline-tensorflow.featurize"),
+              ("pipeline.featurize_warm", "pipeline-tensorflow.featurize_warm"), ("pipeline.featurize", "notebook.featurize"),
+              ("pipeline-tensorflow.featurize", "notebook.featurize")]
+    for top, bottom in pairs:
+        analysis.update(_ratio(analysis, top, bottom))
+    for method in PIPELINES:
+        if method in report["methods"] and "notebook" in report["methods"]:
+            pipeline = dict(medians(_points(report, method, _pipeline_keys()["process"])))
+            notebook = dict(medians(_points(report, "notebook", lambda r: r["process_wall_s"])))
+            analysis[f"ratio notebook.process / {method}.process by size (time)"] = {
+                n: round(notebook[n] / pipeline[n], 2) for n in pipeline if n in notebook
+            }
+    memory = _worker_memory(report)
+    analysis["peak Python workers RSS MB by method"] = memory
+    if memory.get("pipeline-tensorflow") and "pipeline" in memory:
+        analysis["ratio pipeline / pipeline-tensorflow Python workers peak RSS"] = round(memory["pipeline"] / memory["pipeline-tensorflow"], 2)
+    return analysis
+
+
+def goals(analysis: dict) -> list[str]:
+    """The issue's goals, checked on this run's figures."""
+    def check(name: str, value, ok) -> str:
+        return f"- {name}: {value if value is not None else 'not measured'} -> {'MET' if value is not None and ok(value) else 'NOT MET'}"
+
+    return [
+        check("default runtime / tensorflow runtime, steady featurization (goal >= 1.4)",
+              analysis.get("ratio pipeline.featurize / pipeline-tensorflow.featurize"), lambda v: v >= 1.4),
+        check("default runtime / notebook, steady featurization (goal >= 2)",
+              analysis.get("ratio pipeline.featurize / notebook.featurize"), lambda v: v >= 2),
+        check("Python workers peak RSS, default / tensorflow runtime (goal <= 0.5)",
+              analysis.get("ratio pipeline / pipeline-tensorflow Python workers peak RSS"), lambda v: v <= 0.5),
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -236,6 +309,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, {m['java']}; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"CPU vector flags: {m.get('vector_flags', 'unknown')}",
         f"Load (1, 5, 15 min) before: {report['load_before']}, after: {report['load_after']}",
         "",
         "| method | images | process wall s | featurize s | images/s (featurize) | warm image_features s | peak RSS MB (driver / JVM / workers) | load before | foreign CPU |",
@@ -245,7 +319,7 @@ def markdown(report: dict) -> str:
         if "failed" in r:
             lines.append(f"| {r['method']} | {r['n']} | FAILED | | | | | {r['load_before']} |")
             continue
-        if r["method"] == "pipeline":
+        if r["method"] in PIPELINES:
             featurize = r["runs"][0]["steps_s"].get("image_features")
             warm = r["runs"][1]["steps_s"].get("image_features") if len(r["runs"]) > 1 else None
             wall = r["total_s"] if len(r["runs"]) > 1 else r["process_wall_s"]
@@ -264,8 +338,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {value['steady_images_per_s']} | {value['fixed_s']} | {segments} |")
     lines.append("")
     for name, value in report["analysis"].items():
-        if name.startswith("ratio"):
+        if name.startswith(("ratio", "peak")):
             lines.append(f"- {name}: {value}")
+    conversion = report.get("onnx_conversion")
+    if conversion:
+        lines.append(f"- ONNX conversion before the runs (make-onnx): converted now {conversion.get('converted_now')}, "
+                     f"{conversion.get('process_wall_s')} s process, max abs diff vs Keras {conversion['info']['max_abs_diff_vs_keras']:.1e}")
+    lines += ["", "Goals:"] + goals(report["analysis"])
     return "\n".join(lines)
 
 
@@ -282,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.featurize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="500,1000,2000,4000", help="comma-separated image counts (multiples of 20)")
     parser.add_argument("--repeat", type=int, default=1, help="measure each method and size this many times")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 200 images (overrides --sizes)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 and 400 images (overrides --sizes)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="pipeline: skip the warm second run")
     parser.add_argument("--no-demo", dest="demo", action="store_false", help="skip the seed-sized demo run")
@@ -301,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print(markdown(merge([json.loads(Path(f).read_text()) for f in args.report])))
         return 0
-    args.sizes = [200] if args.quick else [int(s) for s in args.sizes.split(",") if s]
+    args.sizes = [200, 400] if args.quick else [int(s) for s in args.sizes.split(",") if s]
     if args.quick:
         args.cooldown, args.retries = 0, 0  # a smoke run: no waiting, no re-measuring
     args.methods = [m for m in args.methods.split(",") if m]

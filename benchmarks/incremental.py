@@ -98,7 +98,7 @@ def add_images(images: Path, workdir: Path, count: int) -> list[str]:
 def table(result: dict) -> str:
     full, incremental = result["full"], result["incremental"]
     lines = [
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, flags: {result['machine'].get('flags', '?')}",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, vector flags: {result['machine'].get('vector_flags', '?')}",
         f"{result['images']} images, then {result['added']} added; load before: {result['load']}",
         "",
         "| | full run | incremental run | ratio |",

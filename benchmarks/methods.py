@@ -6,7 +6,9 @@
                SCALAR_ITER pandas UDF building the model per task, repartition(24), Parquet write).
 - `pipeline`:  the project's graph through Dagster `materialize()`, as users run it.
 - `featurize`: the project's `featurize()` alone on a Spark session with explicit settings (levers).
-- `micro-model`, `micro-decode`: single-process measurements of the model call and of decoding.
+- `micro-model`, `micro-decode`: single-process measurements of the model call and of decoding
+  (`make-onnx` converts the model once for them and saves Keras' reference output).
+- `quant-check`: ONNX Runtime dynamic int8 against fp32 on real images (`benchmarks/quantized.py`).
 
 Every method reports its phases in seconds, measured from the start of this process (`t0`), so that
 imports, Spark start-up and model set-up are visible separately from the steady work.
@@ -219,41 +221,18 @@ def pipeline(args) -> dict:
     same process into fresh storage: Spark and its Python workers (with their model) are then warm."""
     os.environ["FRUIT_IMAGES_URI"] = args.images
     os.environ["FRUIT_MODEL_WEIGHTS"] = args.weights
+    if args.runtime:
+        os.environ["FRUIT_MODEL_RUNTIME"] = args.runtime
     if args.master:
         os.environ["FRUIT_SPARK_MASTER"] = args.master
-    from dagster import DagsterInstance, materialize
+    # Imported here, before `imported_at`: the imports are a phase of their own, not part of materialize.
+    from dagster import materialize  # noqa: F401
 
-    from fruit_assets.definitions import all_assets_and_checks
-    from fruit_assets.resources import build_resources
+    from fruit_assets.definitions import all_assets_and_checks  # noqa: F401
+    from fruit_assets.resources import build_resources  # noqa: F401
 
     imported_at = since_start()
-    runs = []
-    for run in range(2 if args.warm else 1):
-        os.environ["FRUIT_STORAGE_URI"] = os.path.join(args.scratch, f"assets_{run}")
-        resources = build_resources()
-        if args.spark_conf:
-            resources["pyspark"] = _pyspark_resource(json.loads(args.spark_conf))
-        started = since_start()
-        instance = DagsterInstance.ephemeral()
-        result = materialize(all_assets_and_checks, resources=resources, selection=args.selection, instance=instance)
-        ended = since_start()
-        assert result.success
-        metadata = {
-            event.asset_key.to_user_string(): {k: v.value for k, v in event.materialization.metadata.items()}
-            for event in result.get_asset_materialization_events()
-        }
-        features = metadata["image_features"]
-        runs.append(
-            {
-                "materialize_s": round(ended - started, 3),
-                "steps_s": _step_seconds(instance, result),
-                "image_features_featurize_s": features["featurize_seconds"],
-                "image_features_model_setup_s": features["model_setup_seconds"],
-                "image_features_throughput": features["throughput_images_per_s"],
-                "rows": features["rows"],
-                "skipped": features["skipped"],
-            }
-        )
+    runs = [_materialize_once(args, run) for run in range(2 if args.warm else 1)]
     cold = runs[0]
     if args.compare_features:
         import numpy as np
@@ -268,6 +247,39 @@ def pipeline(args) -> dict:
         "featurize_s": cold["steps_s"].get("image_features"),
         "total_s": since_start() if not args.warm else round(imported_at + cold["materialize_s"], 3),
         "runs": runs,
+    }
+
+
+def _materialize_once(args, run: int) -> dict:
+    from dagster import DagsterInstance, materialize
+
+    from fruit_assets.definitions import all_assets_and_checks
+    from fruit_assets.resources import build_resources
+
+    os.environ["FRUIT_STORAGE_URI"] = os.path.join(args.scratch, f"assets_{run}")
+    resources = build_resources()
+    if args.spark_conf:
+        resources["pyspark"] = _pyspark_resource(json.loads(args.spark_conf))
+    started = since_start()
+    instance = DagsterInstance.ephemeral()
+    result = materialize(all_assets_and_checks, resources=resources, selection=args.selection, instance=instance)
+    ended = since_start()
+    assert result.success
+    metadata = {
+        event.asset_key.to_user_string(): {k: v.value for k, v in event.materialization.metadata.items()}
+        for event in result.get_asset_materialization_events()
+    }
+    features = metadata["image_features"]
+    return {
+        "materialize_s": round(ended - started, 3),
+        "steps_s": _step_seconds(instance, result),
+        "image_features_featurize_s": features["featurize_seconds"],
+        "image_features_model_setup_s": features["model_setup_seconds"],
+        "image_features_throughput": features["throughput_images_per_s"],
+        "runtime": features["runtime"],
+        "onnx_converted_now": features.get("onnx_converted_now"),
+        "rows": features["rows"],
+        "skipped": features["skipped"],
     }
 
 
@@ -296,14 +308,13 @@ def demo(args) -> dict:
 
 def featurize_only(args) -> dict:
     """`featurize()` alone (no Dagster) on a Spark session with explicit conf and settings: for levers.
-    Runs the featurization `repeat` times; the first run is cold (workers start, import TF, build the
-    model), the later ones warm."""
+    Runs the featurization `repeat` times; the first run is cold (workers start, load the runtime, build
+    the model), the later ones warm. The driver prepares the model (ONNX conversion, cached) first."""
     from fruit_assets.resources import local_spark_config
 
     conf = local_spark_config() | {"spark.ui.enabled": "false"} | json.loads(args.spark_conf or "{}")
     settings_kwargs = json.loads(args.settings or "{}")
     from pyspark.sql import SparkSession
-    from pyspark.sql import functions as F
 
     imported_at = since_start()
     builder = SparkSession.builder
@@ -315,24 +326,19 @@ def featurize_only(args) -> dict:
 
     from fruit_assets.catalog import list_images
     from fruit_assets.ml import featurize as featurize_module
-    from fruit_assets.ml.model import build_feature_extractor, parse_weights_setting
+    from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting
     from fruit_assets.resources import weights_fingerprint
     from fruit_assets.storage import resolve
 
-    weights = build_feature_extractor(parse_weights_setting(args.weights)).get_weights()
+    weights = feature_extractor_weights(parse_weights_setting(args.weights))
     key = weights_fingerprint(weights)
     settings = featurize_module.FeaturizeSettings(**settings_kwargs)
+    payload, runtime = featurize_module.prepare_model(weights, key, settings)
     catalog, _ = list_images(resolve(args.images))
     frame = spark.createDataFrame(catalog[["path", "label"]])
     partitions = args.partitions or featurize_module.default_partitions(spark, len(catalog))
     setup_at = since_start()
-    runs = []
-    for _ in range(args.repeat):
-        started = time.perf_counter()
-        out = featurize_module.featurize(frame, weights, key, settings, partitions)
-        stats = out.agg(F.count("features").alias("ok"), F.sum(F.size("features")).alias("floats")).first()
-        runs.append(round(time.perf_counter() - started, 3))
-        assert stats["ok"] == len(catalog), stats
+    runs = _featurize_runs(featurize_module, frame, payload, key, settings, partitions, args.repeat, len(catalog))
     spark.stop()
     return {
         "images": len(catalog),
@@ -342,35 +348,87 @@ def featurize_only(args) -> dict:
         "featurize_s": runs[0],
         "partitions": partitions,
         "settings": settings_kwargs,
+        "runtime": runtime,
         "spark_conf": json.loads(args.spark_conf or "{}"),
         "total_s": since_start(),
     }
 
 
+def _featurize_runs(featurize_module, frame, payload, key, settings, partitions, repeat, expected) -> list[float]:
+    from pyspark.sql import functions as F
+
+    runs = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = featurize_module.featurize(frame, payload, key, settings, partitions)
+        stats = out.agg(F.count("features").alias("ok"), F.sum(F.size("features")).alias("floats")).first()
+        runs.append(round(time.perf_counter() - started, 3))
+        assert stats["ok"] == expected, stats
+    return runs
+
+
 # ------------------------------------------------------------------------------------------- micro
 
 
-def micro_model(args) -> dict:
-    """The model call alone in one process: `mode` x TF threads x batch size, on random inputs."""
+MICRO_BATCH = 64  # the reference input: uniform random, seed 0; a batch of b images is its first b
+
+
+def micro_input(batch: int):
     import numpy as np
 
+    return np.random.default_rng(0).uniform(-1, 1, (MICRO_BATCH, 224, 224, 3)).astype(np.float32)[:batch]
+
+
+def make_onnx(args) -> dict:
+    """Driver side, once: the ONNX model of the weights file (the package's conversion, cached), and
+    Keras' model(x, training=False) on the micro input as the reference every micro mode is held to."""
+    import keras
+    import numpy as np
+
+    from fruit_assets.ml.onnx_model import converted_model
+    from fruit_assets.resources import weights_fingerprint
+
+    model = keras.applications.MobileNetV2(include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=args.weights)
+    weights = model.get_weights()
+    converted = converted_model(weights, weights_fingerprint(weights), Path(args.out).parent / "onnx_cache")
+    Path(args.out).write_bytes(converted.data)
+    np.save(args.reference, np.asarray(model(micro_input(MICRO_BATCH), training=False)))
+    return {"onnx": args.out, "reference": args.reference, "converted_now": converted.converted, "info": converted.info}
+
+
+def _micro_call(args):
+    """The inference function of `args.mode`: ONNX modes import onnxruntime only (the child's RSS is
+    the runtime's), TensorFlow modes import TensorFlow."""
+    if args.mode == "onnxruntime":
+        from fruit_assets.ml.onnx_model import onnx_inference_function
+
+        return onnx_inference_function(Path(args.onnx).read_bytes(), args.threads, args.inter_threads, args.spinning)
+    if args.mode == "onnxruntime-int8":
+        from benchmarks.quantized import int8_inference_function
+
+        return int8_inference_function(args.onnx, args.threads)
+    from benchmarks.inference_modes import tensorflow_mode
     from fruit_assets.ml.model import configure_tensorflow_threads, feature_extractor_from_weights
 
     configure_tensorflow_threads(args.threads, args.inter_threads)
-    import h5py  # noqa: F401
     import keras
 
     keras_model = keras.applications.MobileNetV2(include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=args.weights)
-    model = feature_extractor_from_weights(keras_model.get_weights())
-    from fruit_assets.ml.featurize import _inference_function
+    return tensorflow_mode(feature_extractor_from_weights(keras_model.get_weights()), args.mode, args.threads)
 
-    call = _inference_function(model, args.mode)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (args.batch_size, 224, 224, 3)).astype(np.float32)
+
+def micro_model(args) -> dict:
+    """The model call alone in one process: `mode` x threads x batch size, on the fixed random input,
+    compared with Keras' model(x) on it (`make-onnx` saved that reference)."""
+    import numpy as np
+
+    started = time.perf_counter()
+    call = _micro_call(args)
+    x = micro_input(args.batch_size)
+    load_s = time.perf_counter() - started
     started = time.perf_counter()
     first = np.asarray(call(x))
     first_s = time.perf_counter() - started
-    reference = np.asarray(model(x, training=False))
     times = []
     deadline = time.perf_counter() + args.seconds
     while time.perf_counter() < deadline or len(times) < 3:
@@ -378,15 +436,13 @@ def micro_model(args) -> dict:
         np.asarray(call(x))
         times.append(time.perf_counter() - started)
     median = float(np.median(times))
+    reference = np.load(args.reference)[: args.batch_size]
     return {
-        "mode": args.mode,
-        "threads": args.threads,
-        "batch_size": args.batch_size,
-        "first_call_s": round(first_s, 3),
-        "median_batch_s": round(median, 4),
-        "images_per_s": round(args.batch_size / median, 2),
-        "calls": len(times),
-        "max_abs_diff_vs_call": float(np.abs(first - reference).max()),
+        "mode": args.mode, "threads": args.threads, "batch_size": args.batch_size, "spinning": args.spinning,
+        "load_s": round(load_s, 3), "first_call_s": round(first_s, 3),
+        "median_batch_s": round(median, 4), "images_per_s": round(args.batch_size / median, 2), "calls": len(times),
+        "wall_measured_s": round(sum(times), 2),
+        "max_abs_diff_vs_keras": float(np.abs(first - reference).max()),
     }
 
 
@@ -451,9 +507,16 @@ def micro_decode(args) -> dict:
     return out
 
 
+def _quant_check(args) -> dict:
+    from benchmarks.quantized import quant_check
+
+    return quant_check(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.methods")
-    parser.add_argument("method", choices=["make-weights", "baseline", "notebook", "pipeline", "demo", "featurize", "micro-model", "micro-decode"])
+    parser.add_argument("method", choices=["make-weights", "make-onnx", "baseline", "notebook", "pipeline", "demo", "featurize",
+                                           "micro-model", "micro-decode", "quant-check"])
     parser.add_argument("--json")
     parser.add_argument("--out")
     parser.add_argument("--images")
@@ -474,11 +537,15 @@ def main(argv=None) -> int:
     parser.add_argument("--inter-threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--runtime", default="", help="pipeline: FRUIT_MODEL_RUNTIME (default: the package's default)")
+    parser.add_argument("--onnx", help="micro-model, quant-check: the converted model file (make-onnx)")
+    parser.add_argument("--reference", help="make-onnx writes, micro-model reads: Keras' output on the micro input")
+    parser.add_argument("--spinning", action="store_true", help="micro-model onnxruntime: allow thread spinning")
     args = parser.parse_args(argv)
     if args.method == "notebook" and not args.master:
         args.master = "local[*]"
     handler = {
-        "make-weights": make_weights, "baseline": baseline, "notebook": notebook, "pipeline": pipeline, "demo": demo,
+        "make-weights": make_weights, "make-onnx": make_onnx, "quant-check": _quant_check, "baseline": baseline, "notebook": notebook, "pipeline": pipeline, "demo": demo,
         "featurize": featurize_only, "micro-model": micro_model, "micro-decode": micro_decode,
     }[args.method]
     result = handler(args)

@@ -9,6 +9,7 @@ features back and, on Databricks, launch another remote step), and reported as a
 """
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from pyspark.storagelevel import StorageLevel
 from fruit_assets import plots
 from fruit_assets.catalog import list_images
 from fruit_assets.delta_tables import Snapshot
+from fruit_assets.incremental import FeaturizeResult
 from fruit_assets.ml.pca import PcaResult
 from fruit_assets.ml.featurize import read_bytes
 from fruit_assets.resources import FeatureModel, ImageSource, weights_fingerprint
@@ -98,9 +100,87 @@ def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd
     )
 
 
+@dataclass(frozen=True)
+class _PreparedModel:
+    payload: Any  # what the workers get by broadcast (see ml.featurize.prepare_model)
+    fingerprint: str  # of the weights: the workers' model cache key, and what reuse is keyed on
+    metadata: dict  # weights source and runtime, recorded in the materialization
+    seconds: float
+
+
+def _prepare_model(context: AssetExecutionContext, feature_model: FeatureModel) -> _PreparedModel:
+    """Resolve the weights on the driver and prepare the model for the configured runtime (for
+    onnxruntime: convert to ONNX once, then read it from the cache)."""
+    from fruit_assets.ml.featurize import prepare_model
+    from fruit_assets.ml.model import feature_extractor_weights
+
+    source = feature_model.weights_source()
+    described = source.describe()
+    if not described["weights_meaningful"]:
+        context.log.warning(f"featurizing with {described['weights_source']}: {described.get('weights_note', '')}")
+    started = time.perf_counter()
+    weights = feature_extractor_weights(source)
+    fingerprint = weights_fingerprint(weights)
+    payload, runtime = prepare_model(weights, fingerprint, feature_model.featurize_settings())
+    seconds = time.perf_counter() - started
+    if runtime.get("onnx_converted_now"):
+        context.log.info(f"converted the model to ONNX in {runtime['onnx_model_seconds']} s, cached at {runtime['onnx_model_file']}")
+    return _PreparedModel(payload, fingerprint, described | runtime, seconds)
+
+
+def _fail_if_too_many_skipped(result: FeaturizeResult, max_skipped_fraction: float) -> None:
+    """Raised before the output is yielded: nothing is written, the last good version stays."""
+    if result.skipped_fraction > max_skipped_fraction:
+        examples = "; ".join(f"{row.path}: {row.error}" for row in result.skipped.head(5).itertuples())
+        raise Failure(
+            description=f"{len(result.skipped)} of {result.catalogued} images ({result.skipped_fraction:.1%}) could "
+            f"not be featurized, over max_skipped_fraction={max_skipped_fraction} (feature_model resource). "
+            f"First ones: {examples}",
+            metadata={"skipped": len(result.skipped), "skipped_fraction": result.skipped_fraction,
+                      "skipped_images": _table(result.skipped)},
+        )
+
+
+def _features_metadata(result: FeaturizeResult, model: _PreparedModel, batch_size: int) -> dict:
+    seconds = result.seconds["featurize"]
+    return {
+        "rows": result.rows,
+        "featurized": result.featurized,
+        "reused": result.reused,
+        "removed": result.removed,  # stored rows removed: deleted images and the old rows of replaced ones
+        "dropped": result.dropped,  # of those, deleted images
+        "skipped": len(result.skipped),
+        "skipped_images": _table(result.skipped) if len(result.skipped) else MetadataValue.text("none"),
+        "plan": result.plan_reason,
+        **model.metadata,
+        "weights_fingerprint": model.fingerprint,
+        "feature_dim": FEATURE_DIM,
+        "partitions": result.partitions,
+        "batch_size": batch_size,
+        "model_setup_seconds": round(model.seconds, 2),
+        "plan_seconds": result.seconds["plan"],
+        "featurize_seconds": seconds,
+        "throughput_images_per_s": round(result.featurized / seconds, 2) if result.featurized and seconds else 0.0,
+    }
+
+
+def _feature_checks(result: FeaturizeResult, max_skipped_fraction: float):
+    yield AssetCheckResult(
+        check_name="one_row_per_image",
+        passed=bool(result.rows + len(result.skipped) == result.catalogued),
+        metadata={"catalogued": result.catalogued, "with_features": result.rows, "skipped": len(result.skipped),
+                  "skipped_fraction": round(result.skipped_fraction, 4), "max_skipped_fraction": max_skipped_fraction},
+    )
+    yield AssetCheckResult(
+        check_name="vectors_are_1280_finite_floats",
+        passed=bool(result.bad_vectors == 0),
+        metadata={"bad_vectors": result.bad_vectors, "vectors_checked": result.featurized},
+    )
+
+
 @asset(
     group_name=GROUP,
-    kinds={"spark", "tensorflow", "delta"},
+    kinds={"spark", "onnx", "delta"},
     check_specs=[
         AssetCheckSpec("one_row_per_image", asset="image_features",
                        description="Every catalogued image has a feature row, or is listed as skipped with its reason."),
@@ -115,84 +195,39 @@ def image_features(
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark.
+    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark
+    (runtime: ONNX Runtime by default, or a frozen TensorFlow graph; see the feature_model resource).
 
     Incremental: an image whose file (path, size, modification time) was featurized by the same
     weights keeps its stored vector and its data file; only new and replaced images go through the
     model, and only the data files that hold a deleted or replaced image are rewritten."""
     from fruit_assets.incremental import featurize_incremental
-    from fruit_assets.ml.featurize import FeaturizeSettings, featurize
-    from fruit_assets.ml.model import feature_extractor_weights
+    from fruit_assets.ml.featurize import featurize
 
-    source = feature_model.weights_source()
-    described = source.describe()
-    started = time.perf_counter()
-    weights = feature_extractor_weights(source)
-    model_seconds = time.perf_counter() - started
-    fingerprint = weights_fingerprint(weights)
-    if not described["weights_meaningful"]:
-        context.log.warning(f"featurizing with {described['weights_source']}: {described.get('weights_note', '')}")
-    settings = FeaturizeSettings(batch_size=feature_model.batch_size, tf_intra_op_threads=feature_model.tf_intra_op_threads)
+    spark = pyspark.spark_session
+    model = _prepare_model(context, feature_model)
+    settings = feature_model.featurize_settings()
 
     def featurize_rows(rows, partitions):
-        return featurize(rows, weights, fingerprint, settings, feature_model.partitions or partitions)
+        return featurize(rows, model.payload, model.fingerprint, settings, feature_model.partitions or partitions)
 
     def progress(total):
         def log(done: int, total: int, seconds: float) -> None:
             context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
 
-        return reporting_progress(pyspark.spark_session, total, log, PROGRESS_EVERY_SECONDS)
+        return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS)
 
     stored = context.resources.io_manager.snapshot(context.asset_key)
-    result = featurize_incremental(pyspark.spark_session, raw_images, stored, featurize_rows, fingerprint, progress)
+    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, progress)
     try:
         context.log.info(
             f"{result.rows} of {result.catalogued} images have features: {result.featurized} featurized in "
             f"{result.seconds['featurize']:.1f} s, {result.reused} reused, {result.removed} stored row(s) removed, "
             f"{len(result.skipped)} skipped ({result.plan_reason})"
         )
-        if result.skipped_fraction > feature_model.max_skipped_fraction:
-            examples = "; ".join(f"{row.path}: {row.error}" for row in result.skipped.head(5).itertuples())
-            # Raised before the output is yielded: nothing is written, the last good version stays.
-            raise Failure(
-                description=f"{len(result.skipped)} of {result.catalogued} images ({result.skipped_fraction:.1%}) could "
-                f"not be featurized, over max_skipped_fraction={feature_model.max_skipped_fraction} (feature_model "
-                f"resource). First ones: {examples}",
-                metadata={"skipped": len(result.skipped), "skipped_fraction": result.skipped_fraction,
-                          "skipped_images": _table(result.skipped)},
-            )
-        yield Output(result.change, metadata={
-            "rows": result.rows,
-            "featurized": result.featurized,
-            "reused": result.reused,
-            "removed": result.removed,  # stored rows removed: deleted images and the old rows of replaced ones
-            "dropped": result.dropped,  # of those, deleted images
-            "skipped": len(result.skipped),
-            "skipped_images": _table(result.skipped) if len(result.skipped) else MetadataValue.text("none"),
-            "plan": result.plan_reason,
-            **described,
-            "weights_fingerprint": fingerprint,
-            "feature_dim": FEATURE_DIM,
-            "partitions": result.partitions,
-            "batch_size": feature_model.batch_size,
-            "model_setup_seconds": round(model_seconds, 2),
-            "plan_seconds": result.seconds["plan"],
-            "featurize_seconds": result.seconds["featurize"],
-            "throughput_images_per_s": round(result.featurized / result.seconds["featurize"], 2)
-            if result.featurized and result.seconds["featurize"] else 0.0,
-        })
-        yield AssetCheckResult(
-            check_name="one_row_per_image",
-            passed=bool(result.rows + len(result.skipped) == result.catalogued),
-            metadata={"catalogued": result.catalogued, "with_features": result.rows, "skipped": len(result.skipped),
-                      "skipped_fraction": round(result.skipped_fraction, 4),
-                      "max_skipped_fraction": feature_model.max_skipped_fraction},
-        )
-        yield AssetCheckResult(
-            check_name="vectors_are_1280_finite_floats",
-            passed=bool(result.bad_vectors == 0),
-            metadata={"bad_vectors": result.bad_vectors, "vectors_checked": result.featurized},
-        )
+        _fail_if_too_many_skipped(result, feature_model.max_skipped_fraction)
+        yield Output(result.change, metadata=_features_metadata(result, model, settings.batch_size))
+        yield from _feature_checks(result, feature_model.max_skipped_fraction)
     finally:
         result.cached.unpersist()
 

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fruit_assets.definitions import all_assets_and_checks
     from fruit_assets.demo_data import generate_demo_set
-    from fruit_assets.resources import FeatureModel, build_resources, default_images_uri
+    from fruit_assets.ml.featurize import FeaturizeSettings
+    from fruit_assets.resources import FeatureModel, build_resources, default_images_uri, env_or_default
 
     started = time.perf_counter()
     if not os.environ.get("FRUIT_IMAGES_URI"):
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = choose_weights()
     resources = build_resources()
-    resources["feature_model"] = FeatureModel(weights=weights)
+    resources["feature_model"] = FeatureModel(
+        weights=weights, runtime=env_or_default("FRUIT_MODEL_RUNTIME", FeaturizeSettings.runtime)
+    )
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
     result = materialize(
         all_assets_and_checks,
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfruit_assets demo: 4 assets materialized in {time.perf_counter() - started:.0f} s (run {result.run_id})")
     print(f"  images           {metadata['raw_images']['images_uri']} ({metadata['raw_images']['rows']} images, {metadata['raw_images']['labels']} labels)")
     print(f"  weights          {features['weights_source']}" + ("" if features["weights_meaningful"] else "  (NOT meaningful: random initialisation)"))
-    print(f"  featurization    {features['throughput_images_per_s']} images/s, {features['skipped']} skipped")
+    print(f"  featurization    {features['throughput_images_per_s']} images/s with {features['runtime']}, {features['skipped']} skipped")
     print(f"  PCA              k={pca['k']}, explained variance {pca['explained_variance_total']:.1%} (target {pca['variance_target']:.0%})")
     for name, column in [("raw_images", None), ("image_features", "features"), ("pca_model", "loadings"), ("reduced_features", "pca_features")]:
         uri = metadata[name]["path"]

@@ -26,6 +26,7 @@ from pyspark.storagelevel import StorageLevel
 
 from fruit_assets import delta_tables, spark_delta
 from fruit_assets.delta_tables import Snapshot
+from fruit_assets.ml.featurize import default_partitions
 from fruit_assets.ml.pca import FeatureStatistics, feature_statistics
 
 SOURCE_VERSION = ["path", "size_bytes", "modified_at"]  # an image file, as it was when featurized
@@ -187,7 +188,7 @@ def featurize_incremental(
     catalog = catalog.select("path", "label", "size_bytes", "modified_at")
     plan = plan_features(spark, catalog, stored, fingerprint)
     todo = plan.todo.count()
-    partitions = max(1, min(todo, spark.sparkContext.defaultParallelism))
+    partitions = default_partitions(spark, todo)
     planned = time.perf_counter()
     results = featurize_rows(plan.todo, partitions).persist(StorageLevel.MEMORY_AND_DISK)
     with progress(todo) if progress else nullcontext():

@@ -21,7 +21,7 @@ from pydantic import Field
 from fruit_assets import storage
 from fruit_assets.io_manager import DeltaIOManager
 from fruit_assets.delta_tables import DEFAULT_RETENTION_HOURS
-from fruit_assets.ml.featurize import FeaturizeSettings
+from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
 
 # local: everything in-process on local Spark (the embedded default).
 # databricks: the Spark assets go to a Databricks cluster through the step launcher.
@@ -30,7 +30,7 @@ DEPLOYMENTS = ("local", "databricks", "databricks_cluster")
 # Settings the step needs on the cluster too (never credentials: those come from a secret scope
 # or the instance profile).
 FORWARDED_TO_CLUSTER = (
-    "FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS", "FRUIT_RETENTION_HOURS",
+    "FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS", "FRUIT_MODEL_RUNTIME", "FRUIT_RETENTION_HOURS",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
 )
 
@@ -76,10 +76,22 @@ class FeatureModel(ConfigurableResource):
         description="FRUIT_MODEL_WEIGHTS: 'imagenet' (Keras download/cache), a path to a MobileNetV2 "
         ".h5 weights file (with or without top), or 'random[:seed]' (deterministic, NOT meaningful)",
     )
+    runtime: str = Field(
+        default=FeaturizeSettings.runtime,
+        description="FRUIT_MODEL_RUNTIME: 'onnxruntime' (the Keras model converted to ONNX once on the driver, "
+        "cached by weights fingerprint; workers run ONNX Runtime and never import TensorFlow) or 'tensorflow' "
+        "(workers rebuild the Keras model and run it as a frozen TensorFlow graph). Both exact fp32.",
+    )
     batch_size: int = Field(default=FeaturizeSettings.batch_size, description="Images per model call inside a Spark task.")
     partitions: int = Field(default=0, description="Spark partitions to featurize in; 0 = one per core.")
-    tf_intra_op_threads: int = Field(
-        default=FeaturizeSettings.tf_intra_op_threads, description="TensorFlow threads per Spark Python worker."
+    intra_op_threads: int = Field(
+        default=FeaturizeSettings.intra_op_threads,
+        description="Intra-op threads of the runtime in each Spark Python worker (Spark runs one worker per core).",
+    )
+    onnx_providers: list[str] = Field(
+        default=list(FeaturizeSettings.onnx_providers),
+        description="ONNX Runtime execution providers, in order of preference; a GPU cluster with onnxruntime-gpu "
+        "can use ['CUDAExecutionProvider', 'CPUExecutionProvider'].",
     )
     max_skipped_fraction: float = Field(
         default=0.1,
@@ -92,8 +104,24 @@ class FeatureModel(ConfigurableResource):
 
         return parse_weights_setting(self.weights, setting_name="FRUIT_MODEL_WEIGHTS")
 
+    def featurize_settings(self) -> FeaturizeSettings:
+        return FeaturizeSettings(
+            runtime=self.runtime.strip().lower(),
+            batch_size=self.batch_size,
+            intra_op_threads=self.intra_op_threads,
+            onnx_providers=tuple(self.onnx_providers),
+        )
+
     def setup_for_execution(self, context) -> None:
-        self.weights_source()  # an unusable FRUIT_MODEL_WEIGHTS value fails the step before any work
+        # An unusable FRUIT_MODEL_WEIGHTS or runtime setting fails the step before any work.
+        self.weights_source()
+        settings = self.featurize_settings()
+        check_runtime(settings.runtime)
+        if settings.runtime == "onnxruntime":
+            from fruit_assets.ml.onnx_model import check_providers, require_packages
+
+            require_packages()
+            check_providers(settings.onnx_providers)
 
 
 def weights_fingerprint(weights) -> str:
@@ -134,7 +162,10 @@ def build_resources(deployment: str | None = None) -> dict:
             retention_hours=EnvVar.int("FRUIT_RETENTION_HOURS") if os.environ.get("FRUIT_RETENTION_HOURS") else DEFAULT_RETENTION_HOURS,
         ),
         "images": ImageSource(uri=env_or_default("FRUIT_IMAGES_URI", default_images_uri())),
-        "feature_model": FeatureModel(weights=env_or_default("FRUIT_MODEL_WEIGHTS", "imagenet")),
+        "feature_model": FeatureModel(
+            weights=env_or_default("FRUIT_MODEL_WEIGHTS", "imagenet"),
+            runtime=env_or_default("FRUIT_MODEL_RUNTIME", FeaturizeSettings.runtime),
+        ),
     }
     if deployment == "local":
         # Read when the local SparkContext starts: bind Spark to loopback rather than guessing a

@@ -21,6 +21,16 @@ TEST_WEIGHTS = "random:0"
 TEST_BUCKET = "fruit-test"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """ONNX conversions of this test session go to a fresh folder, not the user's cache: every session
+    converts (and checks) the models it uses at least once."""
+    folder = tmp_path_factory.mktemp("model_cache")
+    os.environ["FRUIT_MODEL_CACHE"] = str(folder)
+    yield folder
+    os.environ.pop("FRUIT_MODEL_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """One real S3 server (SeaweedFS) per test session, on free loopback ports, with a bucket.

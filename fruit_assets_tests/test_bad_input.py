@@ -4,6 +4,7 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
@@ -22,6 +23,7 @@ from fruit_assets_tests.conftest import (
     read_asset,
 )
 from fruit_assets_tests.hostile_files import write_hostile_tree
+from fruit_assets_tests.test_runtimes import keras_features
 from fruit_assets_tests.weights_files import save_legacy_h5
 
 FEATURIZE = ["raw_images", "image_features"]
@@ -66,6 +68,11 @@ def test_hostile_files_are_featurized_or_listed_with_their_reason(spark, hostile
     assert set(relative) == good
     assert (stored.features.map(len) == 1280).all()
     assert set(stored.label) == {"Apple Red", "Äpfel Grün", "Modes"}
+    # The default runtime (ONNX Runtime) equals plain Keras on the same decoded images.
+    assert metadata["runtime"] == "onnxruntime"
+    stored = stored.sort_values("path", ignore_index=True)
+    reference = keras_features("random:0", list(stored.path))
+    assert np.abs(np.stack(stored.features) - reference).max() < 1e-4
 
     assert metadata["skipped"] == len(bad)
     skipped = {r.data["path"].removeprefix(f"{prefix}/images/"): r.data["error"] for r in metadata["skipped_images"].records}

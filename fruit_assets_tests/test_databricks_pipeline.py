@@ -57,7 +57,8 @@ def launcher_settings(path: Path) -> Path:
                     "nodes": {"node_types": {"node_type_id": "i3.xlarge"}},
                 }
             },
-            "libraries": [{"pypi": {"package": "tensorflow-cpu==2.21.0"}}, {"pypi": {"package": "pillow"}}],
+            "libraries": [{"pypi": {"package": "tensorflow-cpu==2.21.0"}}, {"pypi": {"package": "onnxruntime==1.32.0"}},
+                          {"pypi": {"package": "tf2onnx==1.17.0"}}, {"pypi": {"package": "pillow"}}],
         },
         "storage": {"s3": {"secret_scope": "storage", "access_key_key": "access_key", "secret_key_key": "secret_key"}},
         "poll_interval_sec": 0.5,
@@ -116,6 +117,7 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     assert set(materialized) == {"raw_images", *SPARK_ASSETS}
     metadata = {k: v.value for k, v in materialized["image_features"].dagster_event.materialization.metadata.items()}
     assert (metadata["rows"], metadata["featurized"], metadata["weights_source"]) == (72, 72, "random:0")
+    assert metadata["runtime"] == "onnxruntime"  # the default runtime on the cluster too
     messages = [e.user_message for e in events]
     assert any("72 of 72 images have features" in m for m in messages)
     checks = [e.dagster_event.event_specific_data for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]

@@ -31,15 +31,22 @@ def _children(pid: int, parents: dict[int, int]) -> list[int]:
     return [child for child, parent in parents.items() if parent == pid]
 
 
-def _rss_mib(pid: int) -> float:
+def _has_model_runtime(pid: int) -> bool:
+    """ONNX Runtime (or TensorFlow) is loaded in the process: it has built a model."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+        with open(f"/proc/{pid}/maps") as f:
+            return any("onnxruntime" in line or "libtensorflow" in line for line in f)
     except OSError:
-        pass
-    return 0.0
+        return False
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _cmdline(pid: int) -> str:
@@ -70,9 +77,12 @@ def test_a_killed_python_worker_is_retried_and_every_image_appears_once(spark, t
 
     def kill_a_featurizing_worker():
         deadline = time.monotonic() + 240
+        ticks: dict[int, int] = {}
         while time.monotonic() < deadline and not killed:
             for pid in python_workers():
-                if _rss_mib(pid) > 400:  # TensorFlow is loaded: this worker is featurizing
+                before, ticks[pid] = ticks.get(pid), _cpu_ticks(pid)
+                # A model runtime is loaded and the worker is computing: it is featurizing.
+                if before is not None and ticks[pid] > before and _has_model_runtime(pid):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                     return

@@ -1,7 +1,8 @@
-"""image_features computed in Spark equal a plain single-process Keras prediction.
+"""image_features computed in Spark equal plain single-process Keras, with every runtime.
 
 The reference path is deliberately independent of the project's model code: keras.applications'
-own MobileNetV2 loading the same .h5 file, Pillow, and Keras' own preprocess_input.
+own MobileNetV2 loading the same .h5 file, Pillow, Keras' own preprocess_input, and
+model(x, training=False).
 """
 
 import io
@@ -43,15 +44,16 @@ def keras_reference(weights_file, paths):
     batch = np.stack(
         [np.asarray(Image.open(io.BytesIO(open(p, "rb").read())).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for p in paths]
     ).astype(np.float32)
-    return model.predict(keras.applications.mobilenet_v2.preprocess_input(batch), batch_size=32, verbose=0)
+    return np.asarray(model(keras.applications.mobilenet_v2.preprocess_input(batch), training=False))
 
 
-def test_spark_features_equal_single_process_keras(spark, handful, weights_file, tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "tensorflow"])
+def test_spark_features_equal_single_process_keras(spark, handful, weights_file, tmp_path, runtime):
     from fruit_assets.resources import FeatureModel
 
     resources = local_resources(handful, tmp_path, weights=str(weights_file))
     # 1 broken file in 7 is over the default max_skipped_fraction (0.1): allow it here.
-    resources["feature_model"] = FeatureModel(weights=str(weights_file), max_skipped_fraction=0.5)
+    resources["feature_model"] = FeatureModel(weights=str(weights_file), runtime=runtime, max_skipped_fraction=0.5)
     result = materialize_all(resources, selection=["raw_images", "image_features"])
     features = read_asset(tmp_path, "image_features").sort_values("path", ignore_index=True)
     assert len(features) == 6
@@ -63,6 +65,7 @@ def test_spark_features_equal_single_process_keras(spark, handful, weights_file,
     assert np.abs(actual[0] - actual[3]).max() > 1e-2
 
     metadata = metadata_of(result, "image_features")
+    assert metadata["runtime"] == runtime
     assert metadata["weights_source"] == f"file:{weights_file}"
     assert metadata["weights_meaningful"] is True
     # The pretend JPEG is skipped with its path and reason; the check accounts for it.
