@@ -16,11 +16,17 @@ it is used rather than boto3: on 60,000 objects with the same thread pool, boto3
 (botocore parses responses in Python). The rows go straight into Arrow arrays, one set per folder,
 and every rule below is applied to whole columns by Arrow compute functions, not row by row.
 
-The cost is one LIST request per label folder plus one per further 1,000 keys in it. When the root
-has more than `max_folder_listings` folders (default 1,000), one request per folder would multiply
-the requests (and the bill) when the folders are small, so the root is then listed as one flat,
-sequential listing instead: `ceil(objects / 1000)` requests. A single folder is always listed
-sequentially, so the time of a listing is at least `pages of the largest folder x round trip`.
+The cost is one LIST request per label folder plus one per further 1,000 keys in it. Up to
+`max_folder_listings` folders (default 1,000) that is at most that many requests more than a flat
+listing. With more folders, one request per folder could multiply the requests (and the bill) when
+the folders are small: 100,000 folders of 10 images would take 100,000 requests where a flat listing
+takes 1,000. So a sample of `concurrency` folders, spread over the sorted list, is listed first; if
+they hold at least MIN_MEAN_FOLDER_KEYS (500) keys on average, listing folder by folder costs at most
+about twice the requests of a flat listing and goes on (the sample is part of it); otherwise the root
+is listed as one flat, sequential listing, `ceil(objects / 1000)` requests (the sample's requests
+are then wasted: one round of `concurrency` requests). A single folder is always listed
+sequentially, so the time of a listing is at least `pages of the largest folder x round trip`, and a
+flat listing is `ceil(objects / 1000)` round trips.
 
 Rules (the same as before any of this): files ending in .jpg, .jpeg or .png in any case are images;
 the label is the name of the folder holding the file; files and folders whose name starts with `.`
@@ -60,8 +66,9 @@ _RAW_SCHEMA = pa.schema([("fs_path", pa.string()), ("size", pa.int64()), ("mtime
 # Folders listed at the same time. Listing is bound by round trips, not by this machine: 32 requests
 # in flight keep a million images in 150 folders to about 33 rounds of requests.
 DEFAULT_CONCURRENCY = 32
-# Above this many label folders the root is listed flat (see the module docstring).
+# Above this many label folders, a sample decides between folder by folder and flat (module docstring).
 DEFAULT_MAX_FOLDER_LISTINGS = 1000
+MIN_MEAN_FOLDER_KEYS = 500
 IGNORED_EXAMPLES = 10  # ignored files named in the listing (all of them are counted)
 
 _IMAGE_PATTERN = "(" + "|".join(re.escape(extension) for extension in IMAGE_EXTENSIONS) + ")$"
@@ -103,12 +110,7 @@ def list_images(
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     try:
-        folders, top_files = _top_level(root)
-        flat = len(folders) > max_folder_listings
-        if flat:
-            raw = _list_files(root.filesystem, root.path)
-        else:
-            raw = pa.concat_tables([top_files, *_list_folders(root.filesystem, folders, concurrency)])
+        raw, folders, flat = _list_raw(root, concurrency, max_folder_listings)
     except (OSError, pa.ArrowException) as error:  # network, credentials, throttling after the retries
         raise ImageListingError(
             f"could not list the images under {setting}={root.uri}: {type(error).__name__}: {error}"
@@ -117,8 +119,22 @@ def list_images(
     examples = ignored.sort().slice(0, IGNORED_EXAMPLES).to_pylist()
     return ImageListing(
         uri=root.uri, images=images, ignored=len(ignored), ignored_examples=tuple(examples),
-        folders=len(folders), flat=flat,
+        folders=folders, flat=flat,
     )
+
+
+def _list_raw(root: Location, concurrency: int, max_folder_listings: int) -> tuple[pa.Table, int, bool]:
+    """(every file below the root, label folders at its top level, whether it was listed flat)."""
+    folders, top_files = _top_level(root)
+    done: list[pa.Table] = []
+    if len(folders) > max_folder_listings:
+        sample = folders[:: max(1, len(folders) // concurrency)][:concurrency]
+        done = _list_folders(root.filesystem, sample, concurrency)
+        if sum(table.num_rows for table in done) < MIN_MEAN_FOLDER_KEYS * len(sample):
+            return _list_files(root.filesystem, root.path), len(folders), True
+        folders = sorted(set(folders) - set(sample))
+    rest = _list_folders(root.filesystem, folders, concurrency)
+    return pa.concat_tables([top_files, *done, *rest]), len(folders) + len(done), False
 
 
 def _top_level(root: Location) -> tuple[list[str], pa.Table]:

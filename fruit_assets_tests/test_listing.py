@@ -111,14 +111,29 @@ def proxy(s3, monkeypatch):
         yield proxy
 
 
-def test_requests_made_by_each_strategy(s3_tree, proxy):
-    top_entries = FOLDERS + 1 + 1  # the folders, .hidden/ and stray.jpg
-    list_images(storage.resolve(s3_tree), max_folder_listings=5000)
-    per_folder = s3_pages(top_entries) + s3_pages(BIG_IMAGES + 2) + SMALL_LABELS + 1  # hidden: never listed
-    assert proxy.reset() == {"LIST": per_folder}
+TOP_ENTRIES = FOLDERS + 1 + 1  # the folders, .hidden/ and stray.jpg
+PER_FOLDER_REQUESTS = s3_pages(TOP_ENTRIES) + s3_pages(BIG_IMAGES + 2) + SMALL_LABELS + 1  # .hidden: never listed
 
-    list_images(storage.resolve(s3_tree), max_folder_listings=1000)
-    assert proxy.reset() == {"LIST": s3_pages(top_entries) + s3_pages(len(big_tree()))}
+
+def test_requests_made_by_each_strategy(s3_tree, proxy):
+    list_images(storage.resolve(s3_tree), max_folder_listings=5000)
+    assert proxy.reset() == {"LIST": PER_FOLDER_REQUESTS}
+
+    # Above the limit, 32 folders spread over the list are listed first: BIG (2 pages) and 31 small
+    # ones. Too small on average, so the root is listed flat.
+    listing = list_images(storage.resolve(s3_tree), max_folder_listings=1000)
+    assert listing.flat
+    assert proxy.reset() == {"LIST": s3_pages(TOP_ENTRIES) + (2 + 31) + s3_pages(len(big_tree()))}
+
+
+def test_big_folders_in_the_sample_keep_the_listing_folder_by_folder(s3_tree, proxy):
+    # One thread: the sample is the first folder, BIG, with more than 500 keys; it is not listed twice.
+    listing = list_images(storage.resolve(s3_tree), concurrency=1, max_folder_listings=1000)
+    assert not listing.flat and listing.folders == FOLDERS
+    assert sorted(zip(*(listing.images[name].to_pylist() for name in ("path", "label", "size_bytes")))) == (
+        expected_rows(s3_tree)
+    )
+    assert proxy.reset() == {"LIST": PER_FOLDER_REQUESTS}
 
 
 def small_tree() -> dict[str, bytes]:
