@@ -9,6 +9,7 @@ features back and, on Databricks, launch another remote step), and reported as a
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ def _plot(context: AssetExecutionContext, name: str, png: bytes) -> dict:
 
 
 CONTACT_SHEET_LABELS = 24  # the sheet is embedded in every materialization event: keep it small
+SAMPLE_READERS = 16  # the contact sheet's images are read this many at a time
 LABEL_TABLE_ROWS = 500  # so is the images-per-label table: with 100,000 labels it would weigh megabytes
 
 
@@ -88,7 +90,9 @@ def raw_images(context: AssetExecutionContext, images: ImageSource) -> Output[pd
     catalog = listing.catalog()
     counts = catalog.groupby("label").size().rename("images").reset_index()
     samples = catalog[catalog.label.isin(sorted(counts.label)[:CONTACT_SHEET_LABELS])].groupby("label").head(3)
-    with_bytes = [(row.label, read_bytes(row.path)) for row in samples.itertuples()]
+    # Two requests per image (HEAD, GET): one after the other, 72 images were 7 s at 50 ms per request.
+    with ThreadPoolExecutor(SAMPLE_READERS) as pool:
+        with_bytes = list(zip(samples.label, pool.map(read_bytes, samples.path)))
     return Output(
         catalog,
         metadata={
