@@ -56,6 +56,9 @@ class CountingProxy:
         self.delay_seconds = delay_seconds
         self.on_request = on_request
         self.counts: Counter[str] = Counter()
+        self.connections = 0  # accepted so far: how many connections clients opened
+        self.peak_in_flight = 0  # most requests inside their delay at once: the client's parallelism
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
@@ -80,9 +83,10 @@ class CountingProxy:
         return self
 
     def reset(self) -> Counter:
-        """The counts so far, and start counting from zero."""
+        """The counts so far, and start counting from zero (requests and peak parallelism)."""
         with self._lock:
             counts, self.counts = self.counts, Counter()
+            self.peak_in_flight = self._in_flight
         return counts
 
     def stop(self) -> None:
@@ -114,6 +118,7 @@ class CountingProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets.update((client, upstream))
+                self.connections += 1
             threading.Thread(target=self._forward_requests, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._copy, args=(upstream, client), daemon=True).start()
 
@@ -131,13 +136,23 @@ class CountingProxy:
                 if self.on_request is not None and self.on_request(kind, target) is False:
                     return  # dropped: the finally clause closes both sides
                 if self.delay_seconds:
-                    time.sleep(self.delay_seconds)
+                    self._delay()
                 upstream.sendall(head)  # before the body: a client may wait for "100 Continue"
                 buffer = _relay_body(client, upstream, buffer, body_length)
         except (OSError, ValueError):
             pass
         finally:
             self._forget(client, upstream)
+
+    def _delay(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            time.sleep(self.delay_seconds)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def _copy(self, source: socket.socket, target: socket.socket) -> None:
         try:

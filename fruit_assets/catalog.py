@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from fruit_assets.ml.images import IMAGE_EXTENSIONS
+from fruit_assets import storage
 from fruit_assets.storage import Location
 
 CATALOG_COLUMNS = ["path", "label", "size_bytes", "modified_at"]
@@ -64,8 +65,9 @@ CATALOG_SCHEMA = pa.schema(
 _RAW_SCHEMA = pa.schema([("fs_path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
 
 # Folders listed at the same time. Listing is bound by round trips, not by this machine: 32 requests
-# in flight keep a million images in 150 folders to about 33 rounds of requests.
-DEFAULT_CONCURRENCY = 32
+# in flight keep a million images in 150 folders to 36 rounds of requests. pyarrow's S3 client has as
+# many connections as its IO thread pool had threads when it was made (storage.S3_IO_THREADS).
+DEFAULT_CONCURRENCY = storage.S3_IO_THREADS
 # Above this many label folders, a sample decides between folder by folder and flat (module docstring).
 DEFAULT_MAX_FOLDER_LISTINGS = 1000
 MIN_MEAN_FOLDER_KEYS = 500
@@ -109,6 +111,8 @@ def list_images(
     """Every image below `root` (a missing root lists as empty). Raises ImageListingError."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    # Each of our threads waits on a request that pyarrow runs on its IO pool: the pool must be as big.
+    storage.ensure_io_threads(concurrency)
     try:
         raw, folders, flat = _list_raw(root, concurrency, max_folder_listings)
     except (OSError, pa.ArrowException) as error:  # network, credentials, throttling after the retries

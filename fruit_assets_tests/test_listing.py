@@ -136,6 +136,18 @@ def test_big_folders_in_the_sample_keep_the_listing_folder_by_folder(s3_tree, pr
     assert proxy.reset() == {"LIST": PER_FOLDER_REQUESTS}
 
 
+def test_folders_are_listed_concurrency_requests_at_a_time(s3, proxy):
+    # pyarrow runs S3 requests on its own IO thread pool, 8 threads by default: without enlarging it,
+    # 16 listing threads had 8 requests in flight. The proxy holds each request for a second, so the
+    # requests sent at once pile up there.
+    uri = new_prefix()
+    upload(s3, uri, {f"F{i:02d}/x.jpg": b"x" for i in range(20)})
+    proxy.delay_seconds = 1.0
+    listing = list_images(storage.resolve(uri), concurrency=16)
+    assert listing.images.num_rows == 20
+    assert proxy.peak_in_flight > 8
+
+
 def small_tree() -> dict[str, bytes]:
     return {f"{label}/r0_{i}.jpg": b"z" * (i + 1) for label in ("Apple", "Banana", "Cherry") for i in range(3)}
 
