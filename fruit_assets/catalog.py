@@ -114,12 +114,13 @@ def list_images(
     # Each of our threads waits on a request that pyarrow runs on its IO pool: the pool must be as big.
     storage.ensure_io_threads(concurrency)
     try:
-        raw, folders, flat = _list_raw(root, concurrency, max_folder_listings)
+        parts, folders, flat = _list_parts(root, concurrency, max_folder_listings)
     except (OSError, pa.ArrowException) as error:  # network, credentials, throttling after the retries
         raise ImageListingError(
             f"could not list the images under {setting}={root.uri}: {type(error).__name__}: {error}"
         ) from error
-    images, ignored = _apply_rules(root, raw)
+    images = pa.concat_tables([part.images for part in parts]).sort_by("path").combine_chunks()
+    ignored = pa.chunked_array([part.ignored for part in parts], pa.string())
     examples = ignored.sort().slice(0, IGNORED_EXAMPLES).to_pylist()
     return ImageListing(
         uri=root.uri, images=images, ignored=len(ignored), ignored_examples=tuple(examples),
@@ -127,18 +128,30 @@ def list_images(
     )
 
 
-def _list_raw(root: Location, concurrency: int, max_folder_listings: int) -> tuple[pa.Table, int, bool]:
-    """(every file below the root, label folders at its top level, whether it was listed flat)."""
+@dataclass(frozen=True)
+class _Part:
+    """What one listing request sequence found, the rules applied: images, and ignored files' URIs."""
+
+    images: pa.Table
+    ignored: pa.Array
+
+    @property
+    def files(self) -> int:
+        return self.images.num_rows + len(self.ignored)
+
+
+def _list_parts(root: Location, concurrency: int, max_folder_listings: int) -> tuple[list[_Part], int, bool]:
+    """(what the listings found, label folders at the top level of the root, whether it was listed flat)."""
     folders, top_files = _top_level(root)
-    done: list[pa.Table] = []
+    done: list[_Part] = []
     if len(folders) > max_folder_listings:
         sample = folders[:: max(1, len(folders) // concurrency)][:concurrency]
-        done = _list_folders(root.filesystem, sample, concurrency)
-        if sum(table.num_rows for table in done) < MIN_MEAN_FOLDER_KEYS * len(sample):
-            return _list_files(root.filesystem, root.path), len(folders), True
+        done = _list_folders(root, sample, concurrency)
+        if sum(part.files for part in done) < MIN_MEAN_FOLDER_KEYS * len(sample):
+            return [_list_part(root, root.path)], len(folders), True
         folders = sorted(set(folders) - set(sample))
-    rest = _list_folders(root.filesystem, folders, concurrency)
-    return pa.concat_tables([top_files, *done, *rest]), len(folders) + len(done), False
+    rest = _list_folders(root, folders, concurrency)
+    return [_apply_rules(root, top_files), *done, *rest], len(folders) + len(done), False
 
 
 def _top_level(root: Location) -> tuple[list[str], pa.Table]:
@@ -152,10 +165,12 @@ def _top_level(root: Location) -> tuple[list[str], pa.Table]:
     return sorted(folders), _raw_table([info for info in infos if info.is_file])
 
 
-def _list_files(filesystem: pafs.FileSystem, path: str) -> pa.Table:
-    """Every file below `path`, all pages of it. A folder deleted since it was seen lists as empty."""
-    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return _raw_table([info for info in infos if info.is_file])
+def _list_part(root: Location, path: str) -> _Part:
+    """Every file below `path`, all pages of it, the rules applied (here, in the listing thread: Arrow
+    compute releases the GIL, and only one folder's intermediate columns exist at a time per thread).
+    A folder deleted since it was seen lists as empty."""
+    infos = root.filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return _apply_rules(root, _raw_table([info for info in infos if info.is_file]))
 
 
 def _raw_table(files: list[pafs.FileInfo]) -> pa.Table:
@@ -169,12 +184,12 @@ def _raw_table(files: list[pafs.FileInfo]) -> pa.Table:
     )
 
 
-def _list_folders(filesystem: pafs.FileSystem, folders: list[str], concurrency: int) -> list[pa.Table]:
-    """`_list_files` of every folder, `concurrency` at a time; the first failure stops the others."""
+def _list_folders(root: Location, folders: list[str], concurrency: int) -> list[_Part]:
+    """`_list_part` of every folder, `concurrency` at a time; the first failure stops the others."""
     if not folders:
         return []
     with ThreadPoolExecutor(min(concurrency, len(folders)), thread_name_prefix="list-images") as pool:
-        futures = [pool.submit(_list_files, filesystem, folder) for folder in folders]
+        futures = [pool.submit(_list_part, root, folder) for folder in folders]
         try:
             return [future.result() for future in futures]
         except BaseException:
@@ -183,8 +198,8 @@ def _list_folders(filesystem: pafs.FileSystem, folders: list[str], concurrency: 
             raise
 
 
-def _apply_rules(root: Location, raw: pa.Table) -> tuple[pa.Table, pa.Array]:
-    """(images in CATALOG_SCHEMA sorted by path, URIs of the ignored files), column by column."""
+def _apply_rules(root: Location, raw: pa.Table) -> _Part:
+    """The images (CATALOG_SCHEMA) and the URIs of the ignored files among `raw`, column by column."""
     base = root.path.rstrip("/") + "/"
     relative = pc.utf8_slice_codeunits(raw["fs_path"], len(base))  # every listed path starts with base
     hidden = pc.match_substring_regex(relative, _HIDDEN_PATTERN)
@@ -205,4 +220,4 @@ def _apply_rules(root: Location, raw: pa.Table) -> tuple[pa.Table, pa.Array]:
         schema=CATALOG_SCHEMA,
     )
     ignored = pc.binary_join_element_wise(uri_base, relative.filter(ignore), "")
-    return images.sort_by("path").combine_chunks(), ignored.combine_chunks()
+    return _Part(images=images, ignored=ignored.combine_chunks())
