@@ -7,9 +7,9 @@ their labels. Equal whole digests mean equal states; the per-label digests say w
 
 The per-label digests go into the sensor's cursor, which Dagster stores in its database and copies
 into every tick that changes it, so their number is bounded: up to MAX_NAMED_LABELS labels each keep a
-digest under its own name (about 40 bytes a label: 1,000 labels make a cursor of about 40 KB); with
-more labels, labels are hashed into LABEL_GROUPS groups and each group keeps one digest (about 25 KB
-whatever the number of labels). A change is then located to a group, and the message names the labels
+digest under its own name (about 20 bytes plus the name: 1,000 labels of 20 characters make a cursor
+of 40 KB); with more labels, labels are hashed into LABEL_GROUPS groups and each group keeps one
+digest (25 KB whatever the number of labels). A change is then located to a group, and the message names the labels
 the group holds now. The short digests in the cursor (48 bits) only locate changes; whether anything
 changed is decided by the whole digest (256 bits).
 

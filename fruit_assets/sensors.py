@@ -54,19 +54,20 @@ failed tick and keeps the cursor, so nothing is skipped, and the message names F
 
 Cost of a tick
 --------------
-LIST requests: one per 1,000 label folders (the top level), then one per label folder plus one per
-further 1,000 images in it, at most `list_concurrency` (32) in flight; with more than 1,000 label
-folders, one flat listing: one request per 1,000 objects. A million images in 150 folders is 1,051
-requests in about 33 rounds: about 1.7 s of round trips at 50 ms each, against 50 s for the sequential
-listing this replaces. No object is read. Then the digest: well under a second for a million rows.
-BENCHMARKS.md ("Listing and the sensor") has the measurements. Against AWS the requests are billed
-(LIST is about $0.005 per 1,000): at one tick every 30 s, a million images cost about 3 million LIST
-requests a day, so raise FRUIT_SENSOR_INTERVAL_SECONDS for big buckets that change rarely.
+LIST requests: one per 1,000 entries at the top level, then one per label folder plus one per further
+1,000 images in it, 32 (`list_concurrency` of the `images` resource) in flight. A million images in 150
+folders is 1,051 requests in 36 rounds of round trips: about 1.8 s at 50 ms each, where the sequential
+listing this replaces took 1,000 rounds, 50 s. With more than 1,000 label folders averaging fewer than
+500 images, the root is listed flat instead (one request per 1,000 objects, in sequence: see
+`catalog`). No object is read. Then the digest: well under a second for a million rows. Measured and
+modelled in BENCHMARKS.md ("Listing and the sensor"). Against AWS the requests are billed (LIST is about
+$0.005 per 1,000): at one tick every 30 s, a million images cost about 3 million LIST requests a day
+(about $15), so raise FRUIT_SENSOR_INTERVAL_SECONDS for big buckets that change rarely.
 
 The cursor (JSON): {"digest", "images", "listed_at", "generation", "waiting_since"} as before, plus
-"labels": {label: 12-hex digest} for up to 1,000 labels, or "label_groups": {group: 12-hex digest}
-above that (labels hashed into 1,024 groups: the cursor stays under about 40 KB for any number of
-labels, see `image_state`). A cursor written before the per-label digests (no "labels") is read;
+"labels": {label: 12-hex digest} for up to 1,000 labels (about 20 bytes plus the name per label: 40 KB
+for 1,000 labels of 20 characters), or "label_groups": {group: 12-hex digest} above that (labels
+hashed into 1,024 groups: about 25 KB for any number of labels, see `image_state`). A cursor written before the per-label digests (no "labels") is read;
 its digest was computed another way, so the first tick after the upgrade requests one run.
 """
 
