@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, build_sensor_context
 
+from benchmarks import listing_model
 from benchmarks.s3_proxy import CountingProxy
 from fruit_assets import sensors, storage
 from fruit_assets.catalog import ImageListingError, list_images
@@ -123,7 +124,14 @@ def test_requests_made_by_each_strategy(s3_tree, proxy):
     # ones. Too small on average, so the root is listed flat.
     listing = list_images(storage.resolve(s3_tree), max_folder_listings=1000)
     assert listing.flat
-    assert proxy.reset() == {"LIST": s3_pages(TOP_ENTRIES) + (2 + 31) + s3_pages(len(big_tree()))}
+    flat_requests = s3_pages(TOP_ENTRIES) + (2 + 31) + s3_pages(len(big_tree()))
+    assert proxy.reset() == {"LIST": flat_requests}
+
+    # The cost model of the benchmark (and of the docs) counts the same.
+    sizes = [BIG_IMAGES + 2] + [1] * SMALL_LABELS + [1]  # keys per folder, in name order
+    for limit, requests in ((5000, PER_FOLDER_REQUESTS), (1000, flat_requests)):
+        plan, flat = listing_model.catalog_listing(sizes, 32, limit, top_entries=TOP_ENTRIES)
+        assert (plan.requests, flat) == (requests, limit == 1000)
 
 
 def test_big_folders_in_the_sample_keep_the_listing_folder_by_folder(s3_tree, proxy):
