@@ -371,9 +371,9 @@ def _request_run(
         parts=state.state.parts,
         grouped=state.state.grouped,
     )
-    previous = f"{cursor.images} before" if cursor.generation else "first run of this sensor"
+    previous = f" ({cursor.images} before)" if cursor.generation else ""
     changes = changed_labels(cursor, state)
-    context.log.info(f"requesting run {generation}: {state.settled} images ({previous}); {changes}{note}")
+    context.log.info(f"requesting run {generation}: {state.settled} images{previous}; {changes}{note}")
     tags = {
         TAG_TRIGGER: "sensor",
         TAG_IMAGES: str(state.images),
