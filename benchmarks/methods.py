@@ -322,7 +322,7 @@ def featurize_only(args) -> dict:
     weights = build_feature_extractor(parse_weights_setting(args.weights)).get_weights()
     key = weights_fingerprint(weights)
     settings = featurize_module.FeaturizeSettings(**settings_kwargs)
-    catalog, _ = list_images(resolve(args.images))
+    catalog = list_images(resolve(args.images)).catalog()
     frame = spark.createDataFrame(catalog[["path", "label"]])
     partitions = args.partitions or featurize_module.default_partitions(spark, len(catalog))
     setup_at = since_start()
