@@ -161,11 +161,11 @@ def _measure_raw_images(uri: str, concurrency: int, storage_dir: str) -> dict:
     from dagster import materialize
 
     from fruit_assets.assets import raw_images
-    from fruit_assets.io_manager import ParquetIOManager
-    from fruit_assets.resources import ImageSource
+    from fruit_assets.resources import ImageSource, build_resources
 
+    os.environ["FRUIT_STORAGE_URI"] = storage_dir  # the deployment's own IO manager, as users run it
     resources = {"images": ImageSource(uri=uri, list_concurrency=concurrency),
-                 "io_manager": ParquetIOManager(base_uri=storage_dir)}
+                 "io_manager": build_resources("local")["io_manager"]}
     result = materialize([raw_images], resources=resources)
     [event] = result.get_asset_materialization_events()
     metadata = event.materialization.metadata
