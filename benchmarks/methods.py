@@ -334,7 +334,7 @@ def featurize_only(args) -> dict:
     key = weights_fingerprint(weights)
     settings = featurize_module.FeaturizeSettings(**settings_kwargs)
     payload, runtime = featurize_module.prepare_model(weights, key, settings)
-    catalog, _ = list_images(resolve(args.images))
+    catalog = list_images(resolve(args.images)).catalog()
     frame = spark.createDataFrame(catalog[["path", "label"]])
     partitions = args.partitions or featurize_module.default_partitions(spark, len(catalog))
     setup_at = since_start()

@@ -18,9 +18,9 @@ from dagster import ConfigurableResource, EnvVar, ResourceDefinition
 from dagster_pyspark import LazyPySparkResource, PySparkResource
 from pydantic import Field
 
-from fruit_assets import storage
-from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets import catalog, storage
 from fruit_assets.delta_tables import DEFAULT_RETENTION_HOURS
+from fruit_assets.io_manager import DeltaIOManager
 from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
 
 # local: everything in-process on local Spark (the embedded default).
@@ -59,9 +59,24 @@ class ImageSource(ConfigurableResource):
     """Where the images are: a folder or s3://bucket/prefix in the Fruits-360 layout <root>/<Label>/<file>."""
 
     uri: str = Field(description="FRUIT_IMAGES_URI: local folder or s3://bucket/prefix")
+    list_concurrency: int = Field(
+        default=catalog.DEFAULT_CONCURRENCY, ge=1,
+        description="Label folders listed at the same time (S3 LIST requests in flight).",
+    )
+    max_folder_listings: int = Field(
+        default=catalog.DEFAULT_MAX_FOLDER_LISTINGS, ge=0,
+        description="Above this many label folders the root is listed as one flat listing (fewer requests).",
+    )
 
     def location(self) -> storage.Location:
         return storage.resolve(self.uri, setting="FRUIT_IMAGES_URI")
+
+    def list_images(self) -> catalog.ImageListing:
+        """Every image under FRUIT_IMAGES_URI; raises catalog.ImageListingError naming it."""
+        return catalog.list_images(
+            self.location(), concurrency=self.list_concurrency,
+            max_folder_listings=self.max_folder_listings, setting="FRUIT_IMAGES_URI",
+        )
 
     def setup_for_execution(self, context) -> None:
         # Refuse a malformed URI, a missing bucket or refused credentials before any work starts.

@@ -3,18 +3,22 @@
 How it decides
 --------------
 Each tick lists the images with the same function the `raw_images` asset uses
-(`catalog.list_images`: pyarrow, pages through S3 listings of any size, works on local folders, ignores
-non-images, hidden files and files outside a label folder). The state of the images is a sha256 digest
-over the sorted (path, size, mtime) rows. The cursor, which Dagster keeps in its database and so survives
+(`catalog.list_images`: pyarrow, label folders listed in parallel, every listing paged through, works on
+local folders, ignores non-images, hidden files and files outside a label folder). The state of the
+images is a sha256 digest over their (path, size, mtime) rows, computed per label and then over the
+labels (`image_state.state_digest`). The cursor, which Dagster keeps in its database and so survives
 restarts of `dagster dev` (given a DAGSTER_HOME), holds the digest of the last state a run was requested
-for. A different digest means something was added, replaced (an S3 re-upload changes LastModified) or
-deleted: the sensor requests one run and moves the cursor to the new digest.
+for, and the short digest of every label in it. A different digest means something was added, replaced
+(an S3 re-upload changes LastModified) or deleted: the sensor requests one run, moves the cursor to the
+new digest, and says which labels changed (log and the `fruit_assets/changed_labels` tag).
 
 Why nothing is missed. The sensor compares whole states, not "keys after K" or "modified after T"
 (the approach of `dagster_aws.s3.sensor.get_objects`, which misses replaced objects, dagster issue
-22892). A listing is not an atomic snapshot: an object written while a tick lists is either in this
-listing, or it is not, and then it is in the next listing, whose digest differs from the cursor, so that
-tick requests a run. No assumption about key order or clocks is needed for that.
+22892). A listing is not an atomic snapshot: an object written while a tick lists (in a folder already
+listed, or in a label folder created after the top level was listed) is either in this listing, or it
+is not, and then it is in the next listing, whose digest differs from the cursor, so that tick requests
+a run. No assumption about key order or clocks is needed for that. Every tick lists everything: a tick
+never compares a partial listing with the cursor.
 
 The one way a change could still go unseen is a listing that looks exactly the same before and after it:
 S3 (and some filesystems) keep mtimes in whole seconds, so an object replaced by one of the same size in
@@ -47,18 +51,36 @@ request a run (`raw_images` refuses an empty catalog); the tick says so and keep
 
 A listing that fails (storage down, bad credentials, missing bucket or folder) raises: Dagster records a
 failed tick and keeps the cursor, so nothing is skipped, and the message names FRUIT_IMAGES_URI.
+
+Cost of a tick
+--------------
+LIST requests: one per 1,000 entries at the top level, then one per label folder plus one per further
+1,000 images in it, 32 (`list_concurrency` of the `images` resource) in flight. A million images in 150
+folders is 1,051 requests in 36 rounds of round trips: about 1.8 s at 50 ms each, where the sequential
+listing this replaces took 1,000 rounds, 50 s. With more than 1,000 label folders averaging fewer than
+500 images, the root is listed flat instead (one request per 1,000 objects, in sequence: see
+`catalog`). No object is read. Then the digest: well under a second for a million rows. Measured and
+modelled in BENCHMARKS.md ("Listing and the sensor"). Against AWS the requests are billed (LIST is about
+$0.005 per 1,000): at one tick every 30 s, a million images cost about 3 million LIST requests a day
+(about $15), so raise FRUIT_SENSOR_INTERVAL_SECONDS for big buckets that change rarely.
+
+The cursor (JSON): {"digest", "images", "listed_at", "generation", "waiting_since"} as before, plus
+"labels": {label: 12-hex digest} for up to 1,000 labels (about 20 bytes plus the name per label: 40 KB
+for 1,000 labels of 20 characters), or "label_groups": {group: 12-hex digest} above that (labels
+hashed into 1,024 groups: about 25 KB for any number of labels, see `image_state`). A cursor written before the per-label digests (no "labels") is read;
+its digest was computed another way, so the first tick after the upgrade requests one run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from dagster import (
     DagsterRunStatus,
@@ -71,9 +93,12 @@ from dagster import (
     sensor,
 )
 
-from fruit_assets.catalog import list_images
+from fruit_assets import image_state
+from fruit_assets.catalog import ImageListingError
 from fruit_assets.resources import ImageSource
 from fruit_assets.storage import Location
+
+__all__ = ["ImageListingError", "ImagesCursor", "fruit_images_sensor"]
 
 SENSOR_NAME = "fruit_images_sensor"
 JOB_NAME = "fruit_features_job"
@@ -92,6 +117,7 @@ TAG_SETTLING = "fruit_assets/images_settling"  # of those, modified too recently
 TAG_DIGEST = "fruit_assets/images_digest"
 TAG_IMAGES_URI = "fruit_assets/images_uri"
 TAG_PIPELINE = "fruit_assets/pipeline"  # constant value: a handle for run-queue tag concurrency limits
+TAG_CHANGED_LABELS = "fruit_assets/changed_labels"  # a summary: which labels changed since the last run
 
 # A run in one of these states may still write the assets. NOT_STARTED and QUEUED count: the run exists
 # and will start. A run stuck in one of them (its process killed) blocks the sensor until it is marked
@@ -104,10 +130,6 @@ BUSY_STATUSES = [
     DagsterRunStatus.CANCELING,
     DagsterRunStatus.SUSPENDED,
 ]
-
-
-class ImageListingError(RuntimeError):
-    """The images under FRUIT_IMAGES_URI could not be listed."""
 
 
 def _positive_number(name: str, default: float, *, minimum: float, kind=float) -> float:
@@ -138,19 +160,6 @@ def max_wait_seconds() -> float:
     return _positive_number(MAX_WAIT_ENV, DEFAULT_MAX_WAIT_SECONDS, minimum=0)
 
 
-def images_digest(catalog: pd.DataFrame) -> str:
-    """sha256 over the (path, size_bytes, modified_at in ns) rows of a catalog, in path order.
-
-    Each row is JSON-encoded on its own line, so no two different catalogs give the same byte stream
-    (keys may contain tabs or newlines)."""
-    digest = hashlib.sha256()
-    rows = catalog.sort_values("path")
-    mtimes = rows["modified_at"].astype("int64") if len(rows) else []
-    for path, size, mtime in zip(rows["path"], rows["size_bytes"], mtimes):
-        digest.update(json.dumps([str(path), int(size), int(mtime)]).encode("utf-8") + b"\n")
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class ImagesCursor:
     """The sensor cursor: the state the last run was requested for."""
@@ -160,9 +169,17 @@ class ImagesCursor:
     listed_at: str  # ISO time at which that listing started
     generation: int  # runs requested so far; part of the run key
     waiting_since: float | None = None  # epoch s: first tick of the current quiet period, if any
+    # Short digests per label (or per group of labels when `grouped`); None in cursors written before
+    # they existed, and before the first run.
+    parts: dict[str, str] | None = None
+    grouped: bool = False
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        parts, grouped = data.pop("parts"), data.pop("grouped")
+        if parts is not None:
+            data["label_groups" if grouped else "labels"] = parts
+        return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | None) -> "ImagesCursor | None":
@@ -172,12 +189,16 @@ class ImagesCursor:
         try:
             data = json.loads(text)
             waiting_since = data.get("waiting_since")
+            grouped = "label_groups" in data
+            parts = data.get("label_groups" if grouped else "labels")
             return cls(
                 digest=str(data["digest"]),
                 images=int(data["images"]),
                 listed_at=str(data["listed_at"]),
                 generation=int(data.get("generation", 0)),
                 waiting_since=None if waiting_since is None else float(waiting_since),
+                parts=None if parts is None else {str(key): str(value) for key, value in parts.items()},
+                grouped=grouped,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"not a {SENSOR_NAME} cursor: {text[:200]!r}") from exc
@@ -196,7 +217,12 @@ class ImagesState:
     settled: int  # images in the digest
     settling: int  # images modified within the quiet period, left out of the digest
     ignored: int  # files that are not images in a label folder
-    digest: str  # over the settled images
+    state: image_state.StateDigest  # of the settled images
+    labels: list[str]  # labels of the settled images, to name what changed
+
+    @property
+    def digest(self) -> str:
+        return self.state.digest
 
 
 def _container_missing(location: Location) -> str | None:
@@ -211,33 +237,41 @@ def _container_missing(location: Location) -> str | None:
     return None
 
 
-def list_state(images: ImageSource, settle: float) -> ImagesState:
-    """List the images and summarise them; raises ImageListingError naming FRUIT_IMAGES_URI."""
-    location = images.location()  # StorageConfigError names FRUIT_IMAGES_URI already
-    # Taken before the listing starts: a write the listing misses happens after this instant.
-    listed_at = datetime.now(timezone.utc)
+def _check_container(location: Location) -> None:
+    """Raise ImageListingError if the bucket or folder of an empty listing does not exist."""
     try:
-        catalog, ignored = list_images(location)
-        missing = None if len(catalog) or ignored else _container_missing(location)
-    except Exception as exc:  # OSError from pyarrow: network, auth, throttling, ...
+        missing = _container_missing(location)
+    except OSError as exc:
         raise ImageListingError(
             f"could not list the images under {SETTING}={location.uri}: {type(exc).__name__}: {exc}"
         ) from exc
     if missing:
         raise ImageListingError(f"{SETTING}={location.uri}: {missing}")
-    if settle > 0 and len(catalog):
-        fresh = catalog["modified_at"] > pd.Timestamp(listed_at.timestamp() - settle, unit="s", tz="UTC")
+
+
+def list_state(images: ImageSource, settle: float) -> ImagesState:
+    """List the images and summarise them; raises ImageListingError naming FRUIT_IMAGES_URI."""
+    location = images.location()  # StorageConfigError names FRUIT_IMAGES_URI already
+    # Taken before the listing starts: a write the listing misses happens after this instant.
+    listed_at = datetime.now(timezone.utc)
+    listing = images.list_images()
+    if not listing.images.num_rows and not listing.ignored:
+        _check_container(location)
+    table = listing.images
+    if settle > 0:
+        cutoff = pa.scalar(int((listed_at.timestamp() - settle) * 1e9), pa.timestamp("ns", tz="UTC"))
+        settled = table.filter(pc.less_equal(table["modified_at"], cutoff))
     else:
-        fresh = pd.Series(False, index=catalog.index)
-    settled = catalog[~fresh]
+        settled = table
     return ImagesState(
         uri=location.uri,
         listed_at=listed_at,
-        images=len(catalog),
-        settled=len(settled),
-        settling=int(fresh.sum()),
-        ignored=len(ignored),
-        digest=images_digest(settled),
+        images=table.num_rows,
+        settled=settled.num_rows,
+        settling=table.num_rows - settled.num_rows,
+        ignored=listing.ignored,
+        state=image_state.state_digest(settled),
+        labels=pc.unique(settled["label"]).to_pylist(),
     )
 
 
@@ -264,13 +298,7 @@ def busy_run(context: SensorEvaluationContext):
     ),
 )
 def fruit_images_sensor(context: SensorEvaluationContext, images: ImageSource):
-    try:
-        cursor = ImagesCursor.from_json(context.cursor) or NO_CURSOR
-    except ValueError as exc:
-        # Set by hand in the UI, say: start afresh. Worst case one run for a state already materialized.
-        context.log.warning(f"{exc}; treating it as no cursor")
-        cursor = NO_CURSOR
-
+    cursor = _read_cursor(context)
     run = busy_run(context)
     if run is not None:
         return SkipReason(
@@ -307,7 +335,32 @@ def fruit_images_sensor(context: SensorEvaluationContext, images: ImageSource):
             skip_reason=SkipReason(f"no new or changed images ({state.settled} images){note}"),
             cursor=waiting.to_json() if waiting != cursor else None,  # None: cursor unchanged
         )
+    note = f"; {settling} left for a later run after waiting {max_wait:g} s" if state.settling else ""
+    return _request_run(context, cursor, state, waiting_since, note)
 
+
+def _read_cursor(context: SensorEvaluationContext) -> ImagesCursor:
+    try:
+        return ImagesCursor.from_json(context.cursor) or NO_CURSOR
+    except ValueError as exc:
+        # Set by hand in the UI, say: start afresh. Worst case one run for a state already materialized.
+        context.log.warning(f"{exc}; treating it as no cursor")
+        return NO_CURSOR
+
+
+def changed_labels(cursor: ImagesCursor, state: ImagesState) -> str:
+    """Which labels changed since the cursor's run, in words."""
+    if not cursor.generation:
+        return f"first run of this sensor: {len(state.labels)} label(s)"
+    changes = image_state.compare(cursor.parts, cursor.grouped, state.state)
+    if changes is None:
+        return "labels not compared (the cursor has no per-label digests: written by an earlier version)"
+    return image_state.describe(changes, state.labels)
+
+
+def _request_run(
+    context: SensorEvaluationContext, cursor: ImagesCursor, state: ImagesState, waiting_since: float | None, note: str
+) -> SensorResult:
     generation = cursor.generation + 1
     new_cursor = ImagesCursor(
         digest=state.digest,
@@ -315,23 +368,22 @@ def fruit_images_sensor(context: SensorEvaluationContext, images: ImageSource):
         listed_at=state.listed_at.isoformat(),
         generation=generation,
         waiting_since=waiting_since,
+        parts=state.state.parts,
+        grouped=state.state.grouped,
     )
-    previous = f"{cursor.images} before" if cursor.generation else "first run of this sensor"
-    note = f"; {settling} left for a later run after waiting {max_wait:g} s" if state.settling else ""
-    context.log.info(f"requesting run {generation}: {state.settled} images ({previous}){note}")
+    previous = f" ({cursor.images} before)" if cursor.generation else ""
+    changes = changed_labels(cursor, state)
+    context.log.info(f"requesting run {generation}: {state.settled} images{previous}; {changes}{note}")
+    tags = {
+        TAG_TRIGGER: "sensor",
+        TAG_IMAGES: str(state.images),
+        TAG_DIGEST: state.digest,
+        TAG_IMAGES_URI: state.uri,
+        TAG_PIPELINE: "fruit_features",
+        TAG_CHANGED_LABELS: changes,
+        **({TAG_SETTLING: str(state.settling)} if state.settling else {}),
+    }
     return SensorResult(
-        run_requests=[
-            RunRequest(
-                run_key=f"{generation}-{state.digest}",
-                tags={
-                    TAG_TRIGGER: "sensor",
-                    TAG_IMAGES: str(state.images),
-                    TAG_DIGEST: state.digest,
-                    TAG_IMAGES_URI: state.uri,
-                    TAG_PIPELINE: "fruit_features",
-                    **({TAG_SETTLING: str(state.settling)} if state.settling else {}),
-                },
-            )
-        ],
+        run_requests=[RunRequest(run_key=f"{generation}-{state.digest}", tags=tags)],
         cursor=new_cursor.to_json(),
     )

@@ -18,9 +18,21 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 DEFAULT_REGION = "eu-central-1"  # Frankfurt: the product's default, chosen for GDPR
+# pyarrow makes every S3 request on its IO thread pool (8 threads by default), and sizes the S3
+# client's connection pool from that pool when the filesystem is created (at least 25 connections).
+# With 8 threads, 32 threads listing folders had 8 requests in flight, never more (measured through
+# a counting proxy). So the pool has at least this many threads before any S3 filesystem is made.
+S3_IO_THREADS = 32
+
+
+def ensure_io_threads(count: int) -> None:
+    """At least `count` threads in pyarrow's (process-wide) IO thread pool; never lowers it."""
+    if pa.io_thread_count() < count:
+        pa.set_io_thread_count(count)
 
 
 class StorageConfigError(ValueError):
@@ -137,6 +149,7 @@ def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple) ->
         kwargs["scheme"] = parsed.scheme
     # Credentials are not passed here: pyarrow's AWS SDK finds them itself (environment, profile,
     # instance role), the same way boto3 does, so they never travel through our code or configs.
+    ensure_io_threads(S3_IO_THREADS)  # before: the client's connection pool is sized from it
     return pafs.S3FileSystem(**kwargs)
 
 

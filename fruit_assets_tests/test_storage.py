@@ -134,7 +134,8 @@ def test_loading_an_asset_that_was_never_materialized_says_so(tmp_path):
         DeltaIOManager(base_uri=str(tmp_path)).load_input(context)
 
 
-def test_catalog_lists_images_with_their_folder_as_label(tmp_path):
+@pytest.mark.parametrize("max_folder_listings", [1000, 0], ids=["folder by folder", "flat"])
+def test_catalog_lists_images_with_their_folder_as_label(tmp_path, max_folder_listings):
     files = {
         "Apple Red/r0_0.jpg": b"x" * 3,
         "Apple Red/r0_1.JPEG": b"x" * 4,
@@ -147,15 +148,20 @@ def test_catalog_lists_images_with_their_folder_as_label(tmp_path):
         path = tmp_path / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    catalog, ignored = list_images(storage.resolve(str(tmp_path)))
+    listing = list_images(storage.resolve(str(tmp_path)), max_folder_listings=max_folder_listings)
+    assert listing.flat == (max_folder_listings == 0)
+    catalog = listing.catalog()
     assert list(catalog.label) == ["Apple Red", "Apple Red", "sub"]
     assert list(catalog.size_bytes) == [3, 4, 5]
     assert catalog.path.iloc[0] == str(tmp_path / "Apple Red" / "r0_0.jpg")
     assert str(catalog.modified_at.dtype) == "datetime64[ns, UTC]"
-    assert ignored == [str(tmp_path / "Banana" / "notes.txt"), str(tmp_path / "stray.jpg")]
+    assert listing.ignored == 2
+    assert listing.ignored_examples == (str(tmp_path / "Banana" / "notes.txt"), str(tmp_path / "stray.jpg"))
 
 
 def test_catalog_of_a_missing_folder_is_empty(tmp_path):
-    catalog, ignored = list_images(storage.resolve(str(tmp_path / "nothing")))
-    assert catalog.empty and ignored == []
+    listing = list_images(storage.resolve(str(tmp_path / "nothing")))
+    catalog = listing.catalog()
+    assert catalog.empty and listing.ignored == 0 and listing.ignored_examples == ()
+    assert list(catalog.columns) == ["path", "label", "size_bytes", "modified_at"]
     assert pa.Table.from_pandas(catalog).num_rows == 0
