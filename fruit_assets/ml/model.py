@@ -9,10 +9,14 @@ lazily inside functions: importing this module stays cheap.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -120,7 +124,10 @@ def build_feature_extractor(source: WeightsSource) -> keras.Model:
 
 
 def feature_extractor_weights(source: WeightsSource) -> list[np.ndarray]:
-    """The weight arrays the Spark driver broadcasts to the workers."""
+    """The weight arrays the Spark driver broadcasts to the workers (for `random`, read from the
+    cache without importing TensorFlow)."""
+    if source.kind == "random":
+        return random_weights(source.seed)
     return build_feature_extractor(source).get_weights()
 
 
@@ -254,19 +261,76 @@ def _random_model(seed: int) -> keras.Model:
     image gets the same vector. Calibrating each BatchNormalization on a fixed synthetic batch
     keeps activations at unit scale.
     """
-    import keras
-
-    # set_random_seed also seeds Python's and numpy's global generators: restore them so building
-    # a model does not change the caller's random streams. (TF's global seed stays set.)
+    weights = random_weights(seed)
+    # Building a model draws initializer seeds from Python's and numpy's global generators (which are
+    # overwritten right after): restore them so that a build does not change the caller's streams.
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        keras.utils.set_random_seed(seed)
         model = _no_top_model(weights=None)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    _calibrate_batchnorm(model, synthetic_images(seed, _CALIBRATION_IMAGES))
+    model.set_weights(weights)
     return model
+
+
+def random_weights(seed: int) -> list[np.ndarray]:
+    """The weights of `random:<seed>`, the same in every process on this machine.
+
+    TensorFlow's kernels round differently with different thread counts (measured: the training-mode
+    pass and depthwise convolutions differ in the last bit between 1 and 2 intra-op threads), and a
+    process cannot change its thread pools once TensorFlow has started. So the weights are computed
+    once in a fresh single-threaded process and cached on disk (FRUIT_MODEL_CACHE), keyed by seed and
+    TensorFlow/Keras versions; every later build reads the file, without TensorFlow."""
+    path = _random_weights_path(seed)
+    if not path.exists():
+        _compute_in_subprocess(seed, path)
+    with np.load(path) as stored:
+        return [stored[f"w{i:03d}"] for i in range(len(stored.files))]
+
+
+def _random_weights_path(seed: int) -> Path:
+    from importlib.metadata import version
+
+    from fruit_assets.ml.onnx_model import cache_dir
+
+    tag = hashlib.sha256(f"{version('keras')}|{_tensorflow_version()}|{_CALIBRATION_IMAGES}".encode()).hexdigest()[:8]
+    return cache_dir() / f"mobilenet_v2_random_{seed}_{tag}.npz"
+
+
+def _tensorflow_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _compute_in_subprocess(seed: int, path: Path) -> None:
+    command = [sys.executable, "-m", "fruit_assets.ml.model", "random-weights", str(seed), str(path)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not path.exists():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
+        raise RuntimeError(f"computing the random:{seed} weights failed (exit {done.returncode}):\n{tail}")
+
+
+def _compute_random_weights(seed: int, path: Path) -> None:
+    """In the fresh process: one TensorFlow thread, seeded build, calibration, atomic save."""
+    import keras
+
+    configure_tensorflow_threads(1, 1)
+    keras.utils.set_random_seed(seed)
+    model = _no_top_model(weights=None)
+    _calibrate_batchnorm(model, synthetic_images(seed, _CALIBRATION_IMAGES))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as out:
+        np.savez(out, **{f"w{i:03d}": w for i, w in enumerate(model.get_weights())})
+    os.replace(partial, path)
 
 
 def _calibrate_batchnorm(model: keras.Model, images: np.ndarray) -> None:
@@ -315,3 +379,9 @@ def _upsample(values: np.ndarray, size: int, axis: int) -> np.ndarray:
     high = np.minimum(low + 1, cells - 1)
     fraction = (position - low).reshape([-1 if a == axis else 1 for a in range(values.ndim)])
     return np.take(values, low, axis) * (1.0 - fraction) + np.take(values, high, axis) * fraction
+
+
+if __name__ == "__main__":  # python -m fruit_assets.ml.model random-weights SEED PATH (see random_weights)
+    if len(sys.argv) != 4 or sys.argv[1] != "random-weights":
+        raise SystemExit("usage: python -m fruit_assets.ml.model random-weights SEED PATH")
+    _compute_random_weights(int(sys.argv[2]), Path(sys.argv[3]))
