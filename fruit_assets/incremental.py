@@ -42,6 +42,7 @@ class FeaturePlan:
     kept: DataFrame | None  # stored rows to write again: the other rows of the files that go
     removed_files: list[str]  # stored data files to remove
     replace: bool  # rewrite the whole table (nothing stored, or nothing reusable)
+    kept_rows: int  # rows in `kept`
     reused: int  # stored rows that stay, in untouched files or in `kept`
     removed: int  # stored rows that go: deleted images, and the old rows of replaced ones
     dropped: int  # of those, the rows of images no longer catalogued (deleted)
@@ -52,10 +53,10 @@ def plan_features(spark: SparkSession, catalog: DataFrame, stored: Snapshot | No
     """Reuse a stored vector when the same file (path, size, modification time) was featurized by the
     same weights; featurize everything else. Only the stored keys are read to decide, not the vectors."""
     if stored is None:
-        return FeaturePlan(catalog, None, [], True, 0, 0, 0, "nothing stored yet")
+        return FeaturePlan(catalog, None, [], True, 0, 0, 0, 0, "nothing stored yet")
     missing = set(SOURCE_VERSION + ["weights_fingerprint", "features"]) - set(stored.schema.names)
     if missing:
-        return FeaturePlan(catalog, None, [], True, 0, stored.rows, 0, f"the stored table has no {sorted(missing)}")
+        return FeaturePlan(catalog, None, [], True, 0, 0, stored.rows, 0, f"the stored table has no {sorted(missing)}")
     keys = spark_delta.read_table(spark, stored, columns=[*SOURCE_VERSION, "weights_fingerprint"], file_column=FILE_COLUMN)
     current = catalog.select(*SOURCE_VERSION)
     valid = keys.where(F.col("weights_fingerprint") == fingerprint).join(current, on=SOURCE_VERSION, how="left_semi")
@@ -64,7 +65,7 @@ def plan_features(spark: SparkSession, catalog: DataFrame, stored: Snapshot | No
     removed = sum(stale_per_file.values())
     dropped = stale.join(catalog.select("path"), on="path", how="left_anti").count() if removed else 0
     if removed == stored.rows:
-        return FeaturePlan(catalog, None, [], True, 0, removed, dropped, "no stored vector is reusable (other weights, or every image changed)")
+        return FeaturePlan(catalog, None, [], True, 0, 0, removed, dropped, "no stored vector is reusable (other weights, or every image changed)")
     todo = catalog.join(valid.select(*SOURCE_VERSION), on=SOURCE_VERSION, how="left_anti")
     removed_files = sorted(stale_per_file)
     kept = None
@@ -72,7 +73,8 @@ def plan_features(spark: SparkSession, catalog: DataFrame, stored: Snapshot | No
         rows = spark_delta.read_table(spark, stored, files=removed_files)
         kept = rows.join(valid.select(*SOURCE_VERSION), on=SOURCE_VERSION, how="left_semi")
     reason = f"{removed} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)" if removed else "no stored row to remove"
-    return FeaturePlan(todo, kept, removed_files, False, stored.rows - removed, removed, dropped, reason)
+    kept_rows = sum(f.rows for f in stored.files if f.path in stale_per_file) - removed
+    return FeaturePlan(todo, kept, removed_files, False, kept_rows, stored.rows - removed, removed, dropped, reason)
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,9 @@ def feature_statistics_since(
         return _full(spark, features, reason)
     before, now = {f.path for f in earlier.files}, {f.path for f in features.files}
     removed, added = sorted(before - now), sorted(now - before)
-    if not before - (before - now):  # every earlier file is gone: a full pass reads less
-        return _full(spark, features, "every earlier data file was replaced")
+    to_read = sum(f.rows for f in earlier.files if f.path in removed) + sum(f.rows for f in features.files if f.path in added)
+    if to_read >= features.rows:
+        return _full(spark, features, f"an update would read {to_read} rows, a full pass {features.rows}")
     gone = [path for path in removed if not earlier.file_location(path).exists()]
     if gone:
         return _full(spark, features, f"{len(gone)} removed data file(s) were already vacuumed")
@@ -201,8 +204,10 @@ def featurize_incremental(
     new_rows = results.where(F.col("error").isNull()).withColumn("weights_fingerprint", F.lit(fingerprint)).select(*FEATURE_COLUMNS)
     if plan.kept is not None:
         new_rows = new_rows.unionByName(plan.kept.select(*FEATURE_COLUMNS))
+    # As many files as the rows need (a few new images: one small file), but no more than the cores.
+    write_partitions = max(1, min(partitions, -(-((stats["featurized"] or 0) + plan.kept_rows) // spark_delta.ROWS_PER_FILE)))
     change = spark_delta.TableChange(
-        rows=new_rows.coalesce(partitions), base=stored, removed=plan.removed_files, replace=plan.replace,
+        rows=new_rows.coalesce(write_partitions), base=stored, removed=plan.removed_files, replace=plan.replace,
         commit_metadata={"weights_fingerprint": fingerprint},
     )
     return FeaturizeResult(

@@ -48,26 +48,35 @@ def bucket_with_images(s3, tmp_path):
     return prefix
 
 
-def change_the_images(s3, prefix: str, tmp_path, labels: list[str]):
-    """Add 3 images, replace 1 by another picture under the same key, delete 2."""
+def replace_and_delete(s3, prefix: str, tmp_path, labels: list[str]):
+    """Replace 1 image by another picture under the same key, delete 2."""
     client, key_prefix = s3.client(), prefix.split("/", 3)[3]
     extra = tmp_path / "extra"
-    generate_demo_set(extra, labels=7, images_per_label=6)  # the same first images, plus more
-    added = [f"{labels[0]}/r0_4.jpg", f"{labels[0]}/r0_5.jpg", f"{labels[1]}/r0_4.jpg"]
-    for image in added:
-        client.upload_file(str(extra / image), TEST_BUCKET, f"{key_prefix}/images/{image}")
+    generate_demo_set(extra, labels=7, images_per_label=1)
     changed = f"{labels[2]}/r0_0.jpg"
     other = next(p for p in sorted(extra.iterdir()) if p.name not in labels)
     client.upload_file(str(other / "r0_0.jpg"), TEST_BUCKET, f"{key_prefix}/images/{changed}")
     deleted = [f"{labels[3]}/r0_1.jpg", f"{labels[4]}/r0_2.jpg"]
     for image in deleted:
         client.delete_object(Bucket=TEST_BUCKET, Key=f"{key_prefix}/images/{image}")
-    return added, changed, deleted
+    return changed, deleted
+
+
+def add_images(s3, prefix: str, tmp_path, labels: list[str]) -> list[str]:
+    """3 more images of the same labels (the demo generator's next ones)."""
+    client, key_prefix = s3.client(), prefix.split("/", 3)[3]
+    more = tmp_path / "more"
+    generate_demo_set(more, labels=6, images_per_label=6)  # the same first images, plus more
+    added = [f"{labels[0]}/r0_4.jpg", f"{labels[0]}/r0_5.jpg", f"{labels[1]}/r0_4.jpg"]
+    for image in added:
+        client.upload_file(str(more / image), TEST_BUCKET, f"{key_prefix}/images/{image}")
+    return added
 
 
 def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, bucket_with_images, tmp_path):
     prefix = bucket_with_images
     resources = local_resources(f"{prefix}/images", f"{prefix}/assets")
+    table = resolve(f"{prefix}/assets/image_features")
 
     first = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(first, "image_features"), metadata_of(first, "pca_model")
@@ -75,20 +84,26 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     assert pca["statistics_mode"] == "full"
     assert_statistics_equal_a_full_pass(prefix)
     before = stored_features(prefix)
-    files_before = {f.path for f in delta_tables.snapshot(resolve(f"{prefix}/assets/image_features")).files}
+    labels = sorted({i.split("/")[0] for i in before.index})
 
-    added, changed, deleted = change_the_images(s3, prefix, tmp_path, sorted({i.split("/")[0] for i in before.index}))
+    # Added images: one new data file, nothing rewritten; the statistics add its 3 rows.
+    files_before = {f.path for f in delta_tables.snapshot(table).files}
+    added = add_images(s3, prefix, tmp_path, labels)
     second = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(second, "image_features"), metadata_of(second, "pca_model")
-    # The old row of the replaced image and the 2 deleted ones go; 3 new and 1 replaced are featurized.
-    assert (features["rows"], features["featurized"], features["reused"], features["removed"], features["dropped"]) == (25, 4, 21, 3, 2)
-    files_after = {f.path for f in delta_tables.snapshot(resolve(f"{prefix}/assets/image_features")).files}
-    assert features["files_removed"] == len(files_before - files_after) >= 1
-    assert features["files_added"] == len(files_after - files_before)
-    assert pca["statistics_mode"] == "incremental", pca["statistics_reason"]
-    assert pca["feature_rows_read"] < 2 * 25
+    assert (features["rows"], features["featurized"], features["reused"], features["removed"]) == (27, 3, 24, 0)
+    assert (features["files_added"], features["files_removed"]) == (1, 0)
+    assert {f.path for f in delta_tables.snapshot(table).files} > files_before
+    assert (pca["statistics_mode"], pca["feature_rows_read"]) == ("incremental", 3), pca["statistics_reason"]
     assert_statistics_equal_a_full_pass(prefix)
 
+    # A replaced and 2 deleted images: their old rows go, and only the files that held them are rewritten.
+    changed, deleted = replace_and_delete(s3, prefix, tmp_path, labels)
+    third = materialize_all(resources, run_config=PCA_CONFIG)
+    features, pca = metadata_of(third, "image_features"), metadata_of(third, "pca_model")
+    assert (features["rows"], features["featurized"], features["reused"], features["removed"], features["dropped"]) == (25, 1, 24, 3, 2)
+    assert features["files_removed"] >= 1
+    assert_statistics_equal_a_full_pass(prefix)
     after = stored_features(prefix)
     assert len(after) == 25 and after.index.is_unique
     assert set(after.index) == (set(before.index) | set(added)) - set(deleted)
@@ -96,7 +111,8 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     np.testing.assert_array_equal(np.stack(after.loc[untouched].features), np.stack(before.loc[untouched].features))
     assert np.abs(after.loc[changed].features - before.loc[changed].features).max() > 1e-3
 
-    # A full run on the same images, into fresh storage: the same features exactly, the same PCA.
+    # A full run on the same images, into fresh storage: the same features exactly (ONNX Runtime's
+    # result for an image does not depend on its batch), and the same PCA within float rounding.
     fresh = f"{prefix}/fresh"
     materialize_all(local_resources(f"{prefix}/images", f"{fresh}/assets"), run_config=PCA_CONFIG)
     full = stored_features(fresh)
@@ -109,8 +125,8 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     np.testing.assert_allclose(np.stack(reduced.pca_features), np.stack(reduced_full.pca_features), rtol=1e-4, atol=1e-4)
 
     # Nothing changed: nothing featurized, no file rewritten, the statistics updated by nothing.
-    third = materialize_all(resources, run_config=PCA_CONFIG)
-    features, pca = metadata_of(third, "image_features"), metadata_of(third, "pca_model")
+    fourth = materialize_all(resources, run_config=PCA_CONFIG)
+    features, pca = metadata_of(fourth, "image_features"), metadata_of(fourth, "pca_model")
     assert (features["featurized"], features["reused"], features["removed"], features["files_removed"], features["bytes_written"]) == (0, 25, 0, 0, 0)
     assert (pca["statistics_mode"], pca["feature_rows_read"]) == ("incremental", 0)
 
@@ -141,25 +157,36 @@ def _table_of_many_files(spark, tmp_path, rows: int = 40, rows_per_file: int = 5
 
 
 def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
-    location, frame = _table_of_many_files(spark, tmp_path)
+    location, frame = _table_of_many_files(spark, tmp_path)  # 40 rows, 8 files of 5
     stored = delta_tables.snapshot(location)
     assert len(stored.files) == 8
-    catalog = spark.createDataFrame(frame[["path", "label", "size_bytes", "modified_at"]].drop(index=[7]))  # one image deleted
-    plan = plan_features(spark, catalog, stored, "fp")
-    [removed_file] = plan.removed_files
-    assert (plan.removed, plan.dropped, plan.reused, plan.todo.count()) == (1, 1, 39, 0)
+    catalog = frame[["path", "label", "size_bytes", "modified_at"]].drop(index=[7])  # deleted
+    catalog.loc[12, "size_bytes"] += 1  # replaced: same path, another file
+    new = pd.DataFrame({"path": ["/img/L0/new1.jpg", "/img/L1/new2.jpg"], "label": ["L0", "L1"], "size_bytes": [1, 2],
+                        "modified_at": pd.Timestamp("2026-02-01", tz="UTC")})
+    catalog = pd.concat([catalog, new], ignore_index=True)
+    plan = plan_features(spark, spark.createDataFrame(catalog), stored, "fp")
+    assert (plan.removed, plan.dropped, plan.reused) == (2, 1, 38)
+    assert sorted(plan.todo.toPandas().path) == sorted([frame.path[12], *new.path])
+    assert len(plan.removed_files) == 2  # the file of row 7 and the file of row 12, nothing else
     kept = plan.kept.toPandas()
-    assert len(kept) == 4 and frame.path[7] not in set(kept.path)  # the 4 other rows of that one file
+    assert len(kept) == 8 and not {frame.path[7], frame.path[12]} & set(kept.path)
 
-    # The statistics follow the commit by reading the 2 files it touched, and equal a full pass.
-    before = FeatureStatistics.of(np.stack(frame.features))
-    files, schema = spark_delta.write_files(plan.kept, location)
+    # "Featurize" the 3 images (vectors 100, 101, 102), commit the change as image_features does, and
+    # follow it with the statistics: they read the 2 removed and the new files, and equal a full pass.
+    todo = plan.todo.toPandas().sort_values("path", ignore_index=True)
+    todo["features"] = [np.full(1280, 100 + i, dtype=np.float32) for i in range(len(todo))]
+    todo["weights_fingerprint"] = "fp"
+    kept = plan.kept.select(*FEATURE_COLUMNS)
+    rows = kept.unionByName(spark.createDataFrame(todo[FEATURE_COLUMNS], schema=kept.schema))
+    files, schema = spark_delta.write_files(rows, location)
     delta_tables.commit(location, files, schema, stored, removed=plan.removed_files, metadata={"weights_fingerprint": "fp"})
     now = delta_tables.snapshot(location)
-    update = feature_statistics_since(spark, now, before, provenance(stored))
-    assert update.mode == "incremental" and update.rows_read == 5 + 4
-    expected = FeatureStatistics.of(np.stack(frame.features.drop(index=[7])))
-    assert update.statistics.rows == expected.rows == 39
+    update = feature_statistics_since(spark, now, FeatureStatistics.of(np.stack(frame.features)), provenance(stored))
+    assert update.mode == "incremental", update.reason
+    assert update.rows_read == 10 + 11
+    expected = FeatureStatistics.of(np.stack(read_asset(tmp_path, "image_features").features))
+    assert update.statistics.rows == expected.rows == 41
     np.testing.assert_allclose(update.statistics.covariance(), expected.covariance(), rtol=0, atol=1e-9 * np.abs(expected.covariance()).max())
 
 
