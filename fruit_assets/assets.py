@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -202,7 +203,7 @@ def _feature_checks(result: FeaturizeResult, max_skipped_fraction: float):
 )
 def image_features(
     context: AssetExecutionContext,
-    raw_images: SparkDataFrame,
+    raw_images: pa.Table,
     feature_model: FeatureModel,
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],

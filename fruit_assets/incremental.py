@@ -20,6 +20,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
@@ -32,13 +35,14 @@ from fruit_assets.ml.pca import FeatureStatistics, feature_statistics
 SOURCE_VERSION = ["path", "size_bytes", "modified_at"]  # an image file, as it was when featurized
 FEATURE_COLUMNS = ["path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"]  # as stored
 FILE_COLUMN = "_file"
+CATALOG_SCHEMA = "path string, label string, size_bytes long, modified_at timestamp"
 
 
 @dataclass(frozen=True)
 class FeaturePlan:
     """How to bring the stored `image_features` up to date with the catalog."""
 
-    todo: DataFrame  # catalog rows to featurize
+    todo: pa.Table  # catalog rows to featurize
     kept: DataFrame | None  # stored rows to write again: the other rows of the files that go
     removed_files: list[str]  # stored data files to remove
     replace: bool  # rewrite the whole table (nothing stored, or nothing reusable)
@@ -49,32 +53,53 @@ class FeaturePlan:
     reason: str  # why the plan is what it is, for the logs
 
 
-def plan_features(spark: SparkSession, catalog: DataFrame, stored: Snapshot | None, fingerprint: str) -> FeaturePlan:
+def stored_keys(stored: Snapshot) -> pa.Table:
+    """path, size_bytes, modified_at, weights_fingerprint and the data file of every stored row: the
+    four small columns only, read by pyarrow from the version's files in parallel."""
+    paths = [stored.file_location(f.path).path for f in stored.files]
+    dataset = pads.dataset(paths, filesystem=stored.location.filesystem, format="parquet")
+    keys = dataset.to_table(columns=[*SOURCE_VERSION, "weights_fingerprint", "__filename"])
+    prefix = stored.location.path.rstrip("/") + "/"
+    files = pc.utf8_slice_codeunits(keys.column("__filename"), len(prefix))
+    return keys.set_column(keys.schema.get_field_index("__filename"), FILE_COLUMN, files)
+
+
+def _plan(todo, kept=None, removed_files=(), replace=False, kept_rows=0, reused=0, removed=0, dropped=0, reason=""):
+    return FeaturePlan(todo, kept, list(removed_files), replace, kept_rows, reused, removed, dropped, reason)
+
+
+def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | None, fingerprint: str) -> FeaturePlan:
     """Reuse a stored vector when the same file (path, size, modification time) was featurized by the
-    same weights; featurize everything else. Only the stored keys are read to decide, not the vectors."""
+    same weights; featurize everything else. Decided on the driver from the catalog and the stored
+    keys (a hash join in Arrow); Spark reads only the vectors of the files that must be rewritten."""
+    catalog = catalog.select(["path", "label", "size_bytes", "modified_at"])
     if stored is None:
-        return FeaturePlan(catalog, None, [], True, 0, 0, 0, 0, "nothing stored yet")
+        return _plan(catalog, replace=True, reason="nothing stored yet")
     missing = set(SOURCE_VERSION + ["weights_fingerprint", "features"]) - set(stored.schema.names)
     if missing:
-        return FeaturePlan(catalog, None, [], True, 0, 0, stored.rows, 0, f"the stored table has no {sorted(missing)}")
-    keys = spark_delta.read_table(spark, stored, columns=[*SOURCE_VERSION, "weights_fingerprint"], file_column=FILE_COLUMN)
-    current = catalog.select(*SOURCE_VERSION)
-    valid = keys.where(F.col("weights_fingerprint") == fingerprint).join(current, on=SOURCE_VERSION, how="left_semi")
-    stale = keys.join(valid.select(*SOURCE_VERSION, FILE_COLUMN), on=[*SOURCE_VERSION, FILE_COLUMN], how="left_anti")
-    stale_per_file = {row[FILE_COLUMN]: row["count"] for row in stale.groupBy(FILE_COLUMN).count().collect()}
-    removed = sum(stale_per_file.values())
-    dropped = stale.join(catalog.select("path"), on="path", how="left_anti").count() if removed else 0
-    if removed == stored.rows:
-        return FeaturePlan(catalog, None, [], True, 0, 0, removed, dropped, "no stored vector is reusable (other weights, or every image changed)")
-    todo = catalog.join(valid.select(*SOURCE_VERSION), on=SOURCE_VERSION, how="left_anti")
-    removed_files = sorted(stale_per_file)
-    kept = None
+        return _plan(catalog, replace=True, removed=stored.rows, reason=f"the stored table has no {sorted(missing)}")
+    keys = stored_keys(stored)
+    key_types = pa.schema([keys.schema.field(name) for name in SOURCE_VERSION])
+    current = catalog.select(SOURCE_VERSION).cast(key_types).append_column("_catalogued", pa.repeat(True, catalog.num_rows))
+    keys = keys.join(current, SOURCE_VERSION, join_type="left outer")
+    is_valid = pc.and_(pc.equal(keys.column("weights_fingerprint"), fingerprint), pc.is_valid(keys.column("_catalogued")))
+    valid, stale = keys.filter(is_valid), keys.filter(pc.invert(is_valid))
+    dropped = int(pc.sum(pc.invert(pc.is_in(stale.column("path"), value_set=catalog.column("path")))).as_py() or 0)
+    if stale.num_rows == stored.rows:
+        return _plan(catalog, replace=True, removed=stale.num_rows, dropped=dropped,
+                     reason="no stored vector is reusable (other weights, or every image changed)")
+    todo = catalog.cast(catalog.schema.set(catalog.schema.get_field_index("modified_at"), key_types.field("modified_at"))).join(
+        valid.select(SOURCE_VERSION), SOURCE_VERSION, join_type="left anti"
+    )
+    removed_files = sorted(set(stale.column(FILE_COLUMN).to_pylist()))
+    kept, kept_rows = None, 0
     if removed_files:
+        survivors = valid.filter(pc.is_in(valid.column(FILE_COLUMN), value_set=pa.array(removed_files)))
+        kept_rows = survivors.num_rows
         rows = spark_delta.read_table(spark, stored, files=removed_files)
-        kept = rows.join(valid.select(*SOURCE_VERSION), on=SOURCE_VERSION, how="left_semi")
-    reason = f"{removed} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)" if removed else "no stored row to remove"
-    kept_rows = sum(f.rows for f in stored.files if f.path in stale_per_file) - removed
-    return FeaturePlan(todo, kept, removed_files, False, kept_rows, stored.rows - removed, removed, dropped, reason)
+        kept = rows.join(F.broadcast(spark.createDataFrame(survivors.select(SOURCE_VERSION).to_pandas())), on=SOURCE_VERSION, how="left_semi")
+    reason = f"{stale.num_rows} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)" if stale.num_rows else "no stored row to remove"
+    return _plan(todo, kept, removed_files, False, kept_rows, stored.rows - stale.num_rows, stale.num_rows, dropped, reason)
 
 
 @dataclass(frozen=True)
@@ -177,7 +202,7 @@ def _finite_vectors(dimensions: int):
 
 def featurize_incremental(
     spark: SparkSession,
-    catalog: DataFrame,
+    catalog: pa.Table,
     stored: Snapshot | None,
     featurize_rows: Callable[[DataFrame, int], DataFrame],
     fingerprint: str,
@@ -188,12 +213,12 @@ def featurize_incremental(
     partitions)`, and return the change to commit: the new vectors and the stored rows kept from
     rewritten files, added; the files holding deleted or replaced images, removed."""
     started = time.perf_counter()
-    catalog = catalog.select("path", "label", "size_bytes", "modified_at")
     plan = plan_features(spark, catalog, stored, fingerprint)
-    todo = plan.todo.count()
+    todo = plan.todo.num_rows
     partitions = default_partitions(spark, todo)
     planned = time.perf_counter()
-    results = featurize_rows(plan.todo, partitions).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = spark.createDataFrame(plan.todo.to_pandas(), schema=CATALOG_SCHEMA)
+    results = featurize_rows(rows, partitions).persist(StorageLevel.MEMORY_AND_DISK)
     with progress(todo) if progress else nullcontext():
         stats = results.agg(
             F.count("*").alias("rows"),

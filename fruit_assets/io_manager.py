@@ -203,6 +203,8 @@ class DeltaIOManager(ConfigurableIOManager):
             return None
         if as_type is Snapshot:
             return snapshot
+        if as_type is pa.Table:
+            return delta_tables.read_arrow(snapshot.location, snapshot.version)
         SparkDataFrame, PCAModel = _spark_types()
         if as_type is SparkDataFrame:
             from fruit_assets import spark_delta

@@ -6,6 +6,7 @@ import uuid
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from dagster import AssetKey
 
@@ -165,16 +166,16 @@ def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
     new = pd.DataFrame({"path": ["/img/L0/new1.jpg", "/img/L1/new2.jpg"], "label": ["L0", "L1"], "size_bytes": [1, 2],
                         "modified_at": pd.Timestamp("2026-02-01", tz="UTC")})
     catalog = pd.concat([catalog, new], ignore_index=True)
-    plan = plan_features(spark, spark.createDataFrame(catalog), stored, "fp")
-    assert (plan.removed, plan.dropped, plan.reused) == (2, 1, 38)
-    assert sorted(plan.todo.toPandas().path) == sorted([frame.path[12], *new.path])
+    plan = plan_features(spark, pa.Table.from_pandas(catalog, preserve_index=False), stored, "fp")
+    assert (plan.removed, plan.dropped, plan.reused, plan.kept_rows) == (2, 1, 38, 8)
+    assert sorted(plan.todo.column("path").to_pylist()) == sorted([frame.path[12], *new.path])
     assert len(plan.removed_files) == 2  # the file of row 7 and the file of row 12, nothing else
     kept = plan.kept.toPandas()
     assert len(kept) == 8 and not {frame.path[7], frame.path[12]} & set(kept.path)
 
     # "Featurize" the 3 images (vectors 100, 101, 102), commit the change as image_features does, and
     # follow it with the statistics: they read the 2 removed and the new files, and equal a full pass.
-    todo = plan.todo.toPandas().sort_values("path", ignore_index=True)
+    todo = plan.todo.to_pandas().sort_values("path", ignore_index=True)
     todo["features"] = [np.full(1280, 100 + i, dtype=np.float32) for i in range(len(todo))]
     todo["weights_fingerprint"] = "fp"
     kept = plan.kept.select(*FEATURE_COLUMNS)
