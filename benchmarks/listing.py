@@ -420,7 +420,7 @@ def machine_lines(report: dict) -> str:
 
 
 def run(args) -> dict:
-    from fruit_assets.local_s3 import start_local_s3
+    from fruit_assets_dev.local_s3 import start_local_s3
 
     workdir = Path(args.workdir) / "listing"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -327,7 +327,7 @@ def featurize_only(args) -> dict:
     from fruit_assets.catalog import list_images
     from fruit_assets.ml import featurize as featurize_module
     from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting
-    from fruit_assets.resources import weights_fingerprint
+    from fruit_assets.ml.model import weights_fingerprint
     from fruit_assets.storage import resolve
 
     weights = feature_extractor_weights(parse_weights_setting(args.weights))
@@ -386,7 +386,7 @@ def make_onnx(args) -> dict:
     import numpy as np
 
     from fruit_assets.ml.onnx_model import converted_model
-    from fruit_assets.resources import weights_fingerprint
+    from fruit_assets.ml.model import weights_fingerprint
 
     model = keras.applications.MobileNetV2(include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=args.weights)
     weights = model.get_weights()
@@ -454,7 +454,7 @@ def micro_decode(args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from fruit_assets.ml.featurize import read_bytes
+    from fruit_assets.storage import read_bytes
     from fruit_assets.ml.images import decode_image, preprocess
 
     paths = image_paths(args.images)[: args.limit]

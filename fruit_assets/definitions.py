@@ -5,20 +5,10 @@ import os
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor
 
-from fruit_assets.assets import (
-    image_features,
-    pca_model,
-    pca_model_is_an_exact_decomposition,
-    raw_images,
-    reduced_features,
-)
+from fruit_assets.assets import all_assets, all_assets_and_checks, all_checks  # noqa: F401 - the tests import them here
 from fruit_assets.resources import build_resources
 from fruit_assets.sensors import fruit_images_sensor
 
-all_assets = [raw_images, image_features, pca_model, reduced_features]
-all_checks = [pca_model_is_an_exact_decomposition]
-# What `materialize()` takes to run the whole graph with its checks (the demo, the tests).
-all_assets_and_checks = [*all_assets, *all_checks]
 
 fruit_features_job = define_asset_job(
     "fruit_features_job",

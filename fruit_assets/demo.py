@@ -55,10 +55,10 @@ def choose_weights() -> str:
 
 def _dataset_shape(uri: str, column: str | None = None) -> str:
     """Rows (and vector width) of a stored asset's latest version, read with deltalake: no Spark needed."""
-    from fruit_assets import delta_tables
+    from fruit_assets.storage import delta
     from fruit_assets.storage import resolve
 
-    table = delta_tables.read_arrow(resolve(uri), columns=[column] if column else None)
+    table = delta.read_arrow(resolve(uri), columns=[column] if column else None)
     if column is None or table.num_rows == 0:
         return f"{table.num_rows} rows"
     return f"{table.num_rows} x {len(table.column(column)[0])}"

@@ -9,6 +9,9 @@
   full pass whenever that cannot be proven: no earlier statistics, another table, an earlier version
   that can no longer be read, other weights, or a row count that does not add up.
 
+With them, the plain functions that do the Spark assets' work (their Dagster wiring is in `assets/`):
+`featurize_incremental` (image_features), `fit_pca` (pca_model), `project_features` (reduced_features).
+
 No Dagster here.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import pyarrow as pa
@@ -27,10 +30,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
-from fruit_assets import delta_tables, spark_delta
-from fruit_assets.delta_tables import Snapshot
+from fruit_assets.storage import delta, spark_io
+from fruit_assets.storage.delta import Snapshot
 from fruit_assets.ml.featurize import default_partitions
-from fruit_assets.ml.pca import FeatureStatistics, feature_statistics
+from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, project
 
 SOURCE_VERSION = ["path", "size_bytes", "modified_at"]  # an image file, as it was when featurized
 FEATURE_COLUMNS = ["path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"]  # as stored
@@ -96,7 +99,7 @@ def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | Non
     if removed_files:
         survivors = valid.filter(pc.is_in(valid.column(FILE_COLUMN), value_set=pa.array(removed_files)))
         kept_rows = survivors.num_rows
-        rows = spark_delta.read_table(spark, stored, files=removed_files)
+        rows = spark_io.read_table(spark, stored, files=removed_files)
         kept = rows.join(F.broadcast(spark.createDataFrame(survivors.select(SOURCE_VERSION).to_pandas())), on=SOURCE_VERSION, how="left_semi")
     reason = f"{stale.num_rows} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)" if stale.num_rows else "no stored row to remove"
     return _plan(todo, kept, removed_files, False, kept_rows, stored.rows - stale.num_rows, stale.num_rows, dropped, reason)
@@ -111,7 +114,7 @@ class StatisticsUpdate:
 
 
 def _full(spark: SparkSession, features: Snapshot, reason: str) -> StatisticsUpdate:
-    statistics = feature_statistics(spark_delta.read_table(spark, features, columns=["features"]))
+    statistics = feature_statistics(spark_io.read_table(spark, features, columns=["features"]))
     return StatisticsUpdate(statistics, "full", reason, statistics.rows)
 
 
@@ -135,7 +138,7 @@ def feature_statistics_since(
     earlier = None
     if previous is not None and previous_provenance.get("features_table_id") == features.table_id:
         try:
-            earlier = delta_tables.snapshot(features.location, int(previous_provenance["features_version"]))
+            earlier = delta.snapshot(features.location, int(previous_provenance["features_version"]))
         except Exception:  # noqa: BLE001 - log entries or files cleaned by retention: not provable
             earlier = None
     reason = _why_not_incremental(features, previous_provenance if previous is not None else {}, earlier)
@@ -149,8 +152,8 @@ def feature_statistics_since(
     gone = [path for path in removed if not earlier.file_location(path).exists()]
     if gone:
         return _full(spark, features, f"{len(gone)} removed data file(s) were already vacuumed")
-    minus = feature_statistics(spark_delta.read_table(spark, earlier, files=removed, columns=["features"]))
-    plus = feature_statistics(spark_delta.read_table(spark, features, files=added, columns=["features"]))
+    minus = feature_statistics(spark_io.read_table(spark, earlier, files=removed, columns=["features"]))
+    plus = feature_statistics(spark_io.read_table(spark, features, files=added, columns=["features"]))
     statistics = previous - minus + plus
     if statistics.rows != features.rows:
         return _full(spark, features, f"the updated row count {statistics.rows} is not the table's {features.rows}")
@@ -173,7 +176,7 @@ def provenance(features: Snapshot) -> dict:
 class FeaturizeResult:
     """What an incremental run of image_features did, and the change to commit."""
 
-    change: "spark_delta.TableChange"
+    change: "spark_io.TableChange"
     cached: DataFrame  # the featurized rows, cached until the change is written: unpersist after
     catalogued: int
     featurized: int  # images through the model, with a vector now
@@ -230,8 +233,8 @@ def featurize_incremental(
     if plan.kept is not None:
         new_rows = new_rows.unionByName(plan.kept.select(*FEATURE_COLUMNS))
     # As many files as the rows need (a few new images: one small file), but no more than the cores.
-    write_partitions = max(1, min(partitions, -(-((stats["featurized"] or 0) + plan.kept_rows) // spark_delta.ROWS_PER_FILE)))
-    change = spark_delta.TableChange(
+    write_partitions = max(1, min(partitions, -(-((stats["featurized"] or 0) + plan.kept_rows) // spark_io.ROWS_PER_FILE)))
+    change = spark_io.TableChange(
         rows=new_rows.coalesce(write_partitions), base=stored, removed=plan.removed_files, replace=plan.replace,
         commit_metadata={"weights_fingerprint": fingerprint},
     )
@@ -249,3 +252,44 @@ def featurize_incremental(
         plan_reason=plan.reason,
         seconds={"plan": round(planned - started, 2), "featurize": round(time.perf_counter() - planned, 2)},
     )
+
+
+@dataclass(frozen=True)
+class PcaFit:
+    result: PcaResult
+    update: StatisticsUpdate
+    seconds: dict  # statistics, decomposition
+
+
+def fit_pca(
+    spark: SparkSession, features: Snapshot, previous: PcaResult | None, k: int | None, variance_target: float, max_k: int
+) -> PcaFit:
+    """The PCA of `features`: statistics updated from `previous` (or summed afresh), decomposed by numpy."""
+    started = time.perf_counter()
+    update = feature_statistics_since(spark, features, previous.statistics if previous else None,
+                                      previous.provenance if previous else {})
+    summed = time.perf_counter()
+    result = replace(decompose(update.statistics, k, variance_target, max_k), provenance=provenance(features))
+    seconds = {"statistics": round(summed - started, 2), "decomposition": round(time.perf_counter() - summed, 2)}
+    return PcaFit(result, update, seconds)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The projected rows (cached until written: unpersist after) and what the check needs."""
+
+    rows: DataFrame  # path, label, pca_features
+    count: int
+    min_k: int
+    max_k: int
+    sample: pd.DataFrame  # label, xy: the first two coordinates of up to `sample_size` rows
+
+
+def project_features(spark: SparkSession, features: Snapshot, result: PcaResult, sample_size: int) -> Projection:
+    """Every stored feature vector projected on the components: one read of the features, no shuffle."""
+    vectors = spark_io.read_table(spark, features, columns=["path", "label", "features"])
+    rows = project(vectors, result.components).persist(StorageLevel.MEMORY_AND_DISK)
+    stats = rows.agg(F.count("*").alias("rows"), F.min(F.size("pca_features")).alias("min_k"),
+                     F.max(F.size("pca_features")).alias("max_k")).first()
+    sample = rows.select("label", F.slice("pca_features", 1, 2).alias("xy")).limit(sample_size).toPandas()
+    return Projection(rows, stats["rows"], stats["min_k"], stats["max_k"], sample)

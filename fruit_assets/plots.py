@@ -28,10 +28,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from fruit_assets import storage
 
 WIDTH_IN, HEIGHT_IN, DPI = 6.0, 4.0, 100  # 600 x 400 px
-PLOTS_DIR = "_plots"  # `_` names are ignored by Parquet readers and by Location.files
 
 # Contact sheet layout, in pixels.
 SHEET_PAD = 4
@@ -242,20 +240,3 @@ def png_from_markdown(markdown: str) -> bytes:
     start = markdown.index(prefix) + len(prefix)
     end = markdown.index(")", start)
     return base64.b64decode(markdown[start:end], validate=True)
-
-
-def plot_location(root: storage.Location, asset_name: str, name: str) -> storage.Location:
-    """Where `save_png` stores a plot: `<storage root>/_plots/<asset name>/<name>.png`.
-
-    A sibling of the asset folders, not inside one: an asset folder is a Delta table, whose vacuum
-    deletes files that its log does not name."""
-    return root.child(PLOTS_DIR, asset_name, f"{name}.png")
-
-
-def save_png(root: storage.Location, asset_name: str, name: str, png: bytes) -> storage.Location:
-    """Write `png` to `<storage root>/_plots/<asset name>/<name>.png` (local or S3); return its Location."""
-    target = plot_location(root, asset_name, name)
-    target.filesystem.create_dir(root.child(PLOTS_DIR, asset_name).path, recursive=True)
-    with target.filesystem.open_output_stream(target.path) as stream:
-        stream.write(png)
-    return target

@@ -19,8 +19,9 @@ from dagster_pyspark import LazyPySparkResource, PySparkResource
 from pydantic import Field
 
 from fruit_assets import catalog, storage
-from fruit_assets.delta_tables import DEFAULT_RETENTION_HOURS
+from fruit_assets.storage.delta import DEFAULT_RETENTION_HOURS
 from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.storage.resource import Storage
 from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
 
 # local: everything in-process on local Spark (the embedded default).
@@ -139,14 +140,6 @@ class FeatureModel(ConfigurableResource):
             check_providers(settings.onnx_providers)
 
 
-def weights_fingerprint(weights) -> str:
-    """A short content hash of the weight arrays: identifies the model in worker caches and metadata."""
-    digest = hashlib.sha256()
-    for array in weights:
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
-
-
 def local_spark_config() -> dict[str, str]:
     return {
         # local[N,F]: plain local[N] never retries a failed task; F=4 attempts lets a Python worker
@@ -171,11 +164,13 @@ def build_resources(deployment: str | None = None) -> dict:
         raise ValueError(
             f"FRUIT_DEPLOYMENT={deployment!r} is not a known deployment; use one of: local, databricks"
         )
+    storage = Storage(
+        base_uri=env_or_default("FRUIT_STORAGE_URI", default_storage_uri()),
+        retention_hours=EnvVar.int("FRUIT_RETENTION_HOURS") if os.environ.get("FRUIT_RETENTION_HOURS") else DEFAULT_RETENTION_HOURS,
+    )
     shared = {
-        "io_manager": DeltaIOManager(
-            base_uri=env_or_default("FRUIT_STORAGE_URI", default_storage_uri()),
-            retention_hours=EnvVar.int("FRUIT_RETENTION_HOURS") if os.environ.get("FRUIT_RETENTION_HOURS") else DEFAULT_RETENTION_HOURS,
-        ),
+        "storage": storage,
+        "io_manager": DeltaIOManager(storage=storage),
         "images": ImageSource(uri=env_or_default("FRUIT_IMAGES_URI", default_images_uri())),
         "feature_model": FeatureModel(
             weights=env_or_default("FRUIT_MODEL_WEIGHTS", "imagenet"),

@@ -11,9 +11,9 @@ import pytest
 from dagster import instance_for_test, materialize
 
 from fruit_assets.definitions import all_assets_and_checks
-from fruit_assets.local_s3 import upload_tree
+from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets.resources import FeatureModel, build_resources
-from fruit_assets_tests.conftest import (
+from fruit_assets_tests.support import (
     TEST_BUCKET,
     failure_text,
     local_resources,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fruit_assets.databricks_emulator import DatabricksEmulator
+from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
 SECRETS = {
     "storage": {"access_key": "AKIA-EMULATED-KEY", "secret_key": "emulated-secret-value-123"},
@@ -456,7 +456,7 @@ def test_cli_serves_until_sigterm(tmp_path):
 
     env = {**os.environ, "EMU_TOKEN": "cli-token-123", "EMU_SECRET": "cli-secret-value"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "fruit_assets.databricks_emulator", "--root", str(tmp_path / "root"), "--port", "0",
+        [sys.executable, "-m", "fruit_assets_dev.databricks_emulator", "--root", str(tmp_path / "root"), "--port", "0",
          "--token-env", "EMU_TOKEN", "--secret", "cli/key=EMU_SECRET"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -487,7 +487,7 @@ def test_cli_serves_until_sigterm(tmp_path):
 def test_cli_rejects_a_secret_whose_variable_is_missing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EMU_MISSING"}
     done = subprocess.run(
-        [sys.executable, "-m", "fruit_assets.databricks_emulator", "--root", str(tmp_path)]
+        [sys.executable, "-m", "fruit_assets_dev.databricks_emulator", "--root", str(tmp_path)]
         + ["--secret", "s/k=EMU_MISSING"],
         capture_output=True,
         text=True,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance
 
-from fruit_assets.local_s3 import upload_tree
-from fruit_assets_tests.conftest import TEST_BUCKET, by_image, read_asset
+from fruit_assets_dev.local_s3 import upload_tree
+from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset
 
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -27,7 +27,7 @@ SPARK_ASSETS = ("image_features", "pca_model", "reduced_features")
 
 @pytest.fixture(scope="module")
 def emulator(s3, tmp_path_factory):
-    from fruit_assets.databricks_emulator import DatabricksEmulator
+    from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
     # The secret scope holds the S3 keys, as a real workspace would; the launcher's storage config
     # reads them on the cluster.

@@ -29,13 +29,15 @@ import pytest
 from dagster import AssetKey, build_output_context
 from deltalake import DeltaTable
 
-from fruit_assets import delta_tables
+from fruit_assets.storage import delta
 from fruit_assets.demo_data import generate_demo_set
-from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.io_manager import load_asset
+from fruit_assets.ml.pca_store import stored_spark_components
 from fruit_assets.storage import resolve
-from fruit_assets_tests.conftest import (
+from fruit_assets_tests.support import (
     TEST_BUCKET,
     delta_options,
+    io_manager,
     local_resources,
     materialize_all,
     metadata_of,
@@ -65,7 +67,7 @@ def _rows(generation: int, n: int = 2000) -> pd.DataFrame:
 
 def test_readers_see_one_whole_version_while_versions_are_committed(spark, storage_uri):
     """A reader in a loop, while a Spark writer commits 4 new versions of 2,000 rows in 8 files."""
-    manager = DeltaIOManager(base_uri=storage_uri)
+    manager = io_manager(storage_uri)
     manager.handle_output(_output("table"), _rows(0))
     uri = f"{storage_uri}/table"
     seen, stop = [], threading.Event()
@@ -92,20 +94,20 @@ def test_readers_see_one_whole_version_while_versions_are_committed(spark, stora
 def test_two_writers_at_once_give_one_whole_version_or_a_clear_conflict(storage_uri):
     location = resolve(storage_uri).child("table")
     schema = pa.schema([("path", pa.string()), ("writer", pa.int64())])
-    first = delta_tables.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [0, 0]}, schema=schema))
-    delta_tables.commit(location, [first], schema, None)
+    first = delta.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [0, 0]}, schema=schema))
+    delta.commit(location, [first], schema, None)
     for round_ in range(4):
-        base = delta_tables.snapshot(location)
+        base = delta.snapshot(location)
         outcomes, barrier = {}, threading.Barrier(2)
 
         def write(writer: int):
-            file = delta_tables.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [writer] * 2}, schema=schema))
+            file = delta.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [writer] * 2}, schema=schema))
             barrier.wait()
             try:
-                outcomes[writer] = delta_tables.commit(location, [file], schema, base, replace=True)
-            except delta_tables.TableConflictError as error:
+                outcomes[writer] = delta.commit(location, [file], schema, base, replace=True)
+            except delta.TableConflictError as error:
                 outcomes[writer] = error
-                delta_tables.discard(location, [file])
+                delta.discard(location, [file])
 
         threads = [threading.Thread(target=write, args=(w,)) for w in (1, 2)]
         [t.start() for t in threads]
@@ -139,10 +141,9 @@ def test_pca_model_at_version_n_loads_the_model_committed_at_n(spark, demo_run, 
     for k in (5, 7):
         result = materialize_all(local_resources(demo_images, storage), selection=["pca_model"], run_config={"ops": {"pca_model": {"config": {"k": k}}}})
         versions[k] = metadata_of(result, "pca_model")["delta_version"]
-    manager = DeltaIOManager(base_uri=str(storage))
     for k, version in versions.items():
-        assert manager.load_stored(AssetKey("pca_model"), PCAModel, version=version).getK() == k
-        components = manager.stored_spark_components(AssetKey("pca_model"), version=version)
+        assert load_asset(str(storage), "pca_model", PCAModel, version=version).getK() == k
+        components = stored_spark_components(delta.snapshot(resolve(str(storage)).child("pca_model"), version))
         table = read_asset(storage, "pca_model", version=version).sort_values("component")
         np.testing.assert_array_equal(components, np.stack(table.loadings))
 
@@ -199,7 +200,7 @@ def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, sma
     assert _data_files(storage_uri, "image_features") - known  # the killed run's files are there, uncommitted
 
     # Vacuum removes the uncommitted files once they are older than the retention; the version stays.
-    delta_tables.vacuum(resolve(storage_uri).child("image_features"), retention_hours=0)
+    delta.vacuum(resolve(storage_uri).child("image_features"), retention_hours=0)
     assert _data_files(storage_uri, "image_features") == known
     pd.testing.assert_frame_equal(read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True), before)
 
@@ -237,8 +238,8 @@ def test_a_folder_from_the_release_before_delta_is_converted_in_place(spark, dem
 
 
 def test_vacuum_keeps_versions_inside_the_retention_and_deletes_them_after(tmp_path):
-    kept = DeltaIOManager(base_uri=str(tmp_path / "kept"))
-    expired = DeltaIOManager(base_uri=str(tmp_path / "expired"), retention_hours=0)
+    kept = io_manager(tmp_path / "kept")
+    expired = io_manager(tmp_path / "expired", retention_hours=0)
     for manager in (kept, expired):
         for generation in range(3):
             manager.handle_output(_output("table"), _rows(generation, 10))

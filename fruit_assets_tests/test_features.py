@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets_tests.support import local_resources, materialize_all, metadata_of, read_asset
 from fruit_assets_tests.weights_files import save_legacy_h5
 
 

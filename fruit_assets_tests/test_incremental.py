@@ -10,14 +10,14 @@ import pyarrow as pa
 import pytest
 from dagster import AssetKey
 
-from fruit_assets import delta_tables, spark_delta
+from fruit_assets.storage import delta, spark_io
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.incremental import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
-from fruit_assets.io_manager import DeltaIOManager
-from fruit_assets.local_s3 import upload_tree
+from fruit_assets.io_manager import load_asset
+from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult
 from fruit_assets.storage import resolve
-from fruit_assets_tests.conftest import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets_tests.support import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
 
 PCA_CONFIG = {"ops": {"pca_model": {"config": {"k": 8}}}}
 
@@ -27,7 +27,7 @@ def stored_features(prefix: str) -> pd.DataFrame:
 
 
 def stored_pca(prefix: str) -> PcaResult:
-    return DeltaIOManager(base_uri=f"{prefix}/assets").load_stored(AssetKey("pca_model"), PcaResult)
+    return load_asset(f"{prefix}/assets", "pca_model", PcaResult)
 
 
 def assert_statistics_equal_a_full_pass(prefix: str) -> FeatureStatistics:
@@ -88,13 +88,13 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     labels = sorted({i.split("/")[0] for i in before.index})
 
     # Added images: one new data file, nothing rewritten; the statistics add its 3 rows.
-    files_before = {f.path for f in delta_tables.snapshot(table).files}
+    files_before = {f.path for f in delta.snapshot(table).files}
     added = add_images(s3, prefix, tmp_path, labels)
     second = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(second, "image_features"), metadata_of(second, "pca_model")
     assert (features["rows"], features["featurized"], features["reused"], features["removed"]) == (27, 3, 24, 0)
     assert (features["files_added"], features["files_removed"]) == (1, 0)
-    assert {f.path for f in delta_tables.snapshot(table).files} > files_before
+    assert {f.path for f in delta.snapshot(table).files} > files_before
     assert (pca["statistics_mode"], pca["feature_rows_read"]) == ("incremental", 3), pca["statistics_reason"]
     assert_statistics_equal_a_full_pass(prefix)
 
@@ -152,14 +152,14 @@ def _table_of_many_files(spark, tmp_path, rows: int = 40, rows_per_file: int = 5
             "weights_fingerprint": "fp",
         }
     )[FEATURE_COLUMNS]
-    files, schema = spark_delta.write_files(spark.createDataFrame(frame).coalesce(1), location, rows_per_file=rows_per_file)
-    delta_tables.commit(location, files, schema, None, metadata={"weights_fingerprint": "fp"})
+    files, schema = spark_io.write_files(spark.createDataFrame(frame).coalesce(1), location, rows_per_file=rows_per_file)
+    delta.commit(location, files, schema, None, metadata={"weights_fingerprint": "fp"})
     return location, frame
 
 
 def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
     location, frame = _table_of_many_files(spark, tmp_path)  # 40 rows, 8 files of 5
-    stored = delta_tables.snapshot(location)
+    stored = delta.snapshot(location)
     assert len(stored.files) == 8
     catalog = frame[["path", "label", "size_bytes", "modified_at"]].drop(index=[7])  # deleted
     catalog.loc[12, "size_bytes"] += 1  # replaced: same path, another file
@@ -180,9 +180,9 @@ def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
     todo["weights_fingerprint"] = "fp"
     kept = plan.kept.select(*FEATURE_COLUMNS)
     rows = kept.unionByName(spark.createDataFrame(todo[FEATURE_COLUMNS], schema=kept.schema))
-    files, schema = spark_delta.write_files(rows, location)
-    delta_tables.commit(location, files, schema, stored, removed=plan.removed_files, metadata={"weights_fingerprint": "fp"})
-    now = delta_tables.snapshot(location)
+    files, schema = spark_io.write_files(rows, location)
+    delta.commit(location, files, schema, stored, removed=plan.removed_files, metadata={"weights_fingerprint": "fp"})
+    now = delta.snapshot(location)
     update = feature_statistics_since(spark, now, FeatureStatistics.of(np.stack(frame.features)), provenance(stored))
     assert update.mode == "incremental", update.reason
     assert update.rows_read == 10 + 11
@@ -202,7 +202,7 @@ def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
 )
 def test_statistics_fall_back_to_a_full_pass_when_an_update_cannot_be_proven(spark, tmp_path, break_it, reason):
     location, frame = _table_of_many_files(spark, tmp_path)
-    stored = delta_tables.snapshot(location)
+    stored = delta.snapshot(location)
     update = feature_statistics_since(spark, stored, FeatureStatistics.of(np.stack(frame.features)), break_it(provenance(stored), stored))
     assert update.mode == "full" and reason in update.reason
     assert update.rows_read == 40 and update.statistics.rows == 40

@@ -21,7 +21,7 @@ from fruit_assets import sensors, storage
 from fruit_assets.catalog import ImageListingError, list_images
 from fruit_assets.resources import ImageSource
 from fruit_assets.sensors import TAG_CHANGED_LABELS, TAG_IMAGES, fruit_images_sensor
-from fruit_assets_tests.conftest import TEST_BUCKET
+from fruit_assets_tests.support import TEST_BUCKET
 
 BIG = "Big Label"  # more than 1,000 keys: two pages
 BIG_IMAGES = 1100

@@ -1,4 +1,4 @@
-"""Tests of fruit_assets.local_s3 against real SeaweedFS servers (no mocks)."""
+"""Tests of fruit_assets_dev.local_s3 against real SeaweedFS servers (no mocks)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from fruit_assets import local_s3
-from fruit_assets.local_s3 import LocalS3, find_weed, main, start_local_s3, upload_tree
+from fruit_assets_dev import local_s3
+from fruit_assets_dev.local_s3 import LocalS3, find_weed, main, start_local_s3, upload_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "fruit-test"
@@ -294,7 +294,7 @@ def test_serve_cli_prints_exports_and_stops_on_sigint(tmp_path):
     port = local_s3._pick_ports(1, set())[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fruit_assets.local_s3", "serve", "--dir", str(tmp_path / "data"), "--port", str(port)],
+        [sys.executable, "-m", "fruit_assets_dev.local_s3", "serve", "--dir", str(tmp_path / "data"), "--port", str(port)],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -17,8 +17,8 @@ import pytest
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, verify
 from dagster import AssetKey
 
-from fruit_assets.io_manager import DeltaIOManager
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets.io_manager import load_asset
+from fruit_assets_tests.support import local_resources, materialize_all, metadata_of, read_asset
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
 
@@ -146,7 +146,7 @@ def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, t
     from pyspark.ml.feature import PCAModel
     from pyspark.ml.functions import array_to_vector, vector_to_array
 
-    model = DeltaIOManager(base_uri=str(tmp_path)).load_stored(AssetKey("pca_model"), PCAModel)
+    model = load_asset(str(tmp_path), "pca_model", PCAModel)
     np.testing.assert_array_equal(model.pc.toArray().T, np.stack(pca.loadings))
     features = spark.createDataFrame(read_asset(tmp_path, "image_features"))
     transformed = model.transform(features.select("path", array_to_vector("features").alias("vector")))
@@ -157,7 +157,7 @@ def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, t
 
 
 def test_a_wrong_decomposition_fails_the_check_and_stops_reduced_features(spark, tmp_path, features_matrix, monkeypatch):
-    import fruit_assets.ml.pca as pca_module
+    import fruit_assets.incremental as pca_module  # where pca_model's work calls decompose
 
     _store_features(tmp_path, features_matrix)
     exact_decompose = pca_module.decompose

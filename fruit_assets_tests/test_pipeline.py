@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fruit_assets_tests.conftest import local_resources, materialize_all, metadata_of, private_copy, read_asset
+from fruit_assets_tests.support import local_resources, materialize_all, metadata_of, private_copy, read_asset
 
 ROWS = 72  # 24 labels x 3 images
 
@@ -111,12 +111,11 @@ def test_spark_can_load_the_stored_pca_model(demo_run, spark):
 
     from dagster import AssetKey
 
-    from fruit_assets.io_manager import DeltaIOManager
+    from fruit_assets.io_manager import load_asset
 
     _, storage = demo_run
-    manager = DeltaIOManager(base_uri=str(storage))
-    model = manager.load_stored(AssetKey("pca_model"), PCAModel)
-    features = manager.load_stored(AssetKey("image_features"), SparkDataFrame)
+    model = load_asset(str(storage), "pca_model", PCAModel)
+    features = load_asset(str(storage), "image_features", SparkDataFrame)
     transformed = model.transform(features.select("path", array_to_vector("features").alias("vector")))
     again = transformed.select("path", vector_to_array("pca", "float32").alias("pca_features")).toPandas()
     again = again.sort_values("path", ignore_index=True)

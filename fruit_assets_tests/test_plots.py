@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dagster import AssetKey
+
 from fruit_assets import plots, storage
+from fruit_assets.storage.resource import Storage
 from fruit_assets.demo_data import demo_labels, generate_demo_set
 
-from .conftest import TEST_BUCKET
+from fruit_assets_tests.support import TEST_BUCKET
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -163,25 +166,25 @@ def test_markdown_image_rejects_bad_input(png, alt):
         plots.markdown_image(png, alt)
 
 
-def test_save_png_writes_beside_the_asset(tmp_path):
-    root = storage.resolve(str(tmp_path))
+def test_plots_are_saved_beside_the_asset_tables(tmp_path):
+    store = Storage(base_uri=str(tmp_path))
     png = plots.explained_variance_plot(spectrum(5), 5, 0.95)
-    saved = plots.save_png(root, "pca_model", "explained_variance", png)
+    saved = store.save_plot(AssetKey("pca_model"), "explained_variance", png)
     assert saved.path == str(tmp_path / "_plots" / "pca_model" / "explained_variance.png")
     assert (tmp_path / "_plots" / "pca_model" / "explained_variance.png").read_bytes() == png
-    assert plots.save_png(root, "pca_model", "explained_variance", png[:]).path == saved.path  # overwrite
+    assert store.save_plot(AssetKey("pca_model"), "explained_variance", png[:]).path == saved.path  # overwrite
 
 
 @pytest.mark.parametrize("name", ["../escape", "/abs", ""])
-def test_save_png_refuses_unsafe_names(tmp_path, name):
+def test_plots_refuse_unsafe_names(tmp_path, name):
     with pytest.raises(storage.StorageConfigError):
-        plots.save_png(storage.resolve(str(tmp_path)), name, "plot", PNG_SIGNATURE)
+        Storage(base_uri=str(tmp_path)).save_plot(AssetKey([name]), "plot", PNG_SIGNATURE)
 
 
-def test_save_png_on_s3(s3):
-    root = storage.resolve(f"s3://{TEST_BUCKET}/plots-{uuid.uuid4().hex[:8]}")
+def test_plots_on_s3(s3):
+    uri = f"s3://{TEST_BUCKET}/plots-{uuid.uuid4().hex[:8]}"
     png = plots.pca_scatter_plot(*labelled_points(3))
-    saved = plots.save_png(root, "reduced_features", "pca_scatter", png)
-    assert saved.uri == f"{root.uri}/_plots/reduced_features/pca_scatter.png"
+    saved = Storage(base_uri=uri).save_plot(AssetKey("reduced_features"), "pca_scatter", png)
+    assert saved.uri == f"{uri}/_plots/reduced_features/pca_scatter.png"
     with saved.filesystem.open_input_stream(saved.path) as stream:
         assert stream.read() == png

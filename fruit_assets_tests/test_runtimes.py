@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fruit_assets_tests.conftest import failure_text, local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
 
 FEATURIZE = ["raw_images", "image_features"]
 GUARD = Path(__file__).resolve().parent / "worker_guard"
@@ -23,7 +23,7 @@ TENSORFLOW_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx"}
 
 def keras_features(weights: str, paths: list[str]) -> np.ndarray:
     """Plain Keras, model(x, training=False), on the project's decoding of the same files."""
-    from fruit_assets.ml.featurize import read_bytes
+    from fruit_assets.storage import read_bytes
     from fruit_assets.ml.images import decode_image, preprocess
     from fruit_assets.ml.model import build_feature_extractor, parse_weights_setting
 
@@ -102,7 +102,7 @@ def test_default_runtime_equals_keras_and_its_workers_never_import_tensorflow(sp
 def test_conversion_is_cached_by_weights_fingerprint(tmp_path):
     from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting, synthetic_images
     from fruit_assets.ml.onnx_model import converted_model, onnx_inference_function
-    from fruit_assets.resources import weights_fingerprint
+    from fruit_assets.ml.model import weights_fingerprint
     from fruit_assets.ml.model import feature_extractor_from_weights
 
     weights = feature_extractor_weights(parse_weights_setting("random:5"))

@@ -10,9 +10,9 @@ import pytest
 from dagster import AssetKey, build_output_context
 
 from fruit_assets.demo_data import generate_demo_set
-from fruit_assets.io_manager import DeltaIOManager
-from fruit_assets.local_s3 import upload_tree
-from fruit_assets_tests.conftest import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets.io_manager import load_asset
+from fruit_assets_dev.local_s3 import upload_tree
+from fruit_assets_tests.support import TEST_BUCKET, by_image, io_manager, local_resources, materialize_all, metadata_of, read_asset
 
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
 
@@ -77,7 +77,7 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
     from pyspark.sql.functions import udf
 
     prefix = new_prefix()
-    manager = DeltaIOManager(base_uri=prefix)
+    manager = io_manager(prefix)
     good = spark.range(50).repartition(3).select(F.col("id"), (F.col("id") * 2).alias("twice"))
     manager.handle_output(build_output_context(asset_key=AssetKey("table")), good)
 
@@ -93,7 +93,7 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
 
     stored = read_s3(s3, f"{prefix}/table").sort_values("id", ignore_index=True)
     assert list(stored.id) == list(range(50)) and list(stored.twice) == [2 * i for i in range(50)]
-    assert len(manager.load_stored(AssetKey("table"), pd.DataFrame)) == 50
+    assert len(load_asset(prefix, "table")) == 50
     # The failed write's files were deleted: the folder holds the log and the committed version's files.
     from deltalake import DeltaTable
 

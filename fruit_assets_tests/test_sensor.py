@@ -27,7 +27,7 @@ from fruit_assets.sensors import (
     ImagesCursor,
     fruit_images_sensor,
 )
-from fruit_assets_tests.conftest import TEST_BUCKET
+from fruit_assets_tests.support import TEST_BUCKET
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ from dagster import AssetKey, PythonObjectDagsterType, build_input_context, buil
 
 from fruit_assets import storage
 from fruit_assets.catalog import list_images
-from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.io_manager import load_asset
+from fruit_assets_tests.support import io_manager
 
 
 def test_resolve_local_paths_and_file_uris(tmp_path, monkeypatch):
@@ -61,7 +62,7 @@ def _output(name, run_id="run-1"):
 def test_io_manager_round_trips_pandas_as_delta_versions(tmp_path):
     from deltalake import DeltaTable
 
-    manager = DeltaIOManager(base_uri=str(tmp_path))
+    manager = io_manager(tmp_path)
     frame = pd.DataFrame({"path": ["a", "b"], "n": [1, 2], "at": pd.to_datetime(["2026-01-01", "2026-01-02"], utc=True)})
     for expected_version, rows in ((0, frame), (1, frame.iloc[:1])):
         context = _output("table")
@@ -71,8 +72,8 @@ def test_io_manager_round_trips_pandas_as_delta_versions(tmp_path):
         assert metadata["dagster/row_count"].value == len(rows)
         assert metadata["path"].value == str(tmp_path / "table")
         assert [c.name for c in metadata["dagster/column_schema"].schema.columns] == ["path", "n", "at"]
-    pd.testing.assert_frame_equal(manager.load_stored(AssetKey("table")), frame.iloc[:1], check_dtype=False)
-    pd.testing.assert_frame_equal(manager.load_stored(AssetKey("table"), version=0), frame, check_dtype=False)
+    pd.testing.assert_frame_equal(load_asset(str(tmp_path), "table"), frame.iloc[:1], check_dtype=False)
+    pd.testing.assert_frame_equal(load_asset(str(tmp_path), "table", version=0), frame, check_dtype=False)
     assert DeltaTable(str(tmp_path / "table"), version=0).to_pandas().shape == (2, 3)
 
 
@@ -80,20 +81,20 @@ def test_io_manager_round_trips_spark_dataframes(tmp_path, spark):
     from deltalake import DeltaTable
     from pyspark.sql import DataFrame as SparkDataFrame
 
-    manager = DeltaIOManager(base_uri=str(tmp_path))
+    manager = io_manager(tmp_path)
     df = spark.createDataFrame([(i, [float(i)] * 3) for i in range(100)], "id long, v array<float>").repartition(4)
     manager.handle_output(_output("vectors"), df)
     assert len(DeltaTable(str(tmp_path / "vectors")).file_uris()) == 4  # one file per partition, written by the executors
-    loaded = manager.load_stored(AssetKey("vectors"), SparkDataFrame)
+    loaded = load_asset(str(tmp_path), "vectors", SparkDataFrame)
     assert sorted(row.id for row in loaded.collect()) == list(range(100))
     assert DeltaTable(str(tmp_path / "vectors")).to_pandas().shape == (100, 2)
 
 
 def test_spark_files_roll_over_at_the_row_limit(tmp_path, spark):
-    from fruit_assets import spark_delta
+    from fruit_assets.storage import spark_io
 
     location = storage.resolve(str(tmp_path / "t"))
-    files, schema = spark_delta.write_files(spark.range(2500).repartition(2), location, rows_per_file=1000)
+    files, schema = spark_io.write_files(spark.range(2500).repartition(2), location, rows_per_file=1000)
     assert sorted(f.rows for f in files) == sorted([1000, 250] * 2)  # 1,250 rows per partition
     assert schema.names == ["id"]
 
@@ -102,7 +103,7 @@ def test_a_failed_write_keeps_the_last_good_version_and_leaves_no_files(tmp_path
     from pyspark.sql import functions as F
     from pyspark.sql.functions import udf
 
-    manager = DeltaIOManager(base_uri=str(tmp_path))
+    manager = io_manager(tmp_path)
     good = pd.DataFrame({"id": range(10)})
     manager.handle_output(_output("asset"), good)
     before = sorted(os.listdir(tmp_path / "asset"))
@@ -116,22 +117,22 @@ def test_a_failed_write_keeps_the_last_good_version_and_leaves_no_files(tmp_path
     failing = spark.range(20).repartition(4).select(explode_on_seven(F.col("id")).alias("id"))
     with pytest.raises(Exception, match="injected failure mid-write"):
         manager.handle_output(_output("asset"), failing)
-    pd.testing.assert_frame_equal(manager.load_stored(AssetKey("asset")), good)
+    pd.testing.assert_frame_equal(load_asset(str(tmp_path), "asset"), good)
     assert sorted(os.listdir(tmp_path / "asset")) == before
 
 
 def test_io_manager_refuses_unknown_types_without_touching_data(tmp_path):
-    manager = DeltaIOManager(base_uri=str(tmp_path))
+    manager = io_manager(tmp_path)
     manager.handle_output(_output("asset"), pd.DataFrame({"x": [1]}))
     with pytest.raises(TypeError, match="cannot store a dict"):
         manager.handle_output(_output("asset"), {"not": "a table"})
-    assert len(manager.load_stored(AssetKey("asset"))) == 1
+    assert len(load_asset(str(tmp_path), "asset")) == 1
 
 
 def test_loading_an_asset_that_was_never_materialized_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="materialize it first"):
         context = build_input_context(asset_key=AssetKey("missing"), dagster_type=PythonObjectDagsterType(pd.DataFrame))
-        DeltaIOManager(base_uri=str(tmp_path)).load_input(context)
+        io_manager(tmp_path).load_input(context)
 
 
 @pytest.mark.parametrize("max_folder_listings", [1000, 0], ids=["folder by folder", "flat"])

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TEST_WEIGHTS
+from fruit_assets_tests.support import TEST_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

@@ -26,6 +26,7 @@ No Dagster here.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
 from fruit_assets.ml.images import decode_image, preprocess
-from fruit_assets.storage import resolve
+from fruit_assets.storage import read_bytes
 
 RESULT_TYPE = StructType(
     [
@@ -100,6 +101,30 @@ def prepare_model(weights: list[np.ndarray], fingerprint: str, settings: Featuri
     return converted.data, described | {"onnx_providers": ",".join(settings.onnx_providers)} | converted.describe()
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """The feature extractor, ready to broadcast: resolved on the driver once per run."""
+
+    payload: object  # what the workers get by broadcast (see prepare_model)
+    fingerprint: str  # of the weights: the workers' model cache key, and what reuse is keyed on
+    metadata: dict  # weights source and runtime, JSON-able, recorded with the features
+    seconds: float  # to resolve the weights and prepare the runtime
+    meaningful: bool  # False for random weights
+
+
+def prepare_feature_extractor(source, settings: FeaturizeSettings) -> PreparedModel:
+    """Resolve the weights of `source` (an `ml.model.WeightsSource`) and prepare the model for the
+    configured runtime (onnxruntime: convert to ONNX once, then read it from the cache)."""
+    from fruit_assets.ml.model import feature_extractor_weights, weights_fingerprint
+
+    started = time.perf_counter()
+    weights = feature_extractor_weights(source)
+    fingerprint = weights_fingerprint(weights)
+    payload, runtime = prepare_model(weights, fingerprint, settings)
+    described = source.describe()
+    return PreparedModel(payload, fingerprint, described | runtime, time.perf_counter() - started, described["weights_meaningful"])
+
+
 def _version(*distributions: str) -> str:
     """The installed version of the first of these distributions (a cluster may have tensorflow, not
     tensorflow-cpu; onnxruntime-gpu, not onnxruntime)."""
@@ -138,12 +163,6 @@ def _model(model_key: str, model_broadcast, settings: FeaturizeSettings) -> Call
         infer = _build_inference(model_broadcast.value, settings)
         _MODELS[key] = infer
     return infer
-
-
-def read_bytes(uri: str) -> bytes:
-    location = resolve(uri)
-    with location.filesystem.open_input_file(location.path) as source:
-        return source.read()
 
 
 def load_batch(paths: list[str]) -> tuple[np.ndarray, list[str | None]]:

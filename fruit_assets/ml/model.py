@@ -131,6 +131,15 @@ def feature_extractor_weights(source: WeightsSource) -> list[np.ndarray]:
     return build_feature_extractor(source).get_weights()
 
 
+def weights_fingerprint(weights: list[np.ndarray]) -> str:
+    """A short content hash of the weight arrays: identifies the model in worker caches, in the
+    stored features (reuse is keyed on it) and in the metadata."""
+    digest = hashlib.sha256()
+    for array in weights:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def feature_extractor_from_weights(weights: list[np.ndarray]) -> keras.Model:
     """Worker side: rebuild the feature extractor from broadcast arrays. Never downloads anything."""
     model = _no_top_model(weights=None)

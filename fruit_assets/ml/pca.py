@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-FEATURE_DIM = 1280
+from fruit_assets.ml.model import FEATURE_DIM  # noqa: E402 - one definition of the feature width
 
 # Tolerances of `verify`, relative to the largest eigenvalue (float64 eigh is exact to ~1e-13 there).
 ORTHONORMAL_TOLERANCE = 1e-8

@@ -153,14 +153,24 @@ def commit_info(location: Location, version: int) -> dict:
 
 
 def same_schema(a: pa.Schema, b: pa.Schema) -> bool:
-    """Whether two Arrow schemas are the same Delta schema (names of list items and nullability of
-    top-level fields aside, which Arrow writers spell differently)."""
+    """Whether rows of schema `a` can be added to a table of schema `b`: the same names and types,
+    whatever the nullability (Spark marks fields and list items non-null, pandas does not) and the
+    names of list items."""
     from deltalake import Schema as DeltaSchema
 
     def canonical(schema: pa.Schema) -> str:
-        return DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in schema])).to_json()
+        fields = [pa.field(f.name, _nullable_type(f.type)) for f in schema]
+        return DeltaSchema.from_arrow(pa.schema(fields)).to_json()
 
     return canonical(a) == canonical(b)
+
+
+def _nullable_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(pa.field("element", _nullable_type(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(f.name, _nullable_type(f.type)) for f in kind])
+    return kind
 
 
 def new_file_name(prefix: str = "part") -> str:
@@ -277,3 +287,83 @@ def vacuum(location: Location, retention_hours: int) -> list[str]:
     table = _delta_table(location)
     # full: also files that no commit references (a killed writer's), not only removed ones.
     return table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
+
+
+def commit_or_discard(
+    location: Location,
+    files: list[DataFile],
+    schema: pa.Schema,
+    base: Snapshot | None,
+    metadata: dict,
+    replace: bool = False,
+    removed: list[str] | None = None,
+) -> int:
+    """`commit`, deleting the written files if the commit fails (a conflict, say)."""
+    try:
+        return commit(location, files, schema, base, removed=removed, replace=replace, metadata=metadata)
+    except BaseException:
+        discard(location, files)
+        raise
+
+
+def nullable(schema: pa.Schema) -> pa.Schema:
+    """The schema with every field nullable and no metadata, as Delta tables declare them (Parquet
+    written from Spark marks fields non-null)."""
+    return pa.schema([f.with_nullable(True) for f in schema], metadata=None)
+
+
+def commit_arrow(location: Location, table: pa.Table, base: Snapshot | None, metadata: dict) -> int:
+    """Replace the table's rows by `table` (written by this process as one file), in one commit."""
+    file = write_arrow_file(location, table)
+    schema = pq.read_schema(posixpath.join(location.path, file.path), filesystem=location.filesystem)
+    return commit_or_discard(location, [file], nullable(schema), base, metadata, replace=True)
+
+
+# -- folders written by the release before Delta ---------------------------------------------------
+
+
+def legacy_parquet_files(location: Location) -> list[pafs.FileInfo]:
+    """The data files of a folder written by the release before Delta: top-level *.parquet files."""
+    infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
+    found = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
+    return sorted((i for i in found if not i.base_name.startswith(("_", "."))), key=lambda i: i.path)
+
+
+def convert_legacy_folder(location: Location) -> int:
+    """Commit a legacy folder's Parquet files, in place, as version 0 of a Delta table (what
+    `deltalake.convert_to_deltalake` does; it cannot skip pca_model's `_spark_model/` folder)."""
+    files, schema = [], None
+    for info in legacy_parquet_files(location):
+        footer = pq.read_metadata(info.path, filesystem=location.filesystem)
+        schema = schema or footer.schema.to_arrow_schema()
+        files.append(DataFile(info.base_name, info.size, footer.num_rows))
+    return commit(location, files, nullable(schema), None, metadata={"converted_from": "parquet folder"})
+
+
+def open_snapshot(location: Location, version: int | None = None) -> Snapshot | None:
+    """`snapshot`, after converting a folder from the release before Delta in place on first use."""
+    found = snapshot(location, version)
+    if found is None and version is None and legacy_parquet_files(location):
+        convert_legacy_folder(location)
+        found = snapshot(location)
+    return found
+
+
+# -- side folders: files that belong to a version without being table rows ------------------------
+
+
+def new_side_folder_name() -> str:
+    """A name for a folder of files that a commit will name (see `Snapshot.commit`). Sortable by
+    creation time, so that `expire_side_folders` can tell which ones were superseded when."""
+    return f"{int(time.time() * 1000):015d}-{uuid.uuid4().hex[:8]}"
+
+
+def expire_side_folders(parent: Location, retention_hours: int) -> None:
+    """Delete the side folders superseded more than `retention_hours` ago: a folder's version stays
+    readable until the version after it is that old (which is when vacuum removes its data too)."""
+    infos = parent.filesystem.get_file_info(pafs.FileSelector(parent.path, allow_not_found=True))
+    folders = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    cutoff_ms = (time.time() - retention_hours * 3600) * 1000
+    for older, newer in zip(folders, folders[1:]):
+        if int(newer.split("-")[0]) < cutoff_ms:
+            parent.filesystem.delete_dir(parent.child(older).path)

@@ -1,6 +1,6 @@
 """The emulated Databricks driver: runs one ``spark_python_task`` in this process.
 
-The emulator starts it as ``<python> -m fruit_assets.databricks_emulator.runner`` in a new process
+The emulator starts it as ``<python> -m fruit_assets_dev.databricks_emulator.runner`` in a new process
 group, with the task's environment, and writes a JSON spec to its stdin (so secret values never appear
 on a command line, in the environment or on disk). The runner then does what a Databricks driver does
 for a Python task:
@@ -36,7 +36,7 @@ import types
 from collections import namedtuple
 from pathlib import Path
 
-from fruit_assets.databricks_emulator.dbfs import DbfsPathError, DbfsRoot
+from fruit_assets_dev.databricks_emulator.dbfs import DbfsPathError, DbfsRoot
 
 LOG_PREFIX = "[databricks-emulator]"
 

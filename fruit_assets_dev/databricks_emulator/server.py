@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fruit_assets.databricks_emulator.dbfs import DbfsPathError, DbfsRoot, from_fuse, is_fuse_path, normalize
+from fruit_assets_dev.databricks_emulator.dbfs import DbfsPathError, DbfsRoot, from_fuse, is_fuse_path, normalize
 
-logger = logging.getLogger("fruit_assets.databricks_emulator")
+logger = logging.getLogger("fruit_assets_dev.databricks_emulator")
 
 MIB = 1024 * 1024
 DEFAULT_READ_LENGTH = 512 * 1024  # the DBFS API's default
@@ -848,6 +848,8 @@ class DatabricksEmulator:
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
         env["PYTHONUNBUFFERED"] = "1"
         env["DATABRICKS_EMULATOR_URL"] = self.url
+        # The task runner is part of fruit_assets_dev, which is not installed: it lives beside the package.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
         return env
 
     def _set_state(self, run: EmulatedRun, **changes) -> None:
@@ -900,7 +902,7 @@ class DatabricksEmulator:
         }
         with open(run.stdout_path, "wb") as out, open(run.stderr_path, "wb") as err:
             process = subprocess.Popen(
-                [self.python, "-m", "fruit_assets.databricks_emulator.runner"],
+                [self.python, "-m", "fruit_assets_dev.databricks_emulator.runner"],
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=err,

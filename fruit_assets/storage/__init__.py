@@ -2,8 +2,8 @@
 
 Everything that touches storage goes through `pyarrow.fs`: Spark on these machines has no S3A
 connector, so pyarrow is the one client that serves the driver, the Spark Python workers (through the
-data source in `spark_delta`) and plain pandas users. The assets themselves are Delta tables
-(`delta_tables`); this module knows only where things are and how to reach them.
+data source in `storage.spark_io`) and plain pandas users. The assets themselves are Delta tables
+(`storage.delta`); this module knows only where things are and how to reach them.
 
 This module does not import Dagster or Spark.
 """
@@ -194,3 +194,10 @@ def check_reachable(location: Location, setting: str) -> None:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a file given by its URI (local path or s3://)."""
+    location = resolve(uri)
+    with location.filesystem.open_input_file(location.path) as source:
+        return source.read()

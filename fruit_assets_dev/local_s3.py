@@ -7,7 +7,7 @@ test runs) can run side by side.
 
 Python API (stdlib + boto3 only)::
 
-    from fruit_assets.local_s3 import start_local_s3, upload_tree
+    from fruit_assets_dev.local_s3 import start_local_s3, upload_tree
 
     s3 = start_local_s3(data_dir="/tmp/s3data")   # random free port, random secret
     s3.create_bucket("fruit")
@@ -19,7 +19,7 @@ Developer CLI
 -------------
 Serve a local S3 in the foreground (until Ctrl+C / SIGTERM)::
 
-    python -m fruit_assets.local_s3 serve [--dir ./data/s3] [--bucket fruit] [--port 8333] \\
+    python -m fruit_assets_dev.local_s3 serve [--dir ./data/s3] [--bucket fruit] [--port 8333] \\
         [--access-key fruit] [--secret-key fruit-local-secret] [--region eu-central-1] [--log FILE]
 
 It creates the bucket and prints the ``export`` lines to paste into another shell
@@ -34,7 +34,7 @@ Data persists in ``--dir`` across restarts.
 Upload a local folder tree using the standard AWS settings from the environment
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as printed by ``serve``)::
 
-    python -m fruit_assets.local_s3 upload LOCAL_DIR s3://bucket/prefix
+    python -m fruit_assets_dev.local_s3 upload LOCAL_DIR s3://bucket/prefix
 
 Every file under LOCAL_DIR becomes ``s3://bucket/prefix/<relative/path>``; the
 number of files uploaded is printed.
@@ -618,7 +618,7 @@ def _upload(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fruit_assets.local_s3",
+        prog="python -m fruit_assets_dev.local_s3",
         description="Throwaway local S3 (SeaweedFS) on 127.0.0.1 for development.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -7,7 +7,7 @@ is installed and nothing leaves the machine.
 
 Python API::
 
-    from fruit_assets.databricks_emulator import DatabricksEmulator
+    from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
     with DatabricksEmulator(root="/tmp/dbx", secrets={"storage": {"access_key": "...", "secret_key": "..."}}) as emu:
         emu.url, emu.token             # host and personal access token for databricks-sdk / the step launcher
@@ -21,7 +21,7 @@ Python API::
 ``start()`` / ``stop()`` work too; ``stop()`` cancels the runs still going. Command line (for dry runs by
 hand)::
 
-    python -m fruit_assets.databricks_emulator --root ./data/databricks --port 8765 \\
+    python -m fruit_assets_dev.databricks_emulator --root ./data/databricks --port 8765 \\
         --token-env MY_TOKEN --secret storage/access_key=AWS_ACCESS_KEY_ID --secret storage/secret_key=AWS_SECRET_ACCESS_KEY
 
 Endpoints (anything else answers 404 ``ENDPOINT_NOT_FOUND`` naming the method and path):
@@ -70,6 +70,6 @@ given) are local paths inside the DBFS folder, which the REST API serves. A ``/d
 into code or into a pickled object, not passed as a parameter, is not translated.
 """
 
-from fruit_assets.databricks_emulator.server import DatabricksEmulator, EmulatedRun, RequestRecord
+from fruit_assets_dev.databricks_emulator.server import DatabricksEmulator, EmulatedRun, RequestRecord
 
 __all__ = ["DatabricksEmulator", "EmulatedRun", "RequestRecord"]

@@ -1,17 +1,17 @@
-"""Spark reads and writes the Delta tables (`delta_tables`) through pyarrow, locally and on S3.
+"""Spark reads and writes the Delta tables (`storage.delta`) through pyarrow, locally and on S3.
 
 The pip pyspark has no S3A connector and none can be downloaded here, so Spark cannot open `s3://`
 itself, and has no Delta reader either. pyarrow fills both gaps:
 - Writing: each Spark task streams its Arrow batches into Parquet files of its own, straight into the
   table's folder (nothing is collected to the driver but the files' names, sizes and row counts).
-  The driver then commits them in one Delta transaction (`delta_tables.commit`).
+  The driver then commits them in one Delta transaction (`delta.commit`).
 - Reading: a Spark 4 Python data source whose partitions are the data files of one version of the
   table, as listed in its Delta log, never a folder listing (which would also see removed files and
   files of uncommitted writes).
 
     register(spark)
     spark.read.format(FORMAT).option("path", table_uri).option("version", 3).load()
-    files = write_files(df, table_location)   # then delta_tables.commit(...)
+    files = write_files(df, table_location)   # then delta.commit(...)
 
 No Dagster here.
 """
@@ -19,20 +19,25 @@ No Dagster here.
 from __future__ import annotations
 
 import json
+import posixpath
+import shutil
+import tempfile
 import uuid
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StringType, StructField, StructType
 
-from fruit_assets import delta_tables
-from fruit_assets.delta_tables import DataFile, Snapshot
+from fruit_assets.storage import delta
+from fruit_assets.storage.delta import DataFile, Snapshot, nullable
 from fruit_assets.storage import Location, resolve
 
 FORMAT = "fruit_delta"
@@ -60,11 +65,9 @@ def register(spark: SparkSession) -> None:
         _registered.add(spark)
 
 
-def nullable(schema: pa.Schema) -> pa.Schema:
-    # Parquet written from Spark marks fields non-null; Spark insists that batches returned by a Python
-    # data source match the declared schema exactly (DATA_SOURCE_RETURN_SCHEMA_MISMATCH), and declared
-    # schemas are nullable. Declare and return everything nullable.
-    return pa.schema([f.with_nullable(True) for f in schema], metadata=None)
+# Spark insists that batches returned by a Python data source match the declared schema exactly
+# (DATA_SOURCE_RETURN_SCHEMA_MISMATCH), and declared schemas are nullable: the reader casts every batch
+# to the `nullable` schema.
 
 
 def arrow_schema(frame: DataFrame) -> pa.Schema:
@@ -100,7 +103,7 @@ class DeltaDataSource(DataSource):
 
     def _snapshot(self) -> Snapshot:
         location = resolve(self.options["path"], setting=f"{FORMAT} path")
-        found = delta_tables.snapshot(location, int(self.options["version"]) if "version" in self.options else None)
+        found = delta.snapshot(location, int(self.options["version"]) if "version" in self.options else None)
         if found is None:
             raise FileNotFoundError(f"no Delta table at {location.uri}")
         return found
@@ -158,7 +161,7 @@ def _file_writer(uri: str, schema: pa.Schema, rows_per_file: int, prefix: str):
         written: list[DataFile] = []
         for chunk in _chunks(batches, rows_per_file):
             table = pa.Table.from_batches(chunk).cast(schema)
-            written.append(delta_tables.write_arrow_file(location, table, delta_tables.new_file_name(prefix)))
+            written.append(delta.write_arrow_file(location, table, delta.new_file_name(prefix)))
         if written:
             yield pa.RecordBatch.from_pydict(
                 {"path": [f.path for f in written], "size": [f.size for f in written], "rows": [f.rows for f in written]}
@@ -191,6 +194,71 @@ def write_files(frame: DataFrame, location: Location, rows_per_file: int = ROWS_
     try:
         rows = frame.mapInArrow(_file_writer(location.uri, schema, rows_per_file, prefix), _WRITTEN_SCHEMA).collect()
     except BaseException:
-        delta_tables.discard_prefix(location, prefix)
+        delta.discard_prefix(location, prefix)
         raise
     return [DataFile(row.path, row.size, row.rows) for row in rows], schema
+
+
+def commit_frame(frame: DataFrame, location: Location, base: Snapshot | None, metadata: dict) -> int:
+    """Replace the table's rows by `frame`'s, written by the Spark tasks, in one commit."""
+    files, schema = write_files(frame, location)
+    return delta.commit_or_discard(location, files, schema, base, metadata, replace=True)
+
+
+def commit_change(change: TableChange, location: Location, base: Snapshot | None, metadata: dict) -> int:
+    """Write `change.rows` and commit them with the removal of `change.removed`, if the table is still
+    at the version the change was planned on."""
+    planned_on = None if change.base is None else change.base.version
+    if (None if base is None else base.version) != planned_on:
+        raise delta.TableConflictError(
+            f"{location.uri}: another run committed to this Delta table after this run planned its change "
+            f"on version {planned_on}; nothing was committed. Run again to build on the new version."
+        )
+    files, schema = write_files(change.rows, location)
+    if not change.replace and not delta.same_schema(schema, base.schema):
+        delta.discard(location, files)
+        raise ValueError(f"{location.uri}: the new rows' schema {schema} differs from the table's {base.schema}")
+    return delta.commit_or_discard(
+        location, files, schema, base, metadata | change.commit_metadata, replace=change.replace, removed=change.removed
+    )
+
+
+# -- Spark ML models on any filesystem -------------------------------------------------------------
+
+
+def save_spark_model(spark: SparkSession, model, destination: Location) -> None:
+    """`model.write().save()` to a local folder or S3 (through a scratch folder and pyarrow)."""
+    if destination.is_local:
+        model.write().overwrite().save(destination.path)
+        return
+    with _spark_scratch(spark) as (spark_path, local_path):
+        model.write().save(spark_path)
+        pafs.copy_files(local_path, destination.path, destination_filesystem=destination.filesystem)
+
+
+def load_spark_model(spark: SparkSession, source: Location, model_class):
+    """`model_class.load()` from a local folder or S3. Spark ML reads models through Hadoop
+    filesystems only, so an S3 copy is fetched into scratch space first (the model is small, and
+    load() reads it eagerly, so the copy can go right after)."""
+    if source.is_local:
+        return model_class.load(source.path)
+    with _spark_scratch(spark) as (spark_path, local_path):
+        pafs.copy_files(source.path, local_path, source_filesystem=source.filesystem)
+        return model_class.load(spark_path)
+
+
+@contextmanager
+def _spark_scratch(spark: SparkSession):
+    """A temporary folder that Spark (driver and executors) and this Python process both see, as
+    (path for Spark, path for Python). With a local master every process is on this machine: a temp
+    dir. On a cluster (Databricks), executors cannot see the driver's disk: a DBFS folder."""
+    if not spark.sparkContext.master.startswith("local"):
+        name = f"tmp/fruit_assets/{uuid.uuid4().hex}"
+        try:
+            yield f"dbfs:/{name}", f"/dbfs/{name}"
+        finally:
+            shutil.rmtree(f"/dbfs/{name}", ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        path = posixpath.join(scratch, "model")
+        yield path, path

@@ -1,6 +1,6 @@
 """Serve a local Databricks workspace emulator in the foreground (until Ctrl+C / SIGTERM).
 
-    python -m fruit_assets.databricks_emulator --root ./data/databricks [--port 8765] \\
+    python -m fruit_assets_dev.databricks_emulator --root ./data/databricks [--port 8765] \\
         [--token T | --token-env VAR] [--secret SCOPE/KEY=ENV_VAR ...] [--spark-master local[2]] \\
         [--env NAME=VALUE ...]
 
@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from fruit_assets.databricks_emulator.server import DatabricksEmulator
+from fruit_assets_dev.databricks_emulator.server import DatabricksEmulator
 
 
 def _parse_secret(spec: str, environ) -> tuple[str, str, str]:
@@ -32,7 +32,7 @@ def _parse_secret(spec: str, environ) -> tuple[str, str, str]:
 
 
 def parse_args(argv: list[str] | None = None, environ=os.environ) -> tuple[argparse.Namespace, dict, str | None]:
-    parser = argparse.ArgumentParser(prog="python -m fruit_assets.databricks_emulator", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fruit_assets_dev.databricks_emulator", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder for DBFS (root/dbfs) and run logs (root/runs)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")

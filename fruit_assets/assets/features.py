@@ -1,0 +1,132 @@
+"""image_features: MobileNetV2 features of every image, computed in Spark, incrementally."""
+
+from typing import Any
+
+import pyarrow as pa
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Failure,
+    MetadataValue,
+    Output,
+    ResourceParam,
+    asset,
+)
+from dagster_pyspark import PySparkResource
+
+from fruit_assets.assets.metadata import table
+from fruit_assets.incremental import FeaturizeResult, featurize_incremental
+from fruit_assets.ml.featurize import PreparedModel, featurize, prepare_feature_extractor
+from fruit_assets.ml.model import FEATURE_DIM
+from fruit_assets.resources import FeatureModel
+from fruit_assets.spark_progress import reporting_progress
+from fruit_assets.storage.resource import Storage
+
+GROUP = "fruit_features"
+PROGRESS_EVERY_SECONDS = 10.0  # how often featurization logs images done and the rate
+CHECKS = [
+    AssetCheckSpec("one_row_per_image", asset="image_features",
+                   description="Every catalogued image has a feature row, or is listed as skipped with its reason."),
+    AssetCheckSpec("vectors_are_1280_finite_floats", asset="image_features",
+                   description="Every vector written by this run is 1280 finite floats (the others were checked when written)."),
+]
+
+
+@asset(group_name=GROUP, kinds={"spark", "onnx", "delta"}, check_specs=CHECKS)
+def image_features(
+    context: AssetExecutionContext,
+    raw_images: pa.Table,
+    feature_model: FeatureModel,
+    storage: Storage,
+    pyspark: PySparkResource,
+    step_launcher: ResourceParam[Any],
+):
+    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark
+    (runtime: ONNX Runtime by default, or a frozen TensorFlow graph; see the feature_model resource).
+
+    Incremental: an image whose file (path, size, modification time) was featurized by the same
+    weights keeps its stored vector and its data file; only new and replaced images go through the
+    model, and only the data files that hold a deleted or replaced image are rewritten."""
+    spark, settings = pyspark.spark_session, feature_model.featurize_settings()
+    model = prepare_feature_extractor(feature_model.weights_source(), settings)
+    if not model.meaningful:
+        context.log.warning(f"featurizing with {model.metadata['weights_source']}: {model.metadata.get('weights_note', '')}")
+
+    def featurize_rows(rows, partitions):
+        return featurize(rows, model.payload, model.fingerprint, settings, feature_model.partitions or partitions)
+
+    def progress(total: int):
+        def log(done: int, total: int, seconds: float) -> None:
+            context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
+
+        return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS)
+
+    stored = storage.snapshot(context.asset_key)
+    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, progress)
+    try:
+        context.log.info(summary(result))
+        refuse_too_many_skipped(result, feature_model.max_skipped_fraction)
+        yield Output(result.change, metadata=features_metadata(result, model, settings.batch_size))
+        yield from feature_checks(result, feature_model.max_skipped_fraction)
+    finally:
+        result.cached.unpersist()
+
+
+def summary(result: FeaturizeResult) -> str:
+    return (
+        f"{result.rows} of {result.catalogued} images have features: {result.featurized} featurized in "
+        f"{result.seconds['featurize']:.1f} s, {result.reused} reused, {result.removed} stored row(s) removed, "
+        f"{len(result.skipped)} skipped ({result.plan_reason})"
+    )
+
+
+def refuse_too_many_skipped(result: FeaturizeResult, max_skipped_fraction: float) -> None:
+    """Raised before the output is yielded: nothing is written, the last good version stays."""
+    if result.skipped_fraction <= max_skipped_fraction:
+        return
+    examples = "; ".join(f"{row.path}: {row.error}" for row in result.skipped.head(5).itertuples())
+    raise Failure(
+        description=f"{len(result.skipped)} of {result.catalogued} images ({result.skipped_fraction:.1%}) could "
+        f"not be featurized, over max_skipped_fraction={max_skipped_fraction} (feature_model resource). "
+        f"First ones: {examples}",
+        metadata={"skipped": len(result.skipped), "skipped_fraction": result.skipped_fraction,
+                  "skipped_images": table(result.skipped)},
+    )
+
+
+def features_metadata(result: FeaturizeResult, model: PreparedModel, batch_size: int) -> dict:
+    seconds = result.seconds["featurize"]
+    return {
+        "rows": result.rows,
+        "featurized": result.featurized,
+        "reused": result.reused,
+        "removed": result.removed,  # stored rows removed: deleted images and the old rows of replaced ones
+        "dropped": result.dropped,  # of those, deleted images
+        "skipped": len(result.skipped),
+        "skipped_images": table(result.skipped) if len(result.skipped) else MetadataValue.text("none"),
+        "plan": result.plan_reason,
+        **model.metadata,
+        "weights_fingerprint": model.fingerprint,
+        "feature_dim": FEATURE_DIM,
+        "partitions": result.partitions,
+        "batch_size": batch_size,
+        "model_setup_seconds": round(model.seconds, 2),
+        "plan_seconds": result.seconds["plan"],
+        "featurize_seconds": seconds,
+        "throughput_images_per_s": round(result.featurized / seconds, 2) if result.featurized and seconds else 0.0,
+    }
+
+
+def feature_checks(result: FeaturizeResult, max_skipped_fraction: float):
+    yield AssetCheckResult(
+        check_name="one_row_per_image",
+        passed=bool(result.rows + len(result.skipped) == result.catalogued),
+        metadata={"catalogued": result.catalogued, "with_features": result.rows, "skipped": len(result.skipped),
+                  "skipped_fraction": round(result.skipped_fraction, 4), "max_skipped_fraction": max_skipped_fraction},
+    )
+    yield AssetCheckResult(
+        check_name="vectors_are_1280_finite_floats",
+        passed=bool(result.bad_vectors == 0),
+        metadata={"bad_vectors": result.bad_vectors, "vectors_checked": result.featurized},
+    )
