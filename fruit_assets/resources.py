@@ -249,13 +249,17 @@ def databricks_launcher_config() -> dict:
     return config
 
 
+# Modules of the package that a cluster step never runs: the demo command and its image generator.
+NOT_FOR_THE_CLUSTER = ("demo.py", "demo_data.py")
+
+
 def staged_package() -> str:
     """A folder holding only a clean copy of the `fruit_assets` package, for the launcher to zip.
 
     Zipping the checkout would ship .venv and data/ (the launcher's default excludes match `venv`,
     not `.venv`), and its `.*pytest.*` exclude empties the zip under pytest's temporary folders."""
     source = Path(__file__).resolve().parent
-    files = sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts)
+    files = sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts and p.name not in NOT_FOR_THE_CLUSTER)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
     target = Path(tempfile.gettempdir()) / f"fruit_assets_code_{digest}"
     if not (target / "fruit_assets").exists():

@@ -96,7 +96,7 @@ from dagster import (
 from fruit_assets import image_state
 from fruit_assets.catalog import ImageListingError
 from fruit_assets.resources import ImageSource
-from fruit_assets.storage import Location
+from fruit_assets.storage import Location, missing_container
 
 __all__ = ["ImageListingError", "ImagesCursor", "fruit_images_sensor"]
 
@@ -225,22 +225,10 @@ class ImagesState:
         return self.state.digest
 
 
-def _container_missing(location: Location) -> str | None:
-    """What is missing when the root cannot exist: the S3 bucket or the local folder; None if present.
-    (pyarrow lists a missing bucket or prefix as empty; an empty prefix is normal, a missing bucket is not.)"""
-    if location.is_local:
-        info = location.filesystem.get_file_info(location.path)
-        return None if info.type == pafs.FileType.Directory else f"folder {location.path} does not exist"
-    bucket = location.path.split("/", 1)[0]
-    if location.filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-        return f"bucket {bucket!r} does not exist or is not visible with the current AWS credentials"
-    return None
-
-
 def _check_container(location: Location) -> None:
     """Raise ImageListingError if the bucket or folder of an empty listing does not exist."""
     try:
-        missing = _container_missing(location)
+        missing = missing_container(location)
     except OSError as exc:
         raise ImageListingError(
             f"could not list the images under {SETTING}={location.uri}: {type(exc).__name__}: {exc}"

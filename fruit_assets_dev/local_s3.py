@@ -520,12 +520,12 @@ def _stop_all() -> None:
 
 
 def _parse_s3_uri(uri: str) -> tuple[str, str]:
+    from fruit_assets.storage import resolve
+
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in {uri!r}")
-    return bucket, prefix.strip("/")
+    location = resolve(uri)
+    return location.bucket, location.key
 
 
 def upload_tree(local_root: str | os.PathLike, s3_uri: str, client=None) -> int:

@@ -61,6 +61,16 @@ class Location:
         uri = posixpath.join(self.uri, *parts)
         return Location(uri=uri, filesystem=self.filesystem, path=path)
 
+    @property
+    def bucket(self) -> str | None:
+        """The S3 bucket, or None for a local location."""
+        return None if self.is_local else self.path.split("/", 1)[0]
+
+    @property
+    def key(self) -> str:
+        """The S3 key (prefix) within the bucket; the path for a local location."""
+        return self.path if self.is_local else self.path.partition("/")[2]
+
     def exists(self) -> bool:
         return self.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
 
@@ -175,21 +185,32 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return _s3_filesystem(endpoint, region, credentials_key)
 
 
+def missing_container(location: Location) -> str | None:
+    """What is missing for `location` to exist: its S3 bucket, or its local folder; None if present.
+    (pyarrow lists a missing bucket or folder as empty; an empty prefix is normal, a missing bucket
+    is not.) Raises OSError if the bucket cannot be looked at (network, credentials)."""
+    if location.is_local:
+        info = location.filesystem.get_file_info(location.path)
+        return None if info.type == pafs.FileType.Directory else f"folder {location.path} does not exist"
+    if location.filesystem.get_file_info(location.bucket).type == pafs.FileType.NotFound:
+        return f"bucket {location.bucket!r} does not exist or is not visible with the current AWS credentials"
+    return None
+
+
 def check_reachable(location: Location, setting: str) -> None:
     """Fail fast, naming the setting, if an S3 location's bucket is missing or refuses us."""
     if location.is_local:
         return
-    bucket = location.path.split("/", 1)[0]
     try:
-        info = location.filesystem.get_file_info(bucket)
+        missing = missing_container(location)
     except OSError as error:
         raise StorageConfigError(
-            f"{setting}={location.uri}: cannot access bucket {bucket!r} ({_first_line(error)}). Check the "
+            f"{setting}={location.uri}: cannot access bucket {location.bucket!r} ({_first_line(error)}). Check the "
             "AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role), "
             "AWS_ENDPOINT_URL and AWS_REGION"
         ) from None
-    if info.type == pafs.FileType.NotFound:
-        raise StorageConfigError(f"{setting}={location.uri}: bucket {bucket!r} does not exist: create it or fix {setting}")
+    if missing:
+        raise StorageConfigError(f"{setting}={location.uri}: {missing}: create it or fix {setting}")
 
 
 def _first_line(error: Exception) -> str:
