@@ -21,6 +21,33 @@ for name in list(os.environ):
 from fruit_assets_tests.support import TEST_BUCKET, local_resources, materialize_all
 
 
+# Markers by what a test needs, so that a fast tier can leave the heavy parts out:
+#   pytest -m "not (spark or s3 or databricks or ui or slow)"     # under a minute
+MARKERS = {
+    "spark": "runs local Spark (the session fixture, or a Dagster run in a subprocess)",
+    "s3": "needs the local S3 server (SeaweedFS)",
+    "databricks": "runs steps through the local Databricks workspace emulator",
+    "ui": "drives the Dagster UI in headless Chromium",
+    "slow": "builds TensorFlow models or converts them: seconds to minutes",
+}
+_BY_FIXTURE = {"spark": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
+_BY_MODULE = {"test_databricks_emulator": "databricks", "test_databricks_pipeline": "databricks", "test_ui": "ui",
+              "test_model": "slow", "test_runtimes": "slow", "test_faults": "spark"}
+
+
+def pytest_configure(config):
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = {_BY_FIXTURE[f] for f in item.fixturenames if f in _BY_FIXTURE}
+        names |= {marker for module, marker in _BY_MODULE.items() if item.module.__name__.endswith(module)}
+        for name in names:
+            item.add_marker(name)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """ONNX conversions of this test session go to a fresh folder, not the user's cache: every session

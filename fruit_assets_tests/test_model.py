@@ -172,22 +172,28 @@ def test_random_build_leaves_global_random_state_alone(random7):
     assert (np.random.rand(), random.random()) == expected
 
 
-def test_random_is_deterministic_across_processes_and_thread_counts(random7):
-    # Each subprocess sets its own TF thread pools first (testing configure_tensorflow_threads too):
-    # the weights must not depend on them.
+def test_random_is_deterministic_across_processes_and_thread_counts(random7, tmp_path):
+    # Each subprocess sets its own TF thread pools first (testing configure_tensorflow_threads too)
+    # and has its own empty weights cache, so each computes the weights itself: they must not depend
+    # on the thread pools of the process that asks for them.
     code = HASH_CODE + """
 import sys, tensorflow as tf
 from fruit_assets.ml.model import configure_tensorflow_threads, feature_extractor_weights, WeightsSource
 n = int(sys.argv[1])
 configure_tensorflow_threads(n, n)
 weights = feature_extractor_weights(WeightsSource("random", seed=7))
+tf.constant(1.0) + 1.0  # reading the cache needs no TensorFlow: start it here
 configure_tensorflow_threads(n + 1, n + 1)  # TF is initialised now: kept as is, no error
 print(weights_hash(weights), tf.config.threading.get_intra_op_parallelism_threads(),
       tf.config.threading.get_inter_op_parallelism_threads())
 """
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     processes = [
-        subprocess.Popen([sys.executable, "-c", code, str(n)], stdout=subprocess.PIPE, env=env, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(n)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FRUIT_MODEL_CACHE": str(tmp_path / f"cache{n}")},
+            text=True,
+        )
         for n in (1, 2)
     ]
     outputs = [p.communicate(timeout=300)[0].split() for p in processes]
