@@ -7,6 +7,7 @@ TensorFlow, no Spark), so that its own CPU use does not disturb what it measures
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -57,7 +58,9 @@ def weights_file(workdir: Path) -> Path:
         workdir.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "benchmarks.methods", "make-weights", "--out", str(path)],
-            cwd=REPO_ROOT, check=True, env=child_env(),
+            cwd=REPO_ROOT,
+            check=True,
+            env=child_env(),
         )
     return path
 
@@ -160,7 +163,7 @@ class MemorySampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "MemorySampler":
+    def start(self) -> MemorySampler:
         self.busy_start, self.wall_start = busy_cpu_seconds(), time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -230,8 +233,9 @@ def run_child(args: list[str], log: Path, extra_env: dict[str, str] | None = Non
         out.write(" ".join(command) + "\n")
         out.flush()
         # Its own process group, so that the whole tree (JVM, Python workers) can be stopped with it.
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=child_env(extra_env), stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=child_env(extra_env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sampler = MemorySampler(process.pid).start()
         try:
             code = process.wait(timeout=timeout)
@@ -291,15 +295,25 @@ def machine_info() -> dict:
             cpu = line.split(":", 1)[1].strip()
         if line.startswith("flags") and not flags:
             flags = line.split(":", 1)[1].split()
-    mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
     versions = {"python": platform.python_version()}
     from importlib.metadata import PackageNotFoundError, version
 
-    for package in ("tensorflow-cpu", "keras", "onnxruntime", "tf2onnx", "onnx", "pyspark", "dagster", "pillow", "numpy", "pyarrow", "pandas"):
-        try:
+    for package in (
+        "tensorflow-cpu",
+        "keras",
+        "onnxruntime",
+        "tf2onnx",
+        "onnx",
+        "pyspark",
+        "dagster",
+        "pillow",
+        "numpy",
+        "pyarrow",
+        "pandas",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
-        except PackageNotFoundError:
-            pass
     try:
         java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     except (OSError, IndexError):

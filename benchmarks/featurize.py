@@ -23,9 +23,9 @@ Python workers) is sampled every 0.2 s:
 All methods use the same weights: MobileNetV2 `random:0` saved as a legacy .h5 file, loaded as users
 load the ImageNet file. The ONNX conversion of those weights is made once before any measurement
 (`make-onnx`, into <workdir>/onnx_cache, which the pipeline runs use as FRUIT_MODEL_CACHE): like every
-run after a user's first, the measured runs read it from the cache. The steady rate of a method is the slope of its featurization time over the
-sizes (least squares over every run, repeats included), its fixed overhead the intercept; rates between
-consecutive sizes (median time per size) are shown too.
+run after a user's first, the measured runs read it from the cache. The steady rate of a method is
+the slope of its featurization time over the sizes (least squares over every run, repeats included),
+its fixed overhead the intercept; rates between consecutive sizes (median time per size) are shown too.
 Results: printed as Markdown and saved as JSON under the work folder.
 """
 
@@ -38,6 +38,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 
 from benchmarks.common import (
@@ -85,13 +86,13 @@ def medians(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 def segment_rates(points: list[tuple[int, float]]) -> dict[int, float]:
     """Images/s between consecutive sizes: (n2 - n1) / (t2 - t1), keyed by n2."""
     points = medians(points)
-    return {n2: round((n2 - n1) / (t2 - t1), 1) for (n1, t1), (n2, t2) in zip(points, points[1:]) if t2 > t1}
+    return {n2: round((n2 - n1) / (t2 - t1), 1) for (n1, t1), (n2, t2) in pairwise(points) if t2 > t1}
 
 
 def measure(args) -> dict:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logs = workdir / "logs" / stamp
     weights = weights_file(workdir)
     sizes = sorted(args.sizes)
@@ -100,8 +101,17 @@ def measure(args) -> dict:
     report = {"started": stamp, "machine": machine_info(), "sizes": sizes, "methods": args.methods, "runs": []}
     if "pipeline" in args.methods:
         report["onnx_conversion"] = run_child(
-            ["make-onnx", "--weights", str(weights), "--out", str(workdir / "model.onnx"), "--reference", str(workdir / "micro_reference.npy")],
-            logs / "make-onnx.log")
+            [
+                "make-onnx",
+                "--weights",
+                str(weights),
+                "--out",
+                str(workdir / "model.onnx"),
+                "--reference",
+                str(workdir / "micro_reference.npy"),
+            ],
+            logs / "make-onnx.log",
+        )
     if args.wait_quiet:
         report["load_waited_for"] = wait_for_quiet(args.quiet_threshold, args.wait_quiet)
     report["load_before"] = loadavg()
@@ -164,8 +174,15 @@ def _measure_demo(seed_set: Path, workdir: Path, logs: Path, args) -> dict:
 
 
 def _child_args(method: str, images: Path, weights: Path, scratch: Path, features_file: Path, args) -> list[str]:
-    child = [method if method not in PIPELINES else "pipeline", "--images", str(images), "--weights", str(weights),
-             "--scratch", str(scratch)]
+    child = [
+        method if method not in PIPELINES else "pipeline",
+        "--images",
+        str(images),
+        "--weights",
+        str(weights),
+        "--scratch",
+        str(scratch),
+    ]
     if method == "baseline":
         child += ["--save-features", str(features_file)]
     if method in PIPELINES:
@@ -200,8 +217,10 @@ def merge(reports: list[dict]) -> dict:
 def summary(result: dict) -> str:
     if "failed" in result:
         return "FAILED"
-    text = (f"total {result.get('process_wall_s')} s, featurize {result.get('featurize_s')} s, peak RSS {result['peak_rss_mb']} MB, "
-            f"load before {result['load_before']}, foreign CPU {result['foreign_cpu_share']:.1%}")
+    text = (
+        f"total {result.get('process_wall_s')} s, featurize {result.get('featurize_s')} s, peak RSS {result['peak_rss_mb']} MB, "
+        f"load before {result['load_before']}, foreign CPU {result['foreign_cpu_share']:.1%}"
+    )
     if result.get("runs") and len(result["runs"]) > 1:
         text += f", warm image_features {result['runs'][1]['steps_s'].get('image_features')} s"
     if result.get("in_run_steady_images_per_s"):
@@ -251,10 +270,13 @@ def _ratio(analysis: dict, top: str, bottom: str) -> dict:
     if top not in analysis or bottom not in analysis:
         return {}
     a, b = analysis[top], analysis[bottom]
-    by_segment = {n: round(rate / b["segment_images_per_s"][n], 2)
-                  for n, rate in a["segment_images_per_s"].items() if n in b["segment_images_per_s"]}
-    return {f"ratio {top} / {bottom}": round(a["steady_images_per_s"] / b["steady_images_per_s"], 2),
-            f"ratio {top} / {bottom} by segment": by_segment}
+    by_segment = {
+        n: round(rate / b["segment_images_per_s"][n], 2) for n, rate in a["segment_images_per_s"].items() if n in b["segment_images_per_s"]
+    }
+    return {
+        f"ratio {top} / {bottom}": round(a["steady_images_per_s"] / b["steady_images_per_s"], 2),
+        f"ratio {top} / {bottom} by segment": by_segment,
+    }
 
 
 def _worker_memory(report: dict) -> dict:
@@ -270,9 +292,13 @@ def _worker_memory(report: dict) -> dict:
 def analyse(report: dict) -> dict:
     analysis = _fits(report)
     pairs = [(f"{m}.featurize", "baseline.featurize") for m in PIPELINES + ("notebook",)]
-    pairs += [("pipeline.featurize_warm", "baseline.featurize"), ("pipeline.featurize", "pipeline-tensorflow.featurize"),
-              ("pipeline.featurize_warm", "pipeline-tensorflow.featurize_warm"), ("pipeline.featurize", "notebook.featurize"),
-              ("pipeline-tensorflow.featurize", "notebook.featurize")]
+    pairs += [
+        ("pipeline.featurize_warm", "baseline.featurize"),
+        ("pipeline.featurize", "pipeline-tensorflow.featurize"),
+        ("pipeline.featurize_warm", "pipeline-tensorflow.featurize_warm"),
+        ("pipeline.featurize", "notebook.featurize"),
+        ("pipeline-tensorflow.featurize", "notebook.featurize"),
+    ]
     for top, bottom in pairs:
         analysis.update(_ratio(analysis, top, bottom))
     for method in PIPELINES:
@@ -285,22 +311,34 @@ def analyse(report: dict) -> dict:
     memory = _worker_memory(report)
     analysis["peak Python workers RSS MB by method"] = memory
     if memory.get("pipeline-tensorflow") and "pipeline" in memory:
-        analysis["ratio pipeline / pipeline-tensorflow Python workers peak RSS"] = round(memory["pipeline"] / memory["pipeline-tensorflow"], 2)
+        analysis["ratio pipeline / pipeline-tensorflow Python workers peak RSS"] = round(
+            memory["pipeline"] / memory["pipeline-tensorflow"], 2
+        )
     return analysis
 
 
 def goals(analysis: dict) -> list[str]:
     """The issue's goals, checked on this run's figures."""
+
     def check(name: str, value, ok) -> str:
         return f"- {name}: {value if value is not None else 'not measured'} -> {'MET' if value is not None and ok(value) else 'NOT MET'}"
 
     return [
-        check("default runtime / tensorflow runtime, steady featurization (goal >= 1.4)",
-              analysis.get("ratio pipeline.featurize / pipeline-tensorflow.featurize"), lambda v: v >= 1.4),
-        check("default runtime / notebook, steady featurization (goal >= 2)",
-              analysis.get("ratio pipeline.featurize / notebook.featurize"), lambda v: v >= 2),
-        check("Python workers peak RSS, default / tensorflow runtime (goal <= 0.5)",
-              analysis.get("ratio pipeline / pipeline-tensorflow Python workers peak RSS"), lambda v: v <= 0.5),
+        check(
+            "default runtime / tensorflow runtime, steady featurization (goal >= 1.4)",
+            analysis.get("ratio pipeline.featurize / pipeline-tensorflow.featurize"),
+            lambda v: v >= 1.4,
+        ),
+        check(
+            "default runtime / notebook, steady featurization (goal >= 2)",
+            analysis.get("ratio pipeline.featurize / notebook.featurize"),
+            lambda v: v >= 2,
+        ),
+        check(
+            "Python workers peak RSS, default / tensorflow runtime (goal <= 0.5)",
+            analysis.get("ratio pipeline / pipeline-tensorflow Python workers peak RSS"),
+            lambda v: v <= 0.5,
+        ),
     ]
 
 
@@ -312,7 +350,7 @@ def markdown(report: dict) -> str:
         f"CPU vector flags: {m.get('vector_flags', 'unknown')}",
         f"Load (1, 5, 15 min) before: {report['load_before']}, after: {report['load_after']}",
         "",
-        "| method | images | process wall s | featurize s | images/s (featurize) | warm image_features s | peak RSS MB (driver / JVM / workers) | load before | foreign CPU |",
+        "| method | images | process wall s | featurize s | images/s (featurize) | warm image_features s | peak RSS MB (driver / JVM / workers) | load before | foreign CPU |",  # noqa: E501 - a Markdown table row
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in report["runs"]:
@@ -329,7 +367,7 @@ def markdown(report: dict) -> str:
         mem = f"{r['peak_rss_mb']} ({kinds.get('driver', 0)} / {kinds.get('jvm', 0)} / {kinds.get('python_workers', 0)})"
         rate = f"{r['n'] / featurize:.1f}" if featurize else ""
         lines.append(
-            f"| {r['method']} | {r['n']} | {wall:.1f} | {featurize if featurize is not None else ''} | {rate} | {warm or ''} | {mem} | {r['load_before']} | {_share(r)} |"
+            f"| {r['method']} | {r['n']} | {wall:.1f} | {featurize if featurize is not None else ''} | {rate} | {warm or ''} | {mem} | {r['load_before']} | {_share(r)} |"  # noqa: E501 - a Markdown table row
         )
     lines += ["", "| measure | steady images/s (slope) | fixed s (intercept) | images/s between sizes |", "| --- | ---: | ---: | --- |"]
     for name, value in report["analysis"].items():
@@ -342,8 +380,10 @@ def markdown(report: dict) -> str:
             lines.append(f"- {name}: {value}")
     conversion = report.get("onnx_conversion")
     if conversion:
-        lines.append(f"- ONNX conversion before the runs (make-onnx): converted now {conversion.get('converted_now')}, "
-                     f"{conversion.get('process_wall_s')} s process, max abs diff vs Keras {conversion['info']['max_abs_diff_vs_keras']:.1e}")
+        lines.append(
+            f"- ONNX conversion before the runs (make-onnx): converted now {conversion.get('converted_now')}, "
+            f"{conversion.get('process_wall_s')} s process, max abs diff vs Keras {conversion['info']['max_abs_diff_vs_keras']:.1e}"
+        )
     lines += ["", "Goals:"] + goals(report["analysis"])
     return "\n".join(lines)
 
@@ -368,14 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="image sets, weights, logs, results")
     parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to this many s for load < threshold")
     parser.add_argument("--quiet-threshold", type=float, default=0.5)
-    parser.add_argument("--max-foreign", type=float, default=0.1,
-                        help="measure again when other processes took more than this share of the CPU")
+    parser.add_argument(
+        "--max-foreign", type=float, default=0.1, help="measure again when other processes took more than this share of the CPU"
+    )
     parser.add_argument("--retries", type=int, default=2, help="at most this many re-measurements per run")
-    parser.add_argument("--cooldown", type=float, default=120,
-                        help="before each run, wait up to this many s for the 1-min load to drop below the threshold")
-    parser.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
-                        help="measure nothing: merge these result files (a later run of the same method, size and repeat "
-                        "replaces an earlier one) and print the analysis")
+    parser.add_argument(
+        "--cooldown", type=float, default=120, help="before each run, wait up to this many s for the 1-min load to drop below the threshold"
+    )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="measure nothing: merge these result files (a later run of the same method, size and repeat "
+        "replaces an earlier one) and print the analysis",
+    )
     args = parser.parse_args(argv)
     if args.report:
         print(markdown(merge([json.loads(Path(f).read_text()) for f in args.report])))

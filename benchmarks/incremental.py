@@ -23,11 +23,22 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_WORKDIR, REPO_ROOT, MemorySampler, child_env, image_set, loadavg, machine_info, wait_for_quiet
+from benchmarks.common import DEFAULT_WORKDIR, REPO_ROOT, MemorySampler, child_env, image_set, machine_info, wait_for_quiet
 
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
 REPORTED = {
-    "image_features": ("featurized", "reused", "removed", "files_added", "files_removed", "bytes_written", "plan_seconds", "featurize_seconds", "model_setup_seconds", "write_seconds"),
+    "image_features": (
+        "featurized",
+        "reused",
+        "removed",
+        "files_added",
+        "files_removed",
+        "bytes_written",
+        "plan_seconds",
+        "featurize_seconds",
+        "model_setup_seconds",
+        "write_seconds",
+    ),
     "pca_model": ("statistics_mode", "feature_rows_read", "statistics_seconds", "decomposition_seconds", "write_seconds"),
     "reduced_features": ("rows", "bytes_written", "write_seconds"),
     "raw_images": ("rows", "write_seconds"),
@@ -36,10 +47,14 @@ REPORTED = {
 
 def materialize(images: Path, storage: Path, home: Path, log: Path, weights: str) -> dict:
     """One `dagster asset materialize --select '*'` in a fresh process, measured."""
-    env = child_env({
-        "FRUIT_IMAGES_URI": str(images), "FRUIT_STORAGE_URI": str(storage), "FRUIT_MODEL_WEIGHTS": weights,
-        "DAGSTER_HOME": str(home),
-    })
+    env = child_env(
+        {
+            "FRUIT_IMAGES_URI": str(images),
+            "FRUIT_STORAGE_URI": str(storage),
+            "FRUIT_MODEL_WEIGHTS": weights,
+            "DAGSTER_HOME": str(home),
+        }
+    )
     command = [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "fruit_assets.definitions", "--select", "*"]
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -98,12 +113,14 @@ def add_images(images: Path, workdir: Path, count: int) -> list[str]:
 def table(result: dict) -> str:
     full, incremental = result["full"], result["incremental"]
     lines = [
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, vector flags: {result['machine'].get('vector_flags', '?')}",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"vector flags: {result['machine'].get('vector_flags', '?')}",
         f"{result['images']} images, then {result['added']} added; load before: {result['load']}",
         "",
         "| | full run | incremental run | ratio |",
         "| --- | ---: | ---: | ---: |",
-        f"| wall time of `dagster asset materialize` (s) | {full['wall_s']} | {incremental['wall_s']} | **{incremental['wall_s'] / full['wall_s']:.3f}** |",
+        f"| wall time of `dagster asset materialize` (s) | {full['wall_s']} | {incremental['wall_s']} "
+        f"| **{incremental['wall_s'] / full['wall_s']:.3f}** |",
         f"| Dagster run, first to last event (s) | {full['run_s']} | {incremental['run_s']} | {incremental['run_s'] / full['run_s']:.3f} |",
     ]
     for step in sorted(set(full["steps_s"]) | set(incremental["steps_s"])):
@@ -138,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     result["full"] = materialize(images, scratch / "storage", _home(scratch / "home-full"), scratch / "full.log", args.weights)
     add_images(images, scratch, args.added)
     print(f"incremental run after adding {args.added} ...", flush=True)
-    result["incremental"] = materialize(images, scratch / "storage", _home(scratch / "home-incremental"), scratch / "incremental.log", args.weights)
+    result["incremental"] = materialize(
+        images, scratch / "storage", _home(scratch / "home-incremental"), scratch / "incremental.log", args.weights
+    )
     out = scratch / "result.json"
     out.write_text(json.dumps(result, indent=1))
     print(table(result))

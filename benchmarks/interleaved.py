@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -34,17 +35,24 @@ def _ort(data: bytes, arena: bool = True):
 
 def _contenders(args) -> dict:
     """name -> (inference function, batch size)."""
-    data = open(args.onnx, "rb").read()
+    data = Path(args.onnx).read_bytes()
     if args.compare == "batches":
         return {f"onnxruntime batch {b}": (_ort(data), b) for b in (2, 4, 8, 16)}
     if args.compare == "arena":
         return {"onnxruntime arena on": (_ort(data, True), args.batch_size), "onnxruntime arena off": (_ort(data, False), args.batch_size)}
-    from fruit_assets.ml.model import configure_tensorflow_threads, feature_extractor_weights, parse_weights_setting, tensorflow_inference_function
+    from fruit_assets.ml.model import (
+        configure_tensorflow_threads,
+        feature_extractor_weights,
+        parse_weights_setting,
+        tensorflow_inference_function,
+    )
 
     configure_tensorflow_threads(1, 1)
     weights = feature_extractor_weights(parse_weights_setting(args.weights))
-    return {"onnxruntime": (_ort(data), args.batch_size),
-            "tensorflow frozen graph": (tensorflow_inference_function(weights, 1, 1), args.batch_size)}
+    return {
+        "onnxruntime": (_ort(data), args.batch_size),
+        "tensorflow frozen graph": (tensorflow_inference_function(weights, 1, 1), args.batch_size),
+    }
 
 
 def compare(args) -> dict:
@@ -64,7 +72,7 @@ def compare(args) -> dict:
     return {
         "images_per_s_by_round": rates,
         "median_images_per_s": {name: float(np.median(v)) for name, v in rates.items()},
-        "first_over_each_by_round": {o: [round(a / b, 2) for a, b in zip(rates[first], rates[o])] for o in others},
+        "first_over_each_by_round": {o: [round(a / b, 2) for a, b in zip(rates[first], rates[o], strict=True)] for o in others},
     }
 
 

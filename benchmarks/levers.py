@@ -28,15 +28,30 @@ from benchmarks.common import DEFAULT_WORKDIR, ChildFailed, image_set, loadavg, 
 
 # name: (FeaturizeSettings overrides, Spark conf overrides, partitions (0 = default), what it tests)
 SPARK_LEVERS: dict[str, tuple[dict, dict, int, str]] = {
-    "default": ({}, {}, 0, "defaults: onnxruntime, local[*], 2 partitions, 1 intra-op + 1 inter-op thread, spinning off, batch 4, files read 4 batches ahead"),
+    "default": (
+        {},
+        {},
+        0,
+        "defaults: onnxruntime, local[*], 2 partitions, 1 intra-op + 1 inter-op thread, spinning off, batch 4, files read 4 batches ahead",
+    ),
     "tensorflow": ({"runtime": "tensorflow"}, {}, 0, "runtime tensorflow: frozen TensorFlow graph, otherwise the defaults"),
     "ort-spinning": ({"allow_spinning": True}, {}, 0, "ONNX Runtime threads may spin (busy-wait)"),
     "ort-threads-2x2": ({"intra_op_threads": 2}, {}, 0, "2 workers x 2 intra-op threads, spinning off (oversubscribed)"),
     "ort-threads-2x2-spinning": ({"intra_op_threads": 2, "allow_spinning": True}, {}, 0, "2 workers x 2 intra-op threads, spinning on"),
-    "threads-1x2-taskcpus": ({"intra_op_threads": 2}, {"spark.task.cpus": "2"}, 0, "1 worker at a time x 2 intra-op threads (spark.task.cpus=2)"),
+    "threads-1x2-taskcpus": (
+        {"intra_op_threads": 2},
+        {"spark.task.cpus": "2"},
+        0,
+        "1 worker at a time x 2 intra-op threads (spark.task.cpus=2)",
+    ),
     "no-read-ahead": ({"read_ahead": 0}, {}, 0, "no background thread: read, decode, infer in turn"),
     "batch-1": ({"batch_size": 1}, {}, 0, "1 image per model call"),
-    "batch-8": ({"batch_size": 8, "read_ahead": 2}, {}, 0, "8 images per model call, files read 2 batches ahead (the default before ONNX Runtime)"),
+    "batch-8": (
+        {"batch_size": 8, "read_ahead": 2},
+        {},
+        0,
+        "8 images per model call, files read 2 batches ahead (the default before ONNX Runtime)",
+    ),
     "batch-16": ({"batch_size": 16}, {}, 0, "16 images per model call"),
     "batch-32": ({"batch_size": 32}, {}, 0, "32 images per model call"),
     "partitions-4": ({}, {}, 4, "4 partitions on 2 cores"),
@@ -48,11 +63,24 @@ SPARK_LEVERS: dict[str, tuple[dict, dict, int, str]] = {
 # model; the others are TensorFlow inference modes (benchmarks/inference_modes.py), "frozen" being the
 # package's `tensorflow` runtime.
 MICRO_MODEL = [
-    ("onnxruntime", 1, 4, False), ("onnxruntime", 1, 4, True), ("onnxruntime", 2, 4, False), ("onnxruntime", 2, 4, True),
-    ("onnxruntime", 1, 1, False), ("onnxruntime", 1, 2, False), ("onnxruntime", 1, 8, False), ("onnxruntime", 1, 16, False),
-    ("onnxruntime", 1, 32, False), ("onnxruntime-int8", 1, 4, False),
-    ("frozen", 1, 4, False), ("frozen", 1, 8, False), ("frozen", 2, 4, False), ("frozen", 1, 32, False),
-    ("function", 1, 32, False), ("predict_on_batch", 1, 32, False), ("predict", 1, 32, False), ("call", 1, 32, False),
+    ("onnxruntime", 1, 4, False),
+    ("onnxruntime", 1, 4, True),
+    ("onnxruntime", 2, 4, False),
+    ("onnxruntime", 2, 4, True),
+    ("onnxruntime", 1, 1, False),
+    ("onnxruntime", 1, 2, False),
+    ("onnxruntime", 1, 8, False),
+    ("onnxruntime", 1, 16, False),
+    ("onnxruntime", 1, 32, False),
+    ("onnxruntime-int8", 1, 4, False),
+    ("frozen", 1, 4, False),
+    ("frozen", 1, 8, False),
+    ("frozen", 2, 4, False),
+    ("frozen", 1, 32, False),
+    ("function", 1, 32, False),
+    ("predict_on_batch", 1, 32, False),
+    ("predict", 1, 32, False),
+    ("call", 1, 32, False),
 ]
 
 
@@ -63,8 +91,21 @@ def spark_levers(args, workdir: Path, logs: Path, weights: Path) -> list[dict]:
         if args.only and name not in args.only:
             continue
         scratch = Path(tempfile.mkdtemp(prefix=f"lever-{name}-", dir=workdir))
-        child = ["featurize", "--images", str(images), "--weights", str(weights), "--repeat", str(args.repeat),
-                 "--settings", json.dumps(settings), "--spark-conf", json.dumps(conf), "--partitions", str(partitions)]
+        child = [
+            "featurize",
+            "--images",
+            str(images),
+            "--weights",
+            str(weights),
+            "--repeat",
+            str(args.repeat),
+            "--settings",
+            json.dumps(settings),
+            "--spark-conf",
+            json.dumps(conf),
+            "--partitions",
+            str(partitions),
+        ]
         load = wait_for_quiet(0.5, args.cooldown)
         try:
             result = run_child(child, logs / f"lever-{name}.log", extra_env={"FRUIT_MODEL_CACHE": str(workdir / "onnx_cache")})
@@ -92,9 +133,23 @@ def lever_line(r: dict, n: int) -> str:
 
 
 def _micro_child(name, mode, threads, batch, spinning, args, prepared) -> list[str]:
-    child = ["micro-model", "--mode", mode, "--threads", str(threads), "--batch-size", str(batch),
-             "--seconds", str(args.micro_seconds), "--onnx", str(prepared["onnx"]), "--reference", str(prepared["reference"]),
-             "--weights", str(prepared["weights"])]
+    child = [
+        "micro-model",
+        "--mode",
+        mode,
+        "--threads",
+        str(threads),
+        "--batch-size",
+        str(batch),
+        "--seconds",
+        str(args.micro_seconds),
+        "--onnx",
+        str(prepared["onnx"]),
+        "--reference",
+        str(prepared["reference"]),
+        "--weights",
+        str(prepared["weights"]),
+    ]
     return child + (["--spinning"] if spinning else [])
 
 
@@ -118,8 +173,10 @@ def _run_together(children: list[list[str]], logs: list[Path]) -> list[dict]:
 
 def micro_model_levers(args, workdir: Path, logs: Path, weights: Path) -> list[dict]:
     prepared = {"onnx": workdir / "model.onnx", "reference": workdir / "micro_reference.npy", "weights": weights}
-    run_child(["make-onnx", "--weights", str(weights), "--out", str(prepared["onnx"]), "--reference", str(prepared["reference"])],
-              logs / "make-onnx.log")
+    run_child(
+        ["make-onnx", "--weights", str(weights), "--out", str(prepared["onnx"]), "--reference", str(prepared["reference"])],
+        logs / "make-onnx.log",
+    )
     rows, copies = [], 2 if args.pairs else 1
     for mode, threads, batch, spinning in MICRO_MODEL:
         name = f"{mode}-t{threads}-b{batch}" + ("-spin" if spinning else "")
@@ -131,14 +188,26 @@ def micro_model_levers(args, workdir: Path, logs: Path, weights: Path) -> list[d
         if any("failed" in r for r in results):
             print(f"!! {name}: " + " / ".join(r.get("failed", "") for r in results), file=sys.stderr, flush=True)
             continue
-        row = {"name": name, "mode": mode, "threads": threads, "batch_size": batch, "spinning": spinning, "processes": copies,
-               "load_before": load, "results": results, "images_per_s": round(sum(r["images_per_s"] for r in results), 1)}
+        row = {
+            "name": name,
+            "mode": mode,
+            "threads": threads,
+            "batch_size": batch,
+            "spinning": spinning,
+            "processes": copies,
+            "load_before": load,
+            "results": results,
+            "images_per_s": round(sum(r["images_per_s"] for r in results), 1),
+        }
         rows.append(row)
         first = results[0]
-        print(f"| {mode} | {threads} | {batch} | {'on' if spinning else 'off'} | {copies} | {first['load_s']} | "
-              f"{' + '.join(str(r['images_per_s']) for r in results)} = {row['images_per_s']} | "
-              f"{max(r['max_abs_diff_vs_keras'] for r in results):.1e} | {max(r['peak_rss_mb'] for r in results)} | "
-              f"{sum(r['cpu_s'] for r in results):.1f} / {sum(r['wall_measured_s'] for r in results):.1f} | {load} |", flush=True)
+        print(
+            f"| {mode} | {threads} | {batch} | {'on' if spinning else 'off'} | {copies} | {first['load_s']} | "
+            f"{' + '.join(str(r['images_per_s']) for r in results)} = {row['images_per_s']} | "
+            f"{max(r['max_abs_diff_vs_keras'] for r in results):.1e} | {max(r['peak_rss_mb'] for r in results)} | "
+            f"{sum(r['cpu_s'] for r in results):.1f} / {sum(r['wall_measured_s'] for r in results):.1f} | {load} |",
+            flush=True,
+        )
     return rows
 
 
@@ -147,13 +216,18 @@ def micro_decode_levers(args, workdir: Path, logs: Path, weights: Path) -> list[
     for label, n in (("100x100 demo images", 200), ("896x896 upscaled", 200)):
         images = image_set(workdir, n) if label.startswith("100") else large_set(workdir, n)
         try:
-            result = run_child(["micro-decode", "--images", str(images), "--weights", str(weights)], logs / f"micro-decode-{n}-{label[:3]}.log")
+            result = run_child(
+                ["micro-decode", "--images", str(images), "--weights", str(weights)], logs / f"micro-decode-{n}-{label[:3]}.log"
+            )
         except ChildFailed as error:
             print(f"!! {error}", file=sys.stderr, flush=True)
             continue
         result["label"] = label
         rows.append(result)
-        print(f"decode {label}: " + json.dumps({k: v for k, v in result.items() if k.endswith(("_ms", "diff", "diff_draft", "sizes"))}), flush=True)
+        print(
+            f"decode {label}: " + json.dumps({k: v for k, v in result.items() if k.endswith(("_ms", "diff", "diff_draft", "sizes"))}),
+            flush=True,
+        )
     return rows
 
 
@@ -194,17 +268,21 @@ def main(argv=None) -> int:
     _terminate_on_sigterm()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logs = workdir / "logs" / f"levers-{stamp}"
     weights = weights_file(workdir)
     report = {"started": stamp, "machine": machine_info(), "load_before": loadavg(), "images": args.images}
     print(f"# {report['machine']['cpu']}, {report['machine']['cores']} cores, load {report['load_before']}", flush=True)
     if not args.micro:
-        print(f"\n| lever | what | cold s | warm s | warm images/s ({args.images} images) | peak RSS MB (Python workers) | load before | foreign CPU |")
+        print(
+            f"\n| lever | what | cold s | warm s | warm images/s ({args.images} images) | peak RSS MB (Python workers) | load before | foreign CPU |"  # noqa: E501 - a Markdown table row
+        )
         print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |", flush=True)
         report["spark"] = spark_levers(args, workdir, logs, weights)
     if not args.no_micro:
-        print("\n| mode | intra-op threads | batch | spinning | processes | load s | images/s | max abs diff vs Keras | peak RSS MB | CPU s / measured s | load before |")
+        print(
+            "\n| mode | intra-op threads | batch | spinning | processes | load s | images/s | max abs diff vs Keras | peak RSS MB | CPU s / measured s | load before |"  # noqa: E501 - a Markdown table row
+        )
         print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
         report["micro"] = micro_model_levers(args, workdir, logs, weights)
         if not args.no_decode:

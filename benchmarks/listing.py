@@ -75,8 +75,7 @@ def sequential_list_images(root):
         if len(parts) < 2 or not is_image_path(info.path):
             ignored.append(root.uri_of(info.path))
             continue
-        rows.append({"path": root.uri_of(info.path), "label": parts[-2], "size_bytes": info.size,
-                     "modified_at": info.mtime})
+        rows.append({"path": root.uri_of(info.path), "label": parts[-2], "size_bytes": info.size, "modified_at": info.mtime})
     catalog = pd.DataFrame(rows, columns=["path", "label", "size_bytes", "modified_at"])
     catalog["size_bytes"] = catalog["size_bytes"].astype("int64")
     catalog["modified_at"] = pd.to_datetime(catalog["modified_at"], utc=True)
@@ -90,7 +89,7 @@ def rowwise_digest(catalog) -> str:
     digest = hashlib.sha256()
     rows = catalog.sort_values("path")
     mtimes = rows["modified_at"].astype("int64") if len(rows) else []
-    for path, size, mtime in zip(rows["path"], rows["size_bytes"], mtimes):
+    for path, size, mtime in zip(rows["path"], rows["size_bytes"], mtimes, strict=True):
         digest.update(json.dumps([str(path), int(size), int(mtime)]).encode("utf-8") + b"\n")
     return digest.hexdigest()
 
@@ -153,8 +152,13 @@ def _measure_tick(uri: str, concurrency: int, cursor: str | None) -> dict:
         result = fruit_images_sensor.evaluate_tick(context)
         seconds = time.perf_counter() - started
     images = result.run_requests[0].tags[TAG_IMAGES] if result.run_requests else None
-    return {"tick_seconds": seconds, "images": images, "skip": result.skip_message,
-            "cursor": result.cursor or cursor, "cursor_bytes": len((result.cursor or cursor or "").encode())}
+    return {
+        "tick_seconds": seconds,
+        "images": images,
+        "skip": result.skip_message,
+        "cursor": result.cursor or cursor,
+        "cursor_bytes": len((result.cursor or cursor or "").encode()),
+    }
 
 
 def _measure_raw_images(uri: str, concurrency: int, storage_dir: str) -> dict:
@@ -164,8 +168,7 @@ def _measure_raw_images(uri: str, concurrency: int, storage_dir: str) -> dict:
     from fruit_assets.resources import ImageSource, build_resources
 
     os.environ["FRUIT_STORAGE_URI"] = storage_dir  # the deployment's own IO manager, as users run it
-    resources = {"images": ImageSource(uri=uri, list_concurrency=concurrency),
-                 "io_manager": build_resources("local")["io_manager"]}
+    resources = {"images": ImageSource(uri=uri, list_concurrency=concurrency), "io_manager": build_resources("local")["io_manager"]}
     result = materialize([raw_images], resources=resources)
     [event] = result.get_asset_materialization_events()
     metadata = event.materialization.metadata
@@ -174,7 +177,8 @@ def _measure_raw_images(uri: str, concurrency: int, storage_dir: str) -> dict:
 
 def child_main(args) -> int:
     """One measurement in this (fresh) process; writes JSON to args.json."""
-    import fruit_assets.catalog  # noqa: F401  (imports before the RSS baseline)
+    import fruit_assets.catalog
+
     if args.what.startswith(("tick", "raw")):
         import dagster  # noqa: F401
 
@@ -247,8 +251,22 @@ def _process_cpu(pid: int) -> float:
 def run_child(what: str, uri: str, env: dict, workdir: Path, concurrency: int, cursor_file: Path | None) -> dict:
     out = workdir / f"{what}.json"
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.listing", "measure", "--what", what, "--uri", uri,
-               "--json", str(out), "--concurrency", str(concurrency), "--storage", str(workdir / "storage")]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.listing",
+        "measure",
+        "--what",
+        what,
+        "--uri",
+        uri,
+        "--json",
+        str(out),
+        "--concurrency",
+        str(concurrency),
+        "--storage",
+        str(workdir / "storage"),
+    ]
     if cursor_file is not None:
         command += ["--cursor-file", str(cursor_file)]
     with open(workdir / f"{what}.log", "w") as log:
@@ -267,8 +285,11 @@ def measure_all(server, uri: str, delay: float, workdir: Path, concurrency: int,
         for what in MEASUREMENTS:
             tries = [measure_one(server, proxy, what, uri, env, workdir, concurrency) for _ in range(repeat)]
             results[what] = min(tries, key=_seconds_of) | {"all_seconds": [_seconds_of(run) for run in tries]}
-            print(f"  {delay * 1000:4.0f} ms  {what:11s} {results[what]['all_seconds']} s  "
-                  f"{results[what]['requests']}", file=sys.stderr, flush=True)
+            print(
+                f"  {delay * 1000:4.0f} ms  {what:11s} {results[what]['all_seconds']} s  {results[what]['requests']}",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 
@@ -287,8 +308,7 @@ def measure_one(server, proxy, what: str, uri: str, env: dict, workdir: Path, co
     child_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     server_cpu = _process_cpu(server.pid) - weed
     ours = child_cpu + server_cpu + _cpu_seconds() - own
-    result.update(load_before=load, server_cpu_s=server_cpu,
-                  foreign_cpu_s=round(max(0.0, busy_cpu_seconds() - busy - ours), 1))
+    result.update(load_before=load, server_cpu_s=server_cpu, foreign_cpu_s=round(max(0.0, busy_cpu_seconds() - busy - ours), 1))
     if what == "tick-first":
         cursor_file.write_text(result["cursor"])
     result.pop("cursor", None)
@@ -345,8 +365,7 @@ def analyse(report: dict) -> dict[str, dict]:
             "rss_growth_mb": max(run["peak_rss_mb"] - run["rss_before_mb"] for run in runs),
             "requests_1m": plan_1m.requests,
             "aws_1m_s": fixed_s + (plan_1m.rounds + extra) * model.AWS_LIST_SECONDS + cpu_per_object * EXTRAPOLATE_TO,
-            "loopback_1m_s": (fixed_s + (_seconds_of(loopback[what]) - fixed_s) * EXTRAPOLATE_TO / objects
-                              if loopback else None),
+            "loopback_1m_s": (fixed_s + (_seconds_of(loopback[what]) - fixed_s) * EXTRAPOLATE_TO / objects if loopback else None),
         }
     return rows
 
@@ -428,13 +447,19 @@ def run(args) -> dict:
     try:
         uri = ensure_dataset(server, args.objects, args.labels)
         tiny = ensure_dataset(server, 1, 1)
-        report = {"objects": args.objects, "labels": args.labels, "concurrency": args.concurrency, "repeat": args.repeat,
-                  "uri": uri, "machine": machine_info(), "runs": {}}
+        report = {
+            "objects": args.objects,
+            "labels": args.labels,
+            "concurrency": args.concurrency,
+            "repeat": args.repeat,
+            "uri": uri,
+            "machine": machine_info(),
+            "runs": {},
+        }
         # The same measurements of one object: their time and CPU are what does not grow with the bucket.
         report["fixed"] = measure_all(server, tiny, 0.0, workdir, args.concurrency)
         for delay_ms in args.delays_ms:
-            report["runs"][str(delay_ms)] = measure_all(server, uri, delay_ms / 1000, workdir, args.concurrency,
-                                                        args.repeat)
+            report["runs"][str(delay_ms)] = measure_all(server, uri, delay_ms / 1000, workdir, args.concurrency, args.repeat)
     finally:
         server.stop()
     stamp = time.strftime("%Y%m%d-%H%M%S")

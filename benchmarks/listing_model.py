@@ -70,8 +70,9 @@ def per_folder(sizes: list[int], concurrency: int, top_entries: int | None = Non
     return Plan(requests=top + sum(chains), rounds=top + greedy_rounds(chains, concurrency))
 
 
-def catalog_listing(sizes: list[int], concurrency: int, max_folder_listings: int = 1000,
-                    min_mean_folder_keys: int = 500, top_entries: int | None = None) -> tuple[Plan, bool]:
+def catalog_listing(
+    sizes: list[int], concurrency: int, max_folder_listings: int = 1000, min_mean_folder_keys: int = 500, top_entries: int | None = None
+) -> tuple[Plan, bool]:
     """(plan, listed flat) of `catalog.list_images` on folders of `sizes` keys, in folder name order;
     `top_entries`: entries at the top level, if there are more than the folders (stray files...)."""
     if len(sizes) <= max_folder_listings:

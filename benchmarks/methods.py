@@ -64,9 +64,7 @@ def baseline(args) -> dict:
     from keras.applications.mobilenet_v2 import preprocess_input
 
     tf_imported_at = since_start()
-    model = keras.applications.MobileNetV2(
-        include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=args.weights
-    )
+    model = keras.applications.MobileNetV2(include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=args.weights)
     model_built_at = since_start()
 
     def load(path):
@@ -129,12 +127,7 @@ def notebook(args) -> dict:
     sc.setLogLevel("ERROR")
     spark_at = since_start()
 
-    images = (
-        spark.read.format("binaryFile")
-        .option("pathGlobFilter", "*.jpg")
-        .option("recursiveFileLookup", "true")
-        .load(args.images)
-    )
+    images = spark.read.format("binaryFile").option("pathGlobFilter", "*.jpg").option("recursiveFileLookup", "true").load(args.images)
     images = images.withColumn("label", element_at(split(images["path"], "/"), -2))
 
     from tensorflow.keras.applications.mobilenet_v2 import MobileNetV2, preprocess_input
@@ -243,7 +236,11 @@ def pipeline(args) -> dict:
         cold["max_abs_diff_vs_baseline"] = float(np.abs(np.stack(stored.features) - reference).max())
     return {
         "images": cold["rows"],
-        "phases": {"python_imports": imported_at, "materialize": cold["materialize_s"], **{f"step:{k}": v for k, v in cold["steps_s"].items()}},
+        "phases": {
+            "python_imports": imported_at,
+            "materialize": cold["materialize_s"],
+            **{f"step:{k}": v for k, v in cold["steps_s"].items()},
+        },
         "featurize_s": cold["steps_s"].get("image_features"),
         "total_s": since_start() if not args.warm else round(imported_at + cold["materialize_s"], 3),
         "runs": runs,
@@ -326,8 +323,7 @@ def featurize_only(args) -> dict:
 
     from fruit_assets.catalog import list_images
     from fruit_assets.ml import featurize as featurize_module
-    from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting
-    from fruit_assets.ml.model import weights_fingerprint
+    from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting, weights_fingerprint
     from fruit_assets.storage import resolve
 
     weights = feature_extractor_weights(parse_weights_setting(args.weights))
@@ -342,8 +338,11 @@ def featurize_only(args) -> dict:
     spark.stop()
     return {
         "images": len(catalog),
-        "phases": {"python_imports": imported_at, "spark_start": round(spark_at - imported_at, 3),
-                   "driver_setup": round(setup_at - spark_at, 3)},
+        "phases": {
+            "python_imports": imported_at,
+            "spark_start": round(spark_at - imported_at, 3),
+            "driver_setup": round(setup_at - spark_at, 3),
+        },
         "runs_s": runs,
         "featurize_s": runs[0],
         "partitions": partitions,
@@ -385,8 +384,8 @@ def make_onnx(args) -> dict:
     import keras
     import numpy as np
 
-    from fruit_assets.ml.onnx_model import converted_model
     from fruit_assets.ml.model import weights_fingerprint
+    from fruit_assets.ml.onnx_model import converted_model
 
     model = keras.applications.MobileNetV2(include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=args.weights)
     weights = model.get_weights()
@@ -438,9 +437,15 @@ def micro_model(args) -> dict:
     median = float(np.median(times))
     reference = np.load(args.reference)[: args.batch_size]
     return {
-        "mode": args.mode, "threads": args.threads, "batch_size": args.batch_size, "spinning": args.spinning,
-        "load_s": round(load_s, 3), "first_call_s": round(first_s, 3),
-        "median_batch_s": round(median, 4), "images_per_s": round(args.batch_size / median, 2), "calls": len(times),
+        "mode": args.mode,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "spinning": args.spinning,
+        "load_s": round(load_s, 3),
+        "first_call_s": round(first_s, 3),
+        "median_batch_s": round(median, 4),
+        "images_per_s": round(args.batch_size / median, 2),
+        "calls": len(times),
         "wall_measured_s": round(sum(times), 2),
         "max_abs_diff_vs_keras": float(np.abs(first - reference).max()),
     }
@@ -454,8 +459,8 @@ def micro_decode(args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from fruit_assets.storage import read_bytes
     from fruit_assets.ml.images import decode_image, preprocess
+    from fruit_assets.storage import read_bytes
 
     paths = image_paths(args.images)[: args.limit]
     out = {"images": len(paths)}
@@ -477,7 +482,7 @@ def micro_decode(args) -> dict:
 
     blobs = [read_bytes(p) for p in paths]
     out["read_bytes_pyarrow_ms"] = timed(lambda: [read_bytes(p) for p in paths])
-    out["read_bytes_open_ms"] = timed(lambda: [open(p, "rb").read() for p in paths])
+    out["read_bytes_open_ms"] = timed(lambda: [Path(p).read_bytes() for p in paths])
     out["decode_image_ms"] = timed(lambda: [decode_image(b) for b in blobs])
     out["decode_plain_ms"] = timed(lambda: [decode(b, False) for b in blobs])
     out["decode_draft_ms"] = timed(lambda: [decode(b, True) for b in blobs])
@@ -515,8 +520,21 @@ def _quant_check(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.methods")
-    parser.add_argument("method", choices=["make-weights", "make-onnx", "baseline", "notebook", "pipeline", "demo", "featurize",
-                                           "micro-model", "micro-decode", "quant-check"])
+    parser.add_argument(
+        "method",
+        choices=[
+            "make-weights",
+            "make-onnx",
+            "baseline",
+            "notebook",
+            "pipeline",
+            "demo",
+            "featurize",
+            "micro-model",
+            "micro-decode",
+            "quant-check",
+        ],
+    )
     parser.add_argument("--json")
     parser.add_argument("--out")
     parser.add_argument("--images")
@@ -545,8 +563,16 @@ def main(argv=None) -> int:
     if args.method == "notebook" and not args.master:
         args.master = "local[*]"
     handler = {
-        "make-weights": make_weights, "make-onnx": make_onnx, "quant-check": _quant_check, "baseline": baseline, "notebook": notebook, "pipeline": pipeline, "demo": demo,
-        "featurize": featurize_only, "micro-model": micro_model, "micro-decode": micro_decode,
+        "make-weights": make_weights,
+        "make-onnx": make_onnx,
+        "quant-check": _quant_check,
+        "baseline": baseline,
+        "notebook": notebook,
+        "pipeline": pipeline,
+        "demo": demo,
+        "featurize": featurize_only,
+        "micro-model": micro_model,
+        "micro-decode": micro_decode,
     }[args.method]
     result = handler(args)
     result["method"] = args.method

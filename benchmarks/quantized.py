@@ -53,6 +53,7 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict:
 
 def _nearest_kept(reference: np.ndarray, other: np.ndarray) -> float:
     """Share of images whose nearest other image is the same in both feature sets."""
+
     def nearest(x):
         d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
         np.fill_diagonal(d, np.inf)
@@ -74,8 +75,7 @@ def quant_check(args) -> dict:
     x = preprocess(images)
     results = {"images": len(x)}
     outputs = {}
-    for name, call in (("fp32", onnx_inference_function(Path(args.onnx).read_bytes())),
-                       ("int8", int8_inference_function(args.onnx))):
+    for name, call in (("fp32", onnx_inference_function(Path(args.onnx).read_bytes())), ("int8", int8_inference_function(args.onnx))):
         started = time.perf_counter()
         outputs[name] = np.concatenate([call(x[i : i + 8]) for i in range(0, len(x), 8)])
         results[f"{name}_images_per_s"] = round(len(x) / (time.perf_counter() - started), 1)

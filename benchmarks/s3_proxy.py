@@ -21,11 +21,12 @@ Only 127.0.0.1 is ever listened on or connected to.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 HOST = "127.0.0.1"
@@ -73,7 +74,7 @@ class CountingProxy:
     def endpoint_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self) -> "CountingProxy":
+    def start(self) -> CountingProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((HOST, 0))
@@ -97,7 +98,7 @@ class CountingProxy:
         for sock in sockets:
             _close(sock)
 
-    def __enter__(self) -> "CountingProxy":
+    def __enter__(self) -> CountingProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -210,8 +211,6 @@ def _relay_body(client: socket.socket, upstream: socket.socket, buffer: bytes, l
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()

@@ -235,4 +235,4 @@ def sample_images(catalog: pd.DataFrame, labels: int, per_label: int, readers: i
     first_labels = sorted(catalog.label.unique())[:labels]
     samples = catalog[catalog.label.isin(first_labels)].groupby("label").head(per_label)
     with ThreadPoolExecutor(readers) as pool:
-        return list(zip(samples.label, pool.map(read_bytes, samples.path)))
+        return list(zip(samples.label, pool.map(read_bytes, samples.path), strict=True))

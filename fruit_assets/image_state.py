@@ -93,7 +93,7 @@ def _runs(column: pa.ChunkedArray) -> list[tuple[str, int, int]]:
     encoded = pc.run_end_encode(column.combine_chunks())
     ends = encoded.run_ends.to_pylist()
     starts = [0, *ends[:-1]]
-    return list(zip(encoded.values.to_pylist(), starts, ends))
+    return list(zip(encoded.values.to_pylist(), starts, ends, strict=True))
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class _Columns:
     mtimes: np.ndarray
 
     @classmethod
-    def of(cls, rows: pa.Table) -> "_Columns":
+    def of(cls, rows: pa.Table) -> _Columns:
         paths = rows["path"].chunk(0) if rows.num_rows else pa.array([], pa.large_string())
         offsets = np.frombuffer(paths.buffers()[1], dtype="<i8")[paths.offset : paths.offset + len(paths) + 1]
         data = paths.buffers()[2]

@@ -30,10 +30,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
-from fruit_assets.storage import delta, spark_io
-from fruit_assets.storage.delta import Snapshot
 from fruit_assets.ml.featurize import default_partitions
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, project
+from fruit_assets.storage import delta, spark_io
+from fruit_assets.storage.delta import Snapshot
 
 SOURCE_VERSION = ["path", "size_bytes", "modified_at"]  # an image file, as it was when featurized
 FEATURE_COLUMNS = ["path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"]  # as stored
@@ -100,8 +100,14 @@ def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | Non
         survivors = valid.filter(pc.is_in(valid.column(FILE_COLUMN), value_set=pa.array(removed_files)))
         kept_rows = survivors.num_rows
         rows = spark_io.read_table(spark, stored, files=removed_files)
-        kept = rows.join(F.broadcast(spark.createDataFrame(survivors.select(SOURCE_VERSION).to_pandas())), on=SOURCE_VERSION, how="left_semi")
-    reason = f"{stale.num_rows} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)" if stale.num_rows else "no stored row to remove"
+        kept = rows.join(
+            F.broadcast(spark.createDataFrame(survivors.select(SOURCE_VERSION).to_pandas())), on=SOURCE_VERSION, how="left_semi"
+        )
+    reason = (
+        f"{stale.num_rows} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)"
+        if stale.num_rows
+        else "no stored row to remove"
+    )
     return _plan(todo, kept, removed_files, False, kept_rows, stored.rows - stale.num_rows, stale.num_rows, dropped, reason)
 
 
@@ -139,11 +145,12 @@ def feature_statistics_since(
     if previous is not None and previous_provenance.get("features_table_id") == features.table_id:
         try:
             earlier = delta.snapshot(features.location, int(previous_provenance["features_version"]))
-        except Exception:  # noqa: BLE001 - log entries or files cleaned by retention: not provable
+        except Exception:
             earlier = None
     reason = _why_not_incremental(features, previous_provenance if previous is not None else {}, earlier)
     if reason:
         return _full(spark, features, reason)
+    assert earlier is not None and previous is not None  # else there would be a reason
     before, now = {f.path for f in earlier.files}, {f.path for f in features.files}
     removed, added = sorted(before - now), sorted(now - before)
     to_read = sum(f.rows for f in earlier.files if f.path in removed) + sum(f.rows for f in features.files if f.path in added)
@@ -158,7 +165,9 @@ def feature_statistics_since(
     if statistics.rows != features.rows:
         return _full(spark, features, f"the updated row count {statistics.rows} is not the table's {features.rows}")
     return StatisticsUpdate(
-        statistics, "incremental", f"{len(added)} data file(s) added and {len(removed)} removed since version {earlier.version}",
+        statistics,
+        "incremental",
+        f"{len(added)} data file(s) added and {len(removed)} removed since version {earlier.version}",
         minus.rows + plus.rows,
     )
 
@@ -176,7 +185,7 @@ def provenance(features: Snapshot) -> dict:
 class FeaturizeResult:
     """What an incremental run of image_features did, and the change to commit."""
 
-    change: "spark_io.TableChange"
+    change: spark_io.TableChange
     cached: DataFrame  # the featurized rows, cached until the change is written: unpersist after
     catalogued: int
     featurized: int  # images through the model, with a vector now
@@ -223,11 +232,11 @@ def featurize_incremental(
     rows = spark.createDataFrame(plan.todo.to_pandas(), schema=CATALOG_SCHEMA)
     results = featurize_rows(rows, partitions).persist(StorageLevel.MEMORY_AND_DISK)
     with progress(todo) if progress else nullcontext():
-        stats = results.agg(
+        [stats] = results.agg(
             F.count("*").alias("rows"),
             F.count("features").alias("featurized"),
             F.sum(F.when(_finite_vectors(dimensions), 1).otherwise(0)).alias("bad_vectors"),
-        ).first()
+        ).collect()  # a global aggregate: one row
     skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
     new_rows = results.where(F.col("error").isNull()).withColumn("weights_fingerprint", F.lit(fingerprint)).select(*FEATURE_COLUMNS)
     if plan.kept is not None:
@@ -235,7 +244,10 @@ def featurize_incremental(
     # As many files as the rows need (a few new images: one small file), but no more than the cores.
     write_partitions = max(1, min(partitions, -(-((stats["featurized"] or 0) + plan.kept_rows) // spark_io.ROWS_PER_FILE)))
     change = spark_io.TableChange(
-        rows=new_rows.coalesce(write_partitions), base=stored, removed=plan.removed_files, replace=plan.replace,
+        rows=new_rows.coalesce(write_partitions),
+        base=stored,
+        removed=plan.removed_files,
+        replace=plan.replace,
         commit_metadata={"weights_fingerprint": fingerprint},
     )
     return FeaturizeResult(
@@ -266,8 +278,7 @@ def fit_pca(
 ) -> PcaFit:
     """The PCA of `features`: statistics updated from `previous` (or summed afresh), decomposed by numpy."""
     started = time.perf_counter()
-    update = feature_statistics_since(spark, features, previous.statistics if previous else None,
-                                      previous.provenance if previous else {})
+    update = feature_statistics_since(spark, features, previous.statistics if previous else None, previous.provenance if previous else {})
     summed = time.perf_counter()
     result = replace(decompose(update.statistics, k, variance_target, max_k), provenance=provenance(features))
     seconds = {"statistics": round(summed - started, 2), "decomposition": round(time.perf_counter() - summed, 2)}
@@ -289,7 +300,8 @@ def project_features(spark: SparkSession, features: Snapshot, result: PcaResult,
     """Every stored feature vector projected on the components: one read of the features, no shuffle."""
     vectors = spark_io.read_table(spark, features, columns=["path", "label", "features"])
     rows = project(vectors, result.components).persist(StorageLevel.MEMORY_AND_DISK)
-    stats = rows.agg(F.count("*").alias("rows"), F.min(F.size("pca_features")).alias("min_k"),
-                     F.max(F.size("pca_features")).alias("max_k")).first()
+    [stats] = rows.agg(
+        F.count("*").alias("rows"), F.min(F.size("pca_features")).alias("min_k"), F.max(F.size("pca_features")).alias("max_k")
+    ).collect()  # a global aggregate: one row
     sample = rows.select("label", F.slice("pca_features", 1, 2).alias("xy")).limit(sample_size).toPandas()
     return Projection(rows, stats["rows"], stats["min_k"], stats["max_k"], sample)

@@ -20,6 +20,7 @@ The type to load comes from the downstream parameter's annotation.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pyarrow as pa
 from dagster import AssetKey, ConfigurableIOManager, InputContext, MetadataValue, OutputContext, TableColumn, TableSchema
@@ -33,7 +34,7 @@ from fruit_assets.storage.resource import Storage
 HANDLERS = (TableHandler(), SparkHandler(), PcaHandler(), SnapshotHandler())
 
 
-def _handler(kind: str, value_type: type):
+def _handler(kind: str, value_type: type) -> Any:  # handlers differ in what they do: `kind` picks one that can
     for handler in HANDLERS:
         if any(issubclass(value_type, known) for known in getattr(handler, kind)()):
             return handler
@@ -58,7 +59,9 @@ class DeltaIOManager(ConfigurableIOManager):
         self.storage.vacuum(table)
         if hasattr(handler, "expire"):
             handler.expire(table, self.storage.retention_hours)
-        context.add_output_metadata(commit_metadata(delta.snapshot(table, version), base, written))
+        stored = delta.snapshot(table, version)
+        assert stored is not None, f"{table.uri}: version {version} was just committed"
+        context.add_output_metadata(commit_metadata(stored, base, written))
 
     def load_input(self, context: InputContext):
         value = load_asset(self.storage, context.asset_key, context.dagster_type.typing_type)

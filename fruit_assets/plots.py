@@ -28,7 +28,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-
 WIDTH_IN, HEIGHT_IN, DPI = 6.0, 4.0, 100  # 600 x 400 px
 
 # Contact sheet layout, in pixels.
@@ -133,7 +132,7 @@ def pca_scatter_plot(points_2d: np.ndarray, labels: Sequence[str]) -> bytes:
     right = 1.0 - (0.0 if not with_legend else 0.24 if columns == 1 else 0.40)
     ax = fig.add_axes((0.1, 0.12, right - 0.13, 0.78))
     label_array = np.asarray(labels, dtype=object)
-    for index, (name, color) in enumerate(zip(names, label_colors(len(names)))):
+    for index, (name, color) in enumerate(zip(names, label_colors(len(names)), strict=True)):
         mask = label_array == name
         ax.scatter(x[mask], y[mask], s=18, color=color, marker=_MARKERS[index % len(_MARKERS)],
                    edgecolors="none", alpha=0.85, label=name)

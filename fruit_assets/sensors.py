@@ -67,8 +67,9 @@ $0.005 per 1,000): at one tick every 30 s, a million images cost about 3 million
 The cursor (JSON): {"digest", "images", "listed_at", "generation", "waiting_since"} as before, plus
 "labels": {label: 12-hex digest} for up to 1,000 labels (about 20 bytes plus the name per label: 40 KB
 for 1,000 labels of 20 characters), or "label_groups": {group: 12-hex digest} above that (labels
-hashed into 1,024 groups: about 25 KB for any number of labels, see `image_state`). A cursor written before the per-label digests (no "labels") is read;
-its digest was computed another way, so the first tick after the upgrade requests one run.
+hashed into 1,024 groups: about 25 KB for any number of labels, see `image_state`). A cursor written
+before the per-label digests (no "labels") is read; its digest was computed another way, so the first
+tick after the upgrade requests one run.
 """
 
 from __future__ import annotations
@@ -77,11 +78,10 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from dagster import (
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -147,7 +147,7 @@ def _positive_number(name: str, default: float, *, minimum: float, kind=float) -
 
 def interval_seconds() -> int:
     """FRUIT_SENSOR_INTERVAL_SECONDS (default 30): read once, when the code location loads."""
-    return _positive_number(INTERVAL_ENV, DEFAULT_INTERVAL_SECONDS, minimum=1, kind=int)
+    return int(_positive_number(INTERVAL_ENV, DEFAULT_INTERVAL_SECONDS, minimum=1, kind=int))
 
 
 def settle_seconds() -> float:
@@ -182,7 +182,7 @@ class ImagesCursor:
         return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str | None) -> "ImagesCursor | None":
+    def from_json(cls, text: str | None) -> ImagesCursor | None:
         """None for no cursor; ValueError for one this sensor did not write."""
         if not text:
             return None
@@ -241,7 +241,7 @@ def list_state(images: ImageSource, settle: float) -> ImagesState:
     """List the images and summarise them; raises ImageListingError naming FRUIT_IMAGES_URI."""
     location = images.location()  # StorageConfigError names FRUIT_IMAGES_URI already
     # Taken before the listing starts: a write the listing misses happens after this instant.
-    listed_at = datetime.now(timezone.utc)
+    listed_at = datetime.now(UTC)
     listing = images.list_images()
     if not listing.images.num_rows and not listing.ignored:
         _check_container(location)
@@ -306,14 +306,15 @@ def fruit_images_sensor(context: SensorEvaluationContext, images: ImageSource):
 
     # The quiet period. Only `waiting_since` changes here: the digest and generation stay as they were.
     now = state.listed_at.timestamp()
+    waited = now - (cursor.waiting_since or now)
     waiting_since = (cursor.waiting_since or now) if state.settling else None
     waiting = replace(cursor, waiting_since=waiting_since)
     settling = f"{state.settling} image(s) modified in the last {settle:g} s"
-    if state.settling and (now - waiting_since < max_wait or state.settled == 0):
+    if state.settling and (waited < max_wait or state.settled == 0):
         return SensorResult(
             skip_reason=SkipReason(
                 f"{settling} (upload in progress?): waiting for them to settle "
-                f"(waiting {now - waiting_since:.0f} s, at most {max_wait:g} s)"
+                f"(waiting {waited:.0f} s, at most {max_wait:g} s)"
             ),
             cursor=waiting.to_json(),
         )

@@ -67,4 +67,4 @@ def reporting_progress(
     finally:
         stop.set()
         thread.join(timeout=every_seconds + 1)
-        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]  # None unsets it

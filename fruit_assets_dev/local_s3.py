@@ -107,7 +107,7 @@ GRPC_OFFSET = 10000
 _STRIPPED_ENV_PREFIXES = ("AWS_",)
 _STRIPPED_ENV_NAMES = ("S3_BUCKET", "S3_TABLE_BUCKET", "S3_EXTERNAL_URL")
 
-_running: "weakref.WeakSet[LocalS3]" = weakref.WeakSet()
+_running: weakref.WeakSet[LocalS3] = weakref.WeakSet()
 
 
 @dataclass(eq=False)
@@ -220,7 +220,7 @@ class LocalS3:
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
 
-    def __enter__(self) -> "LocalS3":
+    def __enter__(self) -> LocalS3:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -411,7 +411,7 @@ def start_local_s3(
                 ports=ports,
                 _owned_dirs=[sock_dir],
             )
-            server._log_file = open(log_path, "ab")
+            server._log_file = open(log_path, "ab")  # noqa: SIM115 - the server writes to it until stop() closes it
             log.info(
                 "starting local S3 on %s (data %s, log %s, access key %s)",
                 server.endpoint_url, data_dir, log_path, access_key,
@@ -477,7 +477,7 @@ def _choose_ports(s3_port: int | None) -> dict[str, int]:
             grpc = _pick_ports(1, {s3_port})[0] + GRPC_OFFSET
         ports["s3.port.grpc"] = grpc
         exclude = {s3_port, grpc}
-    for component, port in zip(components, _pick_ports(len(components), exclude)):
+    for component, port in zip(components, _pick_ports(len(components), exclude), strict=True):
         ports[f"{component}.port"] = port
         ports[f"{component}.port.grpc"] = port + GRPC_OFFSET
     return ports

@@ -18,8 +18,7 @@ for name in list(os.environ):
     if name.startswith(("FRUIT_", "AWS_", "DATABRICKS_")):
         del os.environ[name]
 
-from fruit_assets_tests.support import TEST_BUCKET, local_resources, materialize_all
-
+from fruit_assets_tests.support import TEST_BUCKET, local_resources, materialize_all  # noqa: E402 - after the clean-up above
 
 # Markers by what a test needs, so that a fast tier can leave the heavy parts out:
 #   pytest -m "not (spark or s3 or databricks or ui or slow)"     # under a minute

@@ -11,8 +11,9 @@ import pytest
 from dagster import instance_for_test, materialize
 
 from fruit_assets.definitions import all_assets_and_checks
-from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets.resources import FeatureModel, build_resources
+from fruit_assets_dev.local_s3 import upload_tree
+from fruit_assets_tests.hostile_files import write_hostile_tree
 from fruit_assets_tests.support import (
     TEST_BUCKET,
     failure_text,
@@ -22,7 +23,6 @@ from fruit_assets_tests.support import (
     private_copy,
     read_asset,
 )
-from fruit_assets_tests.hostile_files import write_hostile_tree
 from fruit_assets_tests.test_runtimes import keras_features
 from fruit_assets_tests.weights_files import save_legacy_h5
 

@@ -53,8 +53,8 @@ def client(emulator):
 
 
 def test_dbfs_round_trip_through_databricks_sdk(client, emulator):
-    from databricks.sdk.errors import NotFound, ResourceAlreadyExists
     from dagster_databricks import DatabricksClient
+    from databricks.sdk.errors import NotFound, ResourceAlreadyExists
 
     small = b"small file\n"
     client.dbfs.put("/roundtrip/small.txt", contents=base64.b64encode(small).decode(), overwrite=True)
@@ -371,7 +371,6 @@ def _messages(instance, run_id) -> list[str]:
 def test_step_launcher_materializes_an_asset_on_the_emulator(emulator, tiny_package, monkeypatch):
     import dagster
     from dagster import execute_job, instance_for_test, reconstructable
-
     from fruit_dbx_tiny.definitions import tiny_job
 
     monkeypatch.setenv("DATABRICKS_TOKEN", emulator.token)
@@ -418,7 +417,6 @@ def test_step_launcher_materializes_an_asset_on_the_emulator(emulator, tiny_pack
 
 def test_remote_asset_exception_fails_the_dagster_step(emulator, tiny_package, monkeypatch):
     from dagster import execute_job, instance_for_test, reconstructable
-
     from fruit_dbx_tiny.definitions import tiny_failing_job
 
     monkeypatch.setenv("DATABRICKS_TOKEN", emulator.token)

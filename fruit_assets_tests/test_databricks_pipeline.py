@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance
@@ -113,16 +112,28 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
 
     # The remote steps' events came back into the Dagster run: materializations with metadata, logs.
     run, events = last_run_events(home)
-    materialized = {e.dagster_event.asset_key.to_user_string(): e for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION}
+    materialized = {
+        e.dagster_event.asset_key.to_user_string(): e
+        for e in events
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION
+    }
     assert set(materialized) == {"raw_images", *SPARK_ASSETS}
     metadata = {k: v.value for k, v in materialized["image_features"].dagster_event.materialization.metadata.items()}
     assert (metadata["rows"], metadata["featurized"], metadata["weights_source"]) == (72, 72, "random:0")
     assert metadata["runtime"] == "onnxruntime"  # the default runtime on the cluster too
     messages = [e.user_message for e in events]
     assert any("72 of 72 images have features" in m for m in messages)
-    checks = [e.dagster_event.event_specific_data for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
-    assert {c.check_name for c in checks} >= {"one_row_per_image", "vectors_are_1280_finite_floats", "k_columns_and_same_rows",
-                                                  "pca_model_is_an_exact_decomposition"}
+    checks = [
+        e.dagster_event.event_specific_data
+        for e in events
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION
+    ]
+    assert {c.check_name for c in checks} >= {
+        "one_row_per_image",
+        "vectors_are_1280_finite_floats",
+        "k_columns_and_same_rows",
+        "pca_model_is_an_exact_decomposition",
+    }
 
     # Same outputs as the local run on the same images.
     _, local_storage = demo_run
@@ -148,8 +159,7 @@ def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emula
 def test_cancelling_the_dagster_run_cancels_the_remote_run(emulator, bucket, tmp_path):
     home = tmp_path / "home"
     # Other weights: nothing to reuse, so the remote step is busy long enough to be cancelled.
-    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_WEIGHTS="random:99",
-                      FRUIT_STORAGE_URI=f"{bucket}/cancelled")
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_WEIGHTS="random:99", FRUIT_STORAGE_URI=f"{bucket}/cancelled")
     known = {run.run_id for run in emulator.runs}
     process = materialize_cli(env, "raw_images,image_features", start_new_session=True)
     deadline = time.monotonic() + 600
@@ -172,6 +182,10 @@ def test_a_wrong_token_is_a_clear_error(emulator, bucket, tmp_path):
     output = finish(process, timeout=300)
     assert process.returncode != 0
     _, events = last_run_events(home)
-    text = "\n".join(e.dagster_event.step_failure_data.error.to_string() for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE)
+    text = "\n".join(
+        e.dagster_event.step_failure_data.error.to_string()
+        for e in events
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE
+    )
     assert "PERMISSION_DENIED" in text or "Invalid access token" in text or "403" in text, text[-3000:]
     assert "not-the-token" not in text and emulator.token not in output

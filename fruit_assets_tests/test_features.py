@@ -7,9 +7,9 @@ model(x, training=False).
 
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -42,7 +42,10 @@ def keras_reference(weights_file, paths):
 
     model = keras.applications.MobileNetV2(include_top=False, pooling="avg", input_shape=(224, 224, 3), weights=str(weights_file))
     batch = np.stack(
-        [np.asarray(Image.open(io.BytesIO(open(p, "rb").read())).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for p in paths]
+        [
+            np.asarray(Image.open(io.BytesIO(Path(p).read_bytes())).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+            for p in paths
+        ]
     ).astype(np.float32)
     return np.asarray(model(keras.applications.mobilenet_v2.preprocess_input(batch), training=False))
 

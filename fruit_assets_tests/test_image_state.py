@@ -12,7 +12,7 @@ from fruit_assets.sensors import ImagesCursor
 
 def catalog(rows: list[tuple[str, str, int, int]]) -> pa.Table:
     """A catalog table from (path, label, size, mtime in ns) rows."""
-    paths, labels, sizes, mtimes = zip(*rows) if rows else ([], [], [], [])
+    paths, labels, sizes, mtimes = zip(*rows, strict=True) if rows else ([], [], [], [])
     return pa.table(
         [pa.array(paths), pa.array(labels), pa.array(sizes, pa.int64()),
          pa.array(mtimes, pa.int64()).cast(pa.timestamp("ns", tz="UTC"))],

@@ -45,7 +45,9 @@ def test_decode_modes(mode, color, fmt):
     assert decoded.dtype == np.uint8
     if "A" in mode:
         # Transparency is composited onto white, the background of Fruits-360 photos.
-        expected = np.array(Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB"), dtype=np.int16)[0, 0]
+        expected = np.array(
+            Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB"), dtype=np.int16
+        )[0, 0]
     else:
         expected = np.array(image.convert("RGB"), dtype=np.int16)[0, 0]
     # a uniform image stays uniform through the resize (JPEG may shift colours a little)

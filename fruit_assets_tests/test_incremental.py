@@ -8,15 +8,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from dagster import AssetKey
 
-from fruit_assets.storage import delta, spark_io
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.incremental import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
 from fruit_assets.io_manager import load_asset
-from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult
-from fruit_assets.storage import resolve
+from fruit_assets.storage import delta, resolve, spark_io
+from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.support import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
 
 PCA_CONFIG = {"ops": {"pca_model": {"config": {"k": 8}}}}
@@ -122,13 +120,22 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     incremental_pca, full_pca = stored_pca(prefix), stored_pca(fresh)
     np.testing.assert_allclose(incremental_pca.explained_variance, full_pca.explained_variance, atol=1e-6)
     np.testing.assert_allclose(incremental_pca.components, full_pca.components, atol=1e-4)
-    reduced, reduced_full = by_image(read_asset(f"{prefix}/assets", "reduced_features")), by_image(read_asset(f"{fresh}/assets", "reduced_features"))
+    reduced, reduced_full = (
+        by_image(read_asset(f"{prefix}/assets", "reduced_features")),
+        by_image(read_asset(f"{fresh}/assets", "reduced_features")),
+    )
     np.testing.assert_allclose(np.stack(reduced.pca_features), np.stack(reduced_full.pca_features), rtol=1e-4, atol=1e-4)
 
     # Nothing changed: nothing featurized, no file rewritten, the statistics updated by nothing.
     fourth = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(fourth, "image_features"), metadata_of(fourth, "pca_model")
-    assert (features["featurized"], features["reused"], features["removed"], features["files_removed"], features["bytes_written"]) == (0, 25, 0, 0, 0)
+    assert (features["featurized"], features["reused"], features["removed"], features["files_removed"], features["bytes_written"]) == (
+        0,
+        25,
+        0,
+        0,
+        0,
+    )
     assert (pca["statistics_mode"], pca["feature_rows_read"]) == ("incremental", 0)
 
     # Other weights: every image is featurized again, and the statistics are summed from scratch.
@@ -163,8 +170,14 @@ def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
     assert len(stored.files) == 8
     catalog = frame[["path", "label", "size_bytes", "modified_at"]].drop(index=[7])  # deleted
     catalog.loc[12, "size_bytes"] += 1  # replaced: same path, another file
-    new = pd.DataFrame({"path": ["/img/L0/new1.jpg", "/img/L1/new2.jpg"], "label": ["L0", "L1"], "size_bytes": [1, 2],
-                        "modified_at": pd.Timestamp("2026-02-01", tz="UTC")})
+    new = pd.DataFrame(
+        {
+            "path": ["/img/L0/new1.jpg", "/img/L1/new2.jpg"],
+            "label": ["L0", "L1"],
+            "size_bytes": [1, 2],
+            "modified_at": pd.Timestamp("2026-02-01", tz="UTC"),
+        }
+    )
     catalog = pd.concat([catalog, new], ignore_index=True)
     plan = plan_features(spark, pa.Table.from_pandas(catalog, preserve_index=False), stored, "fp")
     assert (plan.removed, plan.dropped, plan.reused, plan.kept_rows) == (2, 1, 38, 8)
@@ -188,7 +201,9 @@ def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
     assert update.rows_read == 10 + 11
     expected = FeatureStatistics.of(np.stack(read_asset(tmp_path, "image_features").features))
     assert update.statistics.rows == expected.rows == 41
-    np.testing.assert_allclose(update.statistics.covariance(), expected.covariance(), rtol=0, atol=1e-9 * np.abs(expected.covariance()).max())
+    np.testing.assert_allclose(
+        update.statistics.covariance(), expected.covariance(), rtol=0, atol=1e-9 * np.abs(expected.covariance()).max()
+    )
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def test_lists_every_image_of_more_than_1000_labels_and_keys(request, where, max
     listing = list_images(storage.resolve(uri), max_folder_listings=max_folder_listings)
     assert listing.flat == (max_folder_listings < FOLDERS)
     assert listing.folders == FOLDERS and listing.labels == FOLDERS
-    got = sorted(zip(*(listing.images[name].to_pylist() for name in ("path", "label", "size_bytes"))))
+    got = sorted(zip(*(listing.images[name].to_pylist() for name in ("path", "label", "size_bytes")), strict=True))
     assert got == expected_rows(uri)
     assert listing.ignored == 2
     assert listing.ignored_examples == (f"{uri}/{BIG}/notes.txt", f"{uri}/stray.jpg")
@@ -138,7 +138,7 @@ def test_big_folders_in_the_sample_keep_the_listing_folder_by_folder(s3_tree, pr
     # One thread: the sample is the first folder, BIG, with more than 500 keys; it is not listed twice.
     listing = list_images(storage.resolve(s3_tree), concurrency=1, max_folder_listings=1000)
     assert not listing.flat and listing.folders == FOLDERS
-    assert sorted(zip(*(listing.images[name].to_pylist() for name in ("path", "label", "size_bytes")))) == (
+    assert sorted(zip(*(listing.images[name].to_pylist() for name in ("path", "label", "size_bytes")), strict=True)) == (
         expected_rows(s3_tree)
     )
     assert proxy.reset() == {"LIST": PER_FOLDER_REQUESTS}

@@ -256,7 +256,7 @@ def test_two_more_servers_at_once(s3, tmp_path):
     finally:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(LocalS3.stop, servers))
-    for server, d in zip(servers, dirs):
+    for server, d in zip(servers, dirs, strict=True):
         assert server.process.returncode is not None
         assert (d / "weed.log").exists()  # a given data dir is kept
 

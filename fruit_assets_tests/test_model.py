@@ -3,6 +3,8 @@
 Models are built once per module (fixtures) to keep the runtime small.
 """
 
+import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -12,8 +14,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-from fruit_assets_tests.weights_files import save_legacy_h5
 
 from fruit_assets.ml.model import (
     FEATURE_DIM,
@@ -29,18 +29,19 @@ from fruit_assets.ml.model import (
     feature_extractor_weights,
     parse_weights_setting,
 )
+from fruit_assets_tests.weights_files import save_legacy_h5
 
-# Weights hash, also computed in subprocesses (keep the two in sync).
-HASH_CODE = """
-import hashlib, numpy as np
+
 def weights_hash(weights):
     digest = hashlib.sha256()
     for w in weights:
         digest.update(str((w.dtype, w.shape)).encode())
         digest.update(np.ascontiguousarray(w).tobytes())
     return digest.hexdigest()
-"""
-exec(HASH_CODE)
+
+
+# The same function in the subprocesses below.
+HASH_CODE = "import hashlib, numpy as np\n" + inspect.getsource(weights_hash)
 
 
 def _images(seed: int, n: int = 6) -> np.ndarray:

@@ -14,10 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, verify
-from dagster import AssetKey
-
 from fruit_assets.io_manager import load_asset
+from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, verify
 from fruit_assets_tests.support import local_resources, materialize_all, metadata_of, read_asset
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
@@ -41,7 +39,9 @@ def assert_equals_numpy(explained, components, x, spectrum_tolerance=1e-6, compo
     ratios, eigenvectors = numpy_reference(x)
     k = len(explained)
     np.testing.assert_allclose(explained, ratios[:k], atol=spectrum_tolerance)
-    separated = [i for i in range(k - 1) if ratios[i] - ratios[i + 1] > 1e-3 * ratios[0] and (i == 0 or ratios[i - 1] - ratios[i] > 1e-3 * ratios[0])]
+    separated = [
+        i for i in range(k - 1) if ratios[i] - ratios[i + 1] > 1e-3 * ratios[0] and (i == 0 or ratios[i - 1] - ratios[i] > 1e-3 * ratios[0])
+    ]
     assert len(separated) >= 3
     for i in separated:
         sign = np.sign(components[i] @ eigenvectors[i])
@@ -138,7 +138,9 @@ def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, t
     result = materialize_all(local_resources(tmp_path / "no_images", tmp_path), selection=["pca_model", "reduced_features"])
     pca = _stored(tmp_path, "pca_model").sort_values("component")
     assert_equals_numpy(pca.explained_variance.to_numpy(), np.stack(pca.loadings), features_matrix)
-    assert metadata_of(result, "pca_model")["explained_variance_total"] == pytest.approx(pca.cumulative_explained_variance.iloc[-1], abs=1e-6)
+    assert metadata_of(result, "pca_model")["explained_variance_total"] == pytest.approx(
+        pca.cumulative_explained_variance.iloc[-1], abs=1e-6
+    )
     [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "pca_model_is_an_exact_decomposition"]
     assert check.passed and check.metadata["spark_model_difference"].value == 0.0
 

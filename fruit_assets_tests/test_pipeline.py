@@ -109,8 +109,6 @@ def test_spark_can_load_the_stored_pca_model(demo_run, spark):
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import DataFrame as SparkDataFrame
 
-    from dagster import AssetKey
-
     from fruit_assets.io_manager import load_asset
 
     _, storage = demo_run
@@ -185,6 +183,7 @@ def test_k_larger_than_the_images_is_refused_and_keeps_the_last_model(demo_run, 
     )
     assert not result.success
     [failure] = [e for e in result.all_events if e.is_step_failure]
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
+    error = failure.step_failure_data.error
+    message = error.cause.message if error.cause else error.message
     assert "k=500" in message and "number of images=72" in message
     pd.testing.assert_frame_equal(read(storage, "pca_model"), before)

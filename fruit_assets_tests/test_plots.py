@@ -5,14 +5,12 @@ import uuid
 
 import numpy as np
 import pytest
+from dagster import AssetKey
 from PIL import Image
 
-from dagster import AssetKey
-
 from fruit_assets import plots, storage
-from fruit_assets.storage.resource import Storage
 from fruit_assets.demo_data import demo_labels, generate_demo_set
-
+from fruit_assets.storage.resource import Storage
 from fruit_assets_tests.support import TEST_BUCKET
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
@@ -23,9 +22,9 @@ TENSORFLOW_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx"}
 
 def keras_features(weights: str, paths: list[str]) -> np.ndarray:
     """Plain Keras, model(x, training=False), on the project's decoding of the same files."""
-    from fruit_assets.storage import read_bytes
     from fruit_assets.ml.images import decode_image, preprocess
     from fruit_assets.ml.model import build_feature_extractor, parse_weights_setting
+    from fruit_assets.storage import read_bytes
 
     model = build_feature_extractor(parse_weights_setting(weights))
     images = preprocess(np.stack([decode_image(read_bytes(path)) for path in paths]))
@@ -100,10 +99,14 @@ def test_default_runtime_equals_keras_and_its_workers_never_import_tensorflow(sp
 
 
 def test_conversion_is_cached_by_weights_fingerprint(tmp_path):
-    from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting, synthetic_images
+    from fruit_assets.ml.model import (
+        feature_extractor_from_weights,
+        feature_extractor_weights,
+        parse_weights_setting,
+        synthetic_images,
+        weights_fingerprint,
+    )
     from fruit_assets.ml.onnx_model import converted_model, onnx_inference_function
-    from fruit_assets.ml.model import weights_fingerprint
-    from fruit_assets.ml.model import feature_extractor_from_weights
 
     weights = feature_extractor_weights(parse_weights_setting("random:5"))
     fingerprint = weights_fingerprint(weights)

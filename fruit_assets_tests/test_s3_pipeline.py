@@ -9,7 +9,6 @@ import pyarrow.fs as pafs
 import pytest
 from dagster import AssetKey, build_output_context
 
-from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.io_manager import load_asset
 from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.support import TEST_BUCKET, by_image, io_manager, local_resources, materialize_all, metadata_of, read_asset
@@ -98,7 +97,11 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
     from deltalake import DeltaTable
 
     table = prefix.removeprefix("s3://") + "/table"
-    files = {info.path.removeprefix(table + "/") for info in s3_filesystem(s3).get_file_info(pafs.FileSelector(table)) if info.type == pafs.FileType.File}
+    files = {
+        info.path.removeprefix(table + "/")
+        for info in s3_filesystem(s3).get_file_info(pafs.FileSelector(table))
+        if info.type == pafs.FileType.File
+    }
     options = {"AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": s3.region, "AWS_ALLOW_HTTP": "true"}
     committed = {uri.removeprefix(f"{prefix}/table/") for uri in DeltaTable(f"{prefix}/table", storage_options=options).file_uris()}
     assert files == committed and len(committed) == 3

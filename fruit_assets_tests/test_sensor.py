@@ -12,9 +12,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from dagster._core.errors import DagsterResourceFunctionError
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, DefaultSensorStatus, build_sensor_context
-from dagster._core.test_utils import create_run_for_test, instance_for_test
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    DagsterResourceFunctionError,
+    DagsterRun,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    build_sensor_context,
+)
 
 from fruit_assets import sensors
 from fruit_assets.resources import ImageSource
@@ -42,6 +48,13 @@ def instance():
     instance = DagsterInstance.ephemeral()
     yield instance
     instance.dispose()
+
+
+def add_run(instance: DagsterInstance, job_name: str, status: DagsterRunStatus, asset_selection=None) -> DagsterRun:
+    """A run record as a launched run leaves it (no run executes): what the sensor looks at."""
+    return instance.add_run(
+        DagsterRun(job_name=job_name, run_id=str(uuid.uuid4()), status=status, asset_selection=asset_selection)
+    )
 
 
 @pytest.fixture
@@ -204,12 +217,12 @@ def test_pages_through_more_than_1000_keys(s3, instance, images_uri):
 
 def test_cursor_survives_a_restart(s3, images_uri, tmp_path):
     put(s3, images_uri, "Apple/a1.jpg")
-    with instance_for_test(temp_dir=str(tmp_path)) as instance:
+    with DagsterInstance.local_temp(tempdir=str(tmp_path)) as instance:
         stored = tick(instance, images_uri).cursor
 
     put(s3, images_uri, "Apple/a2.jpg")  # while "dagster dev" is down
 
-    with instance_for_test(temp_dir=str(tmp_path)) as instance:  # a new process, the same DAGSTER_HOME
+    with DagsterInstance.local_temp(tempdir=str(tmp_path)) as instance:  # a new process, the same DAGSTER_HOME
         after = tick(instance, images_uri, stored)
         request = the_run(after)
         assert request.tags[TAG_IMAGES] == "2"
@@ -232,7 +245,7 @@ def test_run_in_progress_skips_without_advancing_the_cursor(s3, instance, images
     put(s3, images_uri, "Apple/a1.jpg")
     first = tick(instance, images_uri, definitions=defs)
     put(s3, images_uri, "Apple/a2.jpg")  # arrives while the run is going
-    run = create_run_for_test(instance, job_name=job_name, status=status, asset_selection=asset_selection)
+    run = add_run(instance, job_name=job_name, status=status, asset_selection=asset_selection)
 
     busy = tick(instance, images_uri, first.cursor, definitions=defs)
     assert busy.run_requests == []
@@ -248,9 +261,9 @@ def test_unrelated_or_finished_runs_do_not_block(s3, instance, images_uri):
     from fruit_assets.definitions import defs
 
     put(s3, images_uri, "Apple/a1.jpg")
-    create_run_for_test(instance, job_name="some_other_job", status=DagsterRunStatus.STARTED)
-    create_run_for_test(instance, job_name=JOB_NAME, status=DagsterRunStatus.SUCCESS)
-    create_run_for_test(instance, job_name=JOB_NAME, status=DagsterRunStatus.FAILURE)
+    add_run(instance, job_name="some_other_job", status=DagsterRunStatus.STARTED)
+    add_run(instance, job_name=JOB_NAME, status=DagsterRunStatus.SUCCESS)
+    add_run(instance, job_name=JOB_NAME, status=DagsterRunStatus.FAILURE)
     the_run(tick(instance, images_uri, definitions=defs))
 
 

@@ -141,7 +141,7 @@ class DagsterDev:
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
         dagster = Path(sys.executable).with_name("dagster")
         command = [str(dagster), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-w", "workspace.yaml"]
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - dagster dev writes to it until stop() closes it
         self.process = subprocess.Popen(
             command,
             cwd=REPO,

@@ -119,6 +119,7 @@ def pca_metadata(fit: PcaFit, config: PcaConfig, features_version: int) -> dict:
 )
 def pca_model_is_an_exact_decomposition(context: AssetCheckExecutionContext, storage: Storage) -> AssetCheckResult:
     snapshot = storage.snapshot(pca_model.key)
+    assert snapshot is not None, "the check runs after pca_model is stored"
     stored = pca_result_of(snapshot)
     verification = verify(stored.statistics, stored.components, stored.explained_variance)
     problems = list(verification.problems)

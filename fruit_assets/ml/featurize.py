@@ -92,7 +92,10 @@ def prepare_model(weights: list[np.ndarray], fingerprint: str, settings: Featuri
     tensorflow: the weight arrays."""
     check_runtime(settings.runtime)
     if settings.runtime == "tensorflow":
-        return weights, {"runtime": "tensorflow", "runtime_version": f"tensorflow {_version('tensorflow-cpu', 'tensorflow')} (frozen graph)"}
+        return weights, {
+            "runtime": "tensorflow",
+            "runtime_version": f"tensorflow {_version('tensorflow-cpu', 'tensorflow')} (frozen graph)",
+        }
     from fruit_assets.ml import onnx_model
 
     onnx_model.check_providers(settings.onnx_providers)
@@ -174,7 +177,7 @@ def _read(path: str) -> bytes | str:
     """The file's bytes, or why it could not be read (an error string, as recorded in `error`)."""
     try:
         return read_bytes(path)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is recorded, not fatal
+    except Exception as error:
         return f"{type(error).__name__}: {error}"
 
 
@@ -189,7 +192,7 @@ def decode_batch(blobs: list[bytes | str]) -> tuple[np.ndarray, list[str | None]
         try:
             images.append(decode_image(blob))
             errors.append(None)
-        except Exception as error:  # noqa: BLE001 - any undecodable file is recorded, not fatal
+        except Exception as error:
             errors.append(f"{type(error).__name__}: {error}")
     stacked = np.stack(images) if images else np.zeros((0, 224, 224, 3), dtype=np.uint8)
     return stacked, errors
@@ -284,7 +287,7 @@ def featurize(
     spark = images.sparkSession
     model_broadcast = spark.sparkContext.broadcast(model_payload)
 
-    @pandas_udf(RESULT_TYPE)
+    @pandas_udf(RESULT_TYPE)  # type: ignore[call-overload]  # pyspark's overloads miss the iterator form with a return type
     def mobilenet_features(paths: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         infer = _model(model_key, model_broadcast, settings)
         yield from _stream_features(infer, paths, settings)
@@ -292,9 +295,8 @@ def featurize(
     if partitions:
         images = images.repartition(partitions)
     columns = [name for name in images.columns if name not in ("features", "error")]
-    return images.select(*columns, mobilenet_features(F.col("path")).alias("result")).select(
-        *columns, "result.features", "result.error"
-    )
+    result = mobilenet_features(F.col("path")).alias("result")  # type: ignore[arg-type,attr-defined]
+    return images.select(*columns, result).select(*columns, "result.features", "result.error")
 
 
 def default_partitions(spark: SparkSession, rows: int) -> int:

@@ -9,6 +9,7 @@ lazily inside functions: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -119,14 +120,16 @@ def build_feature_extractor(source: WeightsSource) -> keras.Model:
     if source.kind == "imagenet":
         return _imagenet_model()
     if source.kind == "file":
+        assert source.path is not None
         return _file_model(source.path)
+    assert source.seed is not None
     return _random_model(source.seed)
 
 
 def feature_extractor_weights(source: WeightsSource) -> list[np.ndarray]:
     """The weight arrays the Spark driver broadcasts to the workers (for `random`, read from the
     cache without importing TensorFlow)."""
-    if source.kind == "random":
+    if source.kind == "random" and source.seed is not None:
         return random_weights(source.seed)
     return build_feature_extractor(source).get_weights()
 
@@ -183,10 +186,8 @@ def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
         (tf.config.threading.set_intra_op_parallelism_threads, intra_op),
         (tf.config.threading.set_inter_op_parallelism_threads, inter_op),
     ):
-        try:
+        with contextlib.suppress(RuntimeError):
             setter(value)
-        except RuntimeError:
-            pass
 
 
 def _no_top_model(weights: str | None) -> keras.Model:
@@ -352,10 +353,10 @@ def _calibrate_batchnorm(model: keras.Model, images: np.ndarray) -> None:
     """
     import keras
 
-    bn_layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bn_layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     probe = keras.Model(model.input, [bn.input for bn in bn_layers])
     bn_inputs = probe(images, training=True)
-    for bn, x in zip(bn_layers, bn_inputs):
+    for bn, x in zip(bn_layers, bn_inputs, strict=True):
         x = np.asarray(x, dtype=np.float64)  # float64 sums: exact enough and order-independent
         bn.moving_mean.assign(x.mean(axis=(0, 1, 2)).astype(np.float32))
         bn.moving_variance.assign(x.var(axis=(0, 1, 2)).astype(np.float32))  # biased, like BN

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fruit_assets.ml.model import FEATURE_DIM  # noqa: E402 - one definition of the feature width
+from fruit_assets.ml.model import FEATURE_DIM
 
 # Tolerances of `verify`, relative to the largest eigenvalue (float64 eigh is exact to ~1e-13 there).
 ORTHONORMAL_TOLERANCE = 1e-8
@@ -56,18 +56,18 @@ class FeatureStatistics:
     gram: np.ndarray  # (d, d) float64
 
     @classmethod
-    def zeros(cls, dimensions: int = FEATURE_DIM) -> "FeatureStatistics":
+    def zeros(cls, dimensions: int = FEATURE_DIM) -> FeatureStatistics:
         return cls(0, np.zeros(dimensions), np.zeros((dimensions, dimensions)))
 
     @classmethod
-    def of(cls, vectors: np.ndarray) -> "FeatureStatistics":
+    def of(cls, vectors: np.ndarray) -> FeatureStatistics:
         x = np.asarray(vectors, dtype=np.float64)
         return cls(len(x), x.sum(axis=0), x.T @ x)
 
-    def __add__(self, other: "FeatureStatistics") -> "FeatureStatistics":
+    def __add__(self, other: FeatureStatistics) -> FeatureStatistics:
         return FeatureStatistics(self.rows + other.rows, self.sums + other.sums, self.gram + other.gram)
 
-    def __sub__(self, other: "FeatureStatistics") -> "FeatureStatistics":
+    def __sub__(self, other: FeatureStatistics) -> FeatureStatistics:
         return FeatureStatistics(self.rows - other.rows, self.sums - other.sums, self.gram - other.gram)
 
     @property

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -54,7 +53,7 @@ class Location:
     def is_local(self) -> bool:
         return isinstance(self.filesystem, pafs.LocalFileSystem)
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         for part in parts:
             _check_safe_name(part)
         path = posixpath.join(self.path, *parts)

@@ -22,12 +22,13 @@ No Dagster, no Spark.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
+from itertools import pairwise
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -123,6 +124,7 @@ def snapshot(location: Location, version: int | None = None) -> Snapshot | None:
             actions.column("path").to_pylist(),
             actions.column("size_bytes").to_pylist(),
             actions.column("num_records").to_pylist(),
+            strict=True,
         )
     )
     return Snapshot(
@@ -130,7 +132,7 @@ def snapshot(location: Location, version: int | None = None) -> Snapshot | None:
         version=table.version(),
         files=tuple(sorted(files, key=lambda f: f.path)),
         schema=pa.schema(table.schema().to_arrow()),
-        table_id=table.metadata().id,
+        table_id=str(table.metadata().id),
         commit=commit_info(location, table.version()),
     )
 
@@ -217,7 +219,7 @@ def commit(
     new version. Raises TableConflictError if another writer committed since `base`."""
     from deltalake import Schema as DeltaSchema
     from deltalake.exceptions import CommitFailedError
-    from deltalake.transaction import RemoveAction, create_table_with_add_actions
+    from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
     adds = [_add_action(f) for f in added]
     properties = _commit_properties(metadata)
@@ -231,7 +233,8 @@ def commit(
         table = _delta_table(location, base.version)
         if replace:
             # "overwrite" removes every file of `base` itself, and takes the new schema.
-            table.create_write_transaction(adds, mode="overwrite", schema=schema, commit_properties=properties)
+            actions: list[AddAction | RemoveAction] = list(adds)
+            table.create_write_transaction(actions, mode="overwrite", schema=schema, commit_properties=properties)
         else:
             now = int(time.time() * 1000)
             removes = [RemoveAction(path, True, now) for path in removed or []]
@@ -257,10 +260,8 @@ def _conflict(location: Location, base: Snapshot | None, error: Exception) -> Ta
 def discard(location: Location, files: list[DataFile]) -> None:
     """Delete data files that will not be committed (best effort: vacuum removes what is left)."""
     for file in files:
-        try:
+        with contextlib.suppress(OSError):
             location.filesystem.delete_file(posixpath.join(location.path, file.path))
-        except OSError:
-            pass
 
 
 def discard_prefix(location: Location, prefix: str) -> None:
@@ -364,6 +365,6 @@ def expire_side_folders(parent: Location, retention_hours: int) -> None:
     infos = parent.filesystem.get_file_info(pafs.FileSelector(parent.path, allow_not_found=True))
     folders = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
     cutoff_ms = (time.time() - retention_hours * 3600) * 1000
-    for older, newer in zip(folders, folders[1:]):
+    for older, newer in pairwise(folders):
         if int(newer.split("-")[0]) < cutoff_ms:
             parent.filesystem.delete_dir(parent.child(older).path)

@@ -9,7 +9,6 @@ from pydantic import Field
 from fruit_assets.storage import Location, check_reachable, delta, resolve
 from fruit_assets.storage.delta import Snapshot
 
-
 PLOTS_DIR = "_plots"  # `_` names are ignored by Delta and Parquet readers
 
 

@@ -36,13 +36,12 @@ from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StringType, StructField, StructType
 
-from fruit_assets.storage import delta
+from fruit_assets.storage import Location, delta, resolve
 from fruit_assets.storage.delta import DataFile, Snapshot, nullable
-from fruit_assets.storage import Location, resolve
 
 FORMAT = "fruit_delta"
 ROWS_PER_FILE = 4096  # ~21 MB of 1280-float vectors: a rewrite of one file stays cheap
-_registered: "weakref.WeakSet[SparkSession]" = weakref.WeakSet()
+_registered: weakref.WeakSet[SparkSession] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ def commit_change(change: TableChange, location: Location, base: Snapshot | None
             f"on version {planned_on}; nothing was committed. Run again to build on the new version."
         )
     files, schema = write_files(change.rows, location)
-    if not change.replace and not delta.same_schema(schema, base.schema):
+    if not change.replace and base is not None and not delta.same_schema(schema, base.schema):
         delta.discard(location, files)
         raise ValueError(f"{location.uri}: the new rows' schema {schema} differs from the table's {base.schema}")
     return delta.commit_or_discard(
@@ -252,7 +251,7 @@ def _spark_scratch(spark: SparkSession):
     """A temporary folder that Spark (driver and executors) and this Python process both see, as
     (path for Spark, path for Python). With a local master every process is on this machine: a temp
     dir. On a cluster (Databricks), executors cannot see the driver's disk: a DBFS folder."""
-    if not spark.sparkContext.master.startswith("local"):
+    if not (spark.sparkContext.master or "").startswith("local"):
         name = f"tmp/fruit_assets/{uuid.uuid4().hex}"
         try:
             yield f"dbfs:/{name}", f"/dbfs/{name}"

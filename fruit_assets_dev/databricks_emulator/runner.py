@@ -65,7 +65,7 @@ class _Secrets:
         except KeyError:
             raise SecretNotFound(f"Secret does not exist with scope: {scope} and key: {key}") from None
 
-    def getBytes(self, scope: str, key: str) -> bytes:  # noqa: N802 - Databricks' name
+    def getBytes(self, scope: str, key: str) -> bytes:
         return self.get(scope, key).encode()
 
     def list(self, scope: str) -> list[SecretMetadata]:
@@ -73,7 +73,7 @@ class _Secrets:
             raise SecretNotFound(f"Secret scope {scope} does not exist")
         return [SecretMetadata(key) for key in sorted(self._secrets[scope])]
 
-    def listScopes(self) -> list[SecretScope]:  # noqa: N802
+    def listScopes(self) -> list[SecretScope]:
         return [SecretScope(name) for name in sorted(self._secrets)]
 
     def __repr__(self) -> str:
@@ -100,7 +100,7 @@ class _Fs:
             return "file:" + str(local)
         return "dbfs:" + self._root.dbfs_path(local)
 
-    def ls(self, dir: str) -> list[FileInfo]:  # noqa: A002 - Databricks' argument name
+    def ls(self, dir: str) -> list[FileInfo]:
         local = self._local(dir)
         if not local.exists():
             raise FileNotFoundError(f"java.io.FileNotFoundException: File {dir} does not exist.")
@@ -113,7 +113,7 @@ class _Fs:
             out.append(FileInfo(path, name, 0 if entry.is_dir() else stat.st_size, int(stat.st_mtime * 1000)))
         return out
 
-    def mkdirs(self, dir: str) -> bool:  # noqa: A002
+    def mkdirs(self, dir: str) -> bool:
         self._local(dir).mkdir(parents=True, exist_ok=True)
         return True
 
@@ -125,7 +125,7 @@ class _Fs:
         local.write_text(contents)
         return True
 
-    def head(self, file: str, maxBytes: int = 65536) -> str:  # noqa: N803
+    def head(self, file: str, maxBytes: int = 65536) -> str:
         with open(self._local(file), "rb") as handle:
             return handle.read(maxBytes).decode("utf-8", errors="replace")
 
@@ -152,7 +152,7 @@ class _Fs:
         shutil.move(src, dst)
         return True
 
-    def rm(self, dir: str, recurse: bool = False) -> bool:  # noqa: A002
+    def rm(self, dir: str, recurse: bool = False) -> bool:
         local = self._local(dir)
         if not local.exists():
             return False
@@ -186,7 +186,7 @@ def _install_pyspark_dbutils_module(dbutils: DBUtils) -> None:
     """Make ``from pyspark.dbutils import DBUtils; DBUtils(spark)`` work, as on Databricks. OSS pyspark has
     no such module, so this adds one; nothing existing is patched."""
     module = types.ModuleType("pyspark.dbutils")
-    module.DBUtils = lambda spark=None: dbutils  # noqa: ARG005
+    module.DBUtils = lambda spark=None: dbutils
     module.__doc__ = "Databricks emulator: DBUtils(spark) returns the emulated dbutils."
     sys.modules["pyspark.dbutils"] = module
 
@@ -263,7 +263,7 @@ def main() -> int:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except BaseException:  # noqa: BLE001 - report anything the task raised, like the driver does
+    except BaseException:
         trace = traceback.format_exc()
         sys.stderr.write(trace)
         Path(spec["error_file"]).write_text(trace)
@@ -273,7 +273,7 @@ def main() -> int:
         sys.stderr.flush()
         try:
             spark.stop()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(f"stopping Spark failed: {e!r}")
     return code
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import itertools
 import json
@@ -266,10 +267,8 @@ class DatabricksEmulator:
             with self._lock:
                 connections, self._connections = list(self._connections), set()
             for connection in connections:  # end keep-alive connections, and the threads serving them
-                try:
+                with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             self._server = None
 
     def __enter__(self) -> DatabricksEmulator:
@@ -861,7 +860,7 @@ class DatabricksEmulator:
     def _execute(self, run: EmulatedRun, local_file: Path, parameters: list[str]) -> None:
         try:
             self._execute_inner(run, local_file, parameters)
-        except Exception as e:  # noqa: BLE001 - a broken emulator must still end the run
+        except Exception as e:
             logger.exception("run %s: the emulator failed", run.run_id)
             self._set_state(
                 run,
@@ -958,10 +957,8 @@ class DatabricksEmulator:
 
     @staticmethod
     def _signal_group(pgid: int, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _finish(self, run: EmulatedRun, cluster: dict, returncode: int | None, stopped: bool) -> None:
         """The final state. ``stopped``: the emulator ended the task (cancel, timeout); a task that ended by
@@ -1231,7 +1228,7 @@ class _Handler(BaseHTTPRequestHandler):
             payload = handler(body, query, *args)
         except ApiError as e:
             status, payload = e.status, {"error_code": e.error_code, "message": e.message}
-        except Exception as e:  # noqa: BLE001 - answer in Databricks' shape, never with a stack page
+        except Exception as e:
             logger.exception("%s %s failed", self.command, path)
             message = f"Databricks emulator: {type(e).__name__}: {e}"
             status, payload = 500, {"error_code": "INTERNAL_ERROR", "message": message}
@@ -1243,7 +1240,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
