@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def storage_uri(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "assets")
@@ -209,6 +209,7 @@ def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, sma
     pd.testing.assert_frame_equal(read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True), before)
 
 
+@pytest.mark.spark  # two `dagster asset materialize` processes
 def test_two_graph_runs_at_once_leave_every_table_whole(small_images, storage_uri, tmp_path):
     config = {"ops": {"pca_model": {"config": {"k": 5}}}}
     processes = [_materialize_cli(_cli_env(small_images, storage_uri, tmp_path), "*", config) for _ in range(2)]

@@ -75,6 +75,7 @@ def test_decode_truncated_jpeg_raises_value_error():
         decode_image(data[: len(data) // 2])
 
 
+@pytest.mark.slow  # imports Keras
 def test_preprocess_matches_keras():
     from keras.applications.mobilenet_v2 import preprocess_input
 

@@ -86,7 +86,7 @@ def expected_rows(uri: str) -> list[tuple[str, str, int]]:
     return sorted(rows)
 
 
-@pytest.mark.parametrize("where", ["s3", "local"])
+@pytest.mark.parametrize("where", [pytest.param("s3", marks=pytest.mark.s3), "local"])
 @pytest.mark.parametrize("max_folder_listings", [5000, 1000], ids=["folder by folder", "flat"])
 def test_lists_every_image_of_more_than_1000_labels_and_keys(request, where, max_folder_listings):
     uri = request.getfixturevalue(f"{where}_tree")

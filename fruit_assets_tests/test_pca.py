@@ -100,9 +100,17 @@ CORRUPTIONS = {
 }
 
 
+@pytest.fixture(scope="module")
+def exact(features_matrix) -> PcaResult:
+    return decompose(FeatureStatistics.of(features_matrix), k=20, variance_target=0.95, max_k=256)
+
+
+def test_verify_accepts_the_exact_decomposition(exact):
+    assert verify(exact.statistics, exact.components, exact.explained_variance).passed
+
+
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_verify_rejects_a_corrupted_decomposition(features_matrix, corruption):
-    exact = decompose(FeatureStatistics.of(features_matrix), k=20, variance_target=0.95, max_k=256)
+def test_verify_rejects_a_corrupted_decomposition(exact, corruption):
     components, explained = CORRUPTIONS[corruption](exact)
     verification = verify(exact.statistics, components, explained)
     assert not verification.passed
