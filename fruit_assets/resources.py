@@ -1,8 +1,16 @@
 """Configurable resources, and `build_resources`: the one place that picks them per deployment.
 
-Settings come from environment variables, read the Dagster way: a resource field set to
-`EnvVar("NAME")` when the variable is set (the UI then shows where the value came from), and to the
-documented default otherwise.
+Every setting is a field of its resource, so it can be set in the Launchpad (run config). The
+important ones can also be set by a FRUIT_* environment variable. A field whose variable is listed in
+its class's SETTINGS defaults to None, meaning "FRUIT_* variable if set, else the documented
+default", and is resolved when Dagster builds the resource for a run (a pydantic "before" validator).
+
+Why not `EnvVar`: Dagster treats the values a resource is constructed with as one default for the
+resource's whole config, and run config that names the resource replaces all of it. A run config with
+only `max_skipped_fraction` then dropped `weights=EnvVar("FRUIT_MODEL_WEIGHTS")`: the run fell back to
+`imagenet`. Here nothing is constructed with values: run config overrides only the keys it names, and
+every other key still comes from its variable. (Values given in code, as tests do, are still replaced
+by run config that names the resource: that is Dagster's rule.)
 """
 
 from __future__ import annotations
@@ -13,14 +21,24 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, ClassVar
 
-from dagster import ConfigurableResource, EnvVar, ResourceDefinition
+from dagster import ConfigurableResource, ResourceDefinition
 from dagster_pyspark import LazyPySparkResource, PySparkResource
 from pydantic import Field
 
-from fruit_assets import catalog, storage
-from fruit_assets.storage.delta import DEFAULT_RETENTION_HOURS
+from fruit_assets import catalog, quiet, storage
 from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: used by the demo and the tests
+    FromEnvironment,
+    Setting,
+    default_images_uri,
+    default_storage_uri,
+    fraction,
+    project_data_dir,
+    project_dir,
+    whole,
+)
 from fruit_assets.storage.resource import Storage
 from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
 
@@ -32,34 +50,22 @@ DEPLOYMENTS = ("local", "databricks", "databricks_cluster")
 # or the instance profile).
 FORWARDED_TO_CLUSTER = (
     "FRUIT_IMAGES_URI", "FRUIT_STORAGE_URI", "FRUIT_MODEL_WEIGHTS", "FRUIT_MODEL_RUNTIME", "FRUIT_RETENTION_HOURS",
+    "FRUIT_MODEL_BATCH_SIZE", "FRUIT_FEATURIZE_PARTITIONS", "FRUIT_MAX_SKIPPED_FRACTION",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
 )
+DEFAULT_SPARK_MASTER = "local[*,4]"
 
 
-def project_data_dir() -> Path:
-    """`data/` of the checkout this package runs from, or of the working directory when installed."""
-    checkout = Path(__file__).resolve().parent.parent
-    base = checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
-    return base / "data"
-
-
-def default_images_uri() -> str:
-    return str(project_data_dir() / "demo")
-
-
-def default_storage_uri() -> str:
-    return str(project_data_dir() / "assets")
-
-
-def env_or_default(name: str, default):
-    """`EnvVar(name)` when the variable is set, else the default."""
-    return EnvVar(name) if os.environ.get(name) else default
-
-
-class ImageSource(ConfigurableResource):
+class ImageSource(FromEnvironment, ConfigurableResource):
     """Where the images are: a folder or s3://bucket/prefix in the Fruits-360 layout <root>/<Label>/<file>."""
 
-    uri: str = Field(description="FRUIT_IMAGES_URI: local folder or s3://bucket/prefix")
+    SETTINGS: ClassVar[dict[str, Setting]] = {"uri": Setting("FRUIT_IMAGES_URI", default_images_uri)}
+    RESOURCE_KEY: ClassVar[str] = "images"
+
+    uri: str | None = Field(
+        default=None,
+        description="Local folder or s3://bucket/prefix. Null: FRUIT_IMAGES_URI, else data/demo in the checkout.",
+    )
     list_concurrency: int = Field(
         default=catalog.DEFAULT_CONCURRENCY, ge=1,
         description="Label folders listed at the same time (S3 LIST requests in flight).",
@@ -80,28 +86,44 @@ class ImageSource(ConfigurableResource):
         )
 
     def setup_for_execution(self, context) -> None:
+        self.log_settings(context)
         # Refuse a malformed URI, a missing bucket or refused credentials before any work starts.
         storage.check_reachable(self.location(), "FRUIT_IMAGES_URI")
 
 
-class FeatureModel(ConfigurableResource):
+class FeatureModel(FromEnvironment, ConfigurableResource):
     """The MobileNetV2 feature extractor and how Spark runs it."""
 
-    weights: str = Field(
-        default="imagenet",
-        description="FRUIT_MODEL_WEIGHTS: 'imagenet' (Keras download/cache), a path to a MobileNetV2 "
-        ".h5 weights file (with or without top), or 'random[:seed]' (deterministic, NOT meaningful)",
+    SETTINGS: ClassVar[dict[str, Setting]] = {
+        "weights": Setting("FRUIT_MODEL_WEIGHTS", "imagenet"),
+        "runtime": Setting("FRUIT_MODEL_RUNTIME", FeaturizeSettings.runtime),
+        "batch_size": Setting("FRUIT_MODEL_BATCH_SIZE", FeaturizeSettings.batch_size, whole(1)),
+        "partitions": Setting("FRUIT_FEATURIZE_PARTITIONS", 0, whole(0)),
+        "max_skipped_fraction": Setting("FRUIT_MAX_SKIPPED_FRACTION", 0.1, fraction),
+    }
+    RESOURCE_KEY: ClassVar[str] = "feature_model"
+
+    weights: str | None = Field(
+        default=None,
+        description="'imagenet' (Keras download/cache), a path to a MobileNetV2 .h5 weights file (with or "
+        "without top), or 'random[:seed]' (deterministic, NOT meaningful). Null: FRUIT_MODEL_WEIGHTS, else imagenet.",
     )
-    runtime: str = Field(
-        default=FeaturizeSettings.runtime,
-        description="FRUIT_MODEL_RUNTIME: 'onnxruntime' (the Keras model converted to ONNX once on the driver, "
-        "cached by weights fingerprint; workers run ONNX Runtime and never import TensorFlow) or 'tensorflow' "
-        "(workers rebuild the Keras model and run it as a frozen TensorFlow graph). Both exact fp32.",
+    runtime: str | None = Field(
+        default=None,
+        description="'onnxruntime' (the Keras model converted to ONNX once on the driver, cached by weights "
+        "fingerprint; workers run ONNX Runtime and never import TensorFlow) or 'tensorflow' (workers rebuild the "
+        "Keras model and run it as a frozen TensorFlow graph). Both exact fp32. Null: FRUIT_MODEL_RUNTIME, else onnxruntime.",
     )
-    batch_size: int = Field(default=FeaturizeSettings.batch_size, description="Images per model call inside a Spark task.")
-    partitions: int = Field(default=0, description="Spark partitions to featurize in; 0 = one per core.")
+    batch_size: int | None = Field(
+        default=None, ge=1,
+        description="Images per model call inside a Spark task. Null: FRUIT_MODEL_BATCH_SIZE, else 4.",
+    )
+    partitions: int | None = Field(
+        default=None, ge=0,
+        description="Spark partitions to featurize in; 0 = one per core. Null: FRUIT_FEATURIZE_PARTITIONS, else 0.",
+    )
     intra_op_threads: int = Field(
-        default=FeaturizeSettings.intra_op_threads,
+        default=FeaturizeSettings.intra_op_threads, ge=1,
         description="Intra-op threads of the runtime in each Spark Python worker (Spark runs one worker per core).",
     )
     onnx_providers: list[str] = Field(
@@ -109,10 +131,10 @@ class FeatureModel(ConfigurableResource):
         description="ONNX Runtime execution providers, in order of preference; a GPU cluster with onnxruntime-gpu "
         "can use ['CUDAExecutionProvider', 'CPUExecutionProvider'].",
     )
-    max_skipped_fraction: float = Field(
-        default=0.1,
-        description="Fail the run when more than this fraction of the images cannot be featurized "
-        "(they are skipped and listed either way).",
+    max_skipped_fraction: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Fail the run when more than this fraction of the images cannot be featurized (they are "
+        "skipped and listed either way). Null: FRUIT_MAX_SKIPPED_FRACTION, else 0.1.",
     )
 
     def weights_source(self):
@@ -129,6 +151,7 @@ class FeatureModel(ConfigurableResource):
         )
 
     def setup_for_execution(self, context) -> None:
+        self.log_settings(context)
         # An unusable FRUIT_MODEL_WEIGHTS or runtime setting fails the step before any work.
         self.weights_source()
         settings = self.featurize_settings()
@@ -140,13 +163,48 @@ class FeatureModel(ConfigurableResource):
             check_providers(settings.onnx_providers)
 
 
-def local_spark_config() -> dict[str, str]:
-    return {
+class LocalSpark(FromEnvironment, PySparkResource):
+    """The local Spark session (deployment `local`): our settings, then `spark_config` over them. It
+    starts Spark quietly (see `quiet.py`) and logs where the Spark UI is."""
+
+    SETTINGS: ClassVar[dict[str, Setting]] = {"master": Setting("FRUIT_SPARK_MASTER", DEFAULT_SPARK_MASTER)}
+    RESOURCE_KEY: ClassVar[str] = "pyspark"
+
+    master: str | None = Field(
+        default=None,
+        description="Spark master. Null: FRUIT_SPARK_MASTER, else local[*,4] (all cores; a failed task is "
+        "tried up to 4 times).",
+    )
+    driver_memory: str = Field(default="4g", description="spark.driver.memory.")
+    spark_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More Spark settings (\"spark.ui.enabled\": \"false\", ...), applied over the others: "
+        "naming one keeps the rest.",
+    )
+
+    def session_config(self) -> dict[str, str]:
+        extra = {key: str(value) for key, value in self.spark_config.items()}
+        return local_spark_config(self.master, self.driver_memory) | extra
+
+    def session(self):
+        """The process's Spark session, started with these settings if there is none yet."""
+        return quiet.spark_session(self.session_config())
+
+    def setup_for_execution(self, context) -> None:
+        self.log_settings(context)
+        self._spark_session = self.session()
+        url = self._spark_session.sparkContext.uiWebUrl
+        if url and getattr(context, "log", None) is not None:
+            context.log.info(f"Spark UI: {url}")
+
+
+def local_spark_config(master: str | None = None, driver_memory: str = "4g") -> dict[str, str]:
+    config = {
         # local[N,F]: plain local[N] never retries a failed task; F=4 attempts lets a Python worker
         # that dies (killed, out of memory) be replaced, as on a cluster.
-        "spark.master": os.environ.get("FRUIT_SPARK_MASTER", "local[*,4]"),
+        "spark.master": master or os.environ.get("FRUIT_SPARK_MASTER") or DEFAULT_SPARK_MASTER,
         "spark.app.name": "fruit_assets",
-        "spark.driver.memory": "4g",
+        "spark.driver.memory": driver_memory,
         "spark.python.worker.reuse": "true",  # keep workers, and the model each one built, across tasks
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": "1024",
@@ -155,6 +213,8 @@ def local_spark_config() -> dict[str, str]:
         "spark.driver.bindAddress": "127.0.0.1",
         "spark.ui.showConsoleProgress": "false",
     }
+    java_options = quiet.spark_java_options()  # Spark's log: warnings and errors, no start-up chatter
+    return config | ({"spark.driver.extraJavaOptions": java_options} if java_options else {})
 
 
 def build_resources(deployment: str | None = None) -> dict:
@@ -164,18 +224,16 @@ def build_resources(deployment: str | None = None) -> dict:
         raise ValueError(
             f"FRUIT_DEPLOYMENT={deployment!r} is not a known deployment; use one of: local, databricks"
         )
-    storage = Storage(
-        base_uri=env_or_default("FRUIT_STORAGE_URI", default_storage_uri()),
-        retention_hours=EnvVar.int("FRUIT_RETENTION_HOURS") if os.environ.get("FRUIT_RETENTION_HOURS") else DEFAULT_RETENTION_HOURS,
-    )
+    quiet.configure_environment()  # before anything starts TensorFlow or the Spark JVM
+    # Constructed without values: every setting is resolved from its FRUIT_* variable (or default)
+    # when a run builds the resource, so run config overrides only the keys it names. The IO manager
+    # reaches storage through the top-level `storage` resource (run config names it there).
+    store = Storage()
     shared = {
-        "storage": storage,
-        "io_manager": DeltaIOManager(storage=storage),
-        "images": ImageSource(uri=env_or_default("FRUIT_IMAGES_URI", default_images_uri())),
-        "feature_model": FeatureModel(
-            weights=env_or_default("FRUIT_MODEL_WEIGHTS", "imagenet"),
-            runtime=env_or_default("FRUIT_MODEL_RUNTIME", FeaturizeSettings.runtime),
-        ),
+        "storage": store,
+        "io_manager": DeltaIOManager(storage=store),
+        "images": ImageSource(),
+        "feature_model": FeatureModel(),
     }
     if deployment == "local":
         # Read when the local SparkContext starts: bind Spark to loopback rather than guessing a
@@ -184,7 +242,7 @@ def build_resources(deployment: str | None = None) -> dict:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         return shared | {
-            "pyspark": PySparkResource(spark_config=local_spark_config()),
+            "pyspark": LocalSpark(),
             # Spark assets run in-process locally; the Databricks deployment puts its launcher here.
             "step_launcher": ResourceDefinition.none_resource(),
         }

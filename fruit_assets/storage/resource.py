@@ -3,27 +3,41 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dagster import AssetKey, ConfigurableResource
 from pydantic import Field
 
+from fruit_assets.settings import FromEnvironment, Setting, default_storage_uri, whole
 from fruit_assets.storage import Location, check_reachable, delta, resolve
 from fruit_assets.storage.delta import Snapshot
 
 PLOTS_DIR = "_plots"  # `_` names are ignored by Delta and Parquet readers
 
 
-class Storage(ConfigurableResource):
-    """Every asset is a Delta table at `<base_uri>/<asset name>/`; plots go to `<base_uri>/_plots/`."""
+class Storage(FromEnvironment, ConfigurableResource):
+    """Every asset is a Delta table at `<base_uri>/<asset name>/`; plots go to `<base_uri>/_plots/`.
+    Fields left unset come from FRUIT_STORAGE_URI and FRUIT_RETENTION_HOURS (`fruit_assets.settings`)."""
 
-    base_uri: str = Field(description="FRUIT_STORAGE_URI: a local folder or s3://bucket/prefix.")
-    retention_hours: int = Field(
-        default=delta.DEFAULT_RETENTION_HOURS,
+    SETTINGS: ClassVar[dict[str, Setting]] = {
+        "base_uri": Setting("FRUIT_STORAGE_URI", default_storage_uri),
+        "retention_hours": Setting("FRUIT_RETENTION_HOURS", delta.DEFAULT_RETENTION_HOURS, whole(0)),
+    }
+    RESOURCE_KEY: ClassVar[str] = "storage"
+
+    base_uri: str | None = Field(
+        default=None,
+        description="A local folder or s3://bucket/prefix. Null: FRUIT_STORAGE_URI, else data/assets in the checkout.",
+    )
+    retention_hours: int | None = Field(
+        default=None,
         ge=0,
-        description="FRUIT_RETENTION_HOURS: how long a replaced version stays readable (time travel) "
-        "before vacuum deletes its files. Keep it longer than the longest run. Default 168 (7 days).",
+        description="How long a replaced version stays readable (time travel) before vacuum deletes its files. "
+        "Keep it longer than the longest run. Null: FRUIT_RETENTION_HOURS, else 168 (7 days).",
     )
 
     def setup_for_execution(self, context) -> None:
+        self.log_settings(context)
         check_reachable(self.root(), "FRUIT_STORAGE_URI")  # a missing bucket fails the step at once
 
     def root(self) -> Location:
