@@ -17,8 +17,6 @@ A handler per stored type does the work (`storage.handlers`, `ml.pca_store`):
 The type to load comes from the downstream parameter's annotation.
 """
 
-from __future__ import annotations
-
 import time
 from typing import Any
 

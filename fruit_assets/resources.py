@@ -227,8 +227,9 @@ def build_resources(deployment: str | None = None) -> dict:
     quiet.configure_environment()  # before anything starts TensorFlow or the Spark JVM
     # Constructed without values: every setting is resolved from its FRUIT_* variable (or default)
     # when a run builds the resource, so run config overrides only the keys it names. The IO manager
-    # reaches storage through the top-level `storage` resource (run config names it there).
-    store = Storage()
+    # gets the run's `storage` resource itself (configured at launch), so run config for `storage`
+    # reaches it too: a nested resource built in place would have only its own defaults.
+    store = Storage.configure_at_launch()
     shared = {
         "storage": store,
         "io_manager": DeltaIOManager(storage=store),
