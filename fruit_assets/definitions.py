@@ -3,12 +3,17 @@ deployment named by FRUIT_DEPLOYMENT (default `local`)."""
 
 import os
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor
+from fruit_assets import quiet
 
-from fruit_assets.assets import all_assets, all_assets_and_checks, all_checks  # noqa: F401 - the tests import them here
-from fruit_assets.resources import build_resources
-from fruit_assets.sensors import fruit_images_sensor
+# Before anything imports TensorFlow or starts Spark: `dagster dev` runs and `dagster asset materialize`
+# (in-process) are quiet too. FRUIT_VERBOSE=1 keeps the libraries' own start-up messages.
+quiet.configure_environment()
 
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor  # noqa: E402
+
+from fruit_assets.assets import all_assets, all_assets_and_checks, all_checks  # noqa: E402, F401 - the tests import them here
+from fruit_assets.resources import build_resources  # noqa: E402
+from fruit_assets.sensors import fruit_images_sensor  # noqa: E402
 
 fruit_features_job = define_asset_job(
     "fruit_features_job",

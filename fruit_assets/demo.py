@@ -55,6 +55,7 @@ CHECK_HINTS = {
 class Timings:
     """Seconds since the process started, at the points the summary splits the total at."""
 
+    images: float = 0.0  # spent generating the demo set (part of "the rest")
     weights: float = 0.0  # spent choosing the weights (part of model set-up)
     run_started: float = 0.0  # the Dagster run began; Spark and its Python workers were up by then
 
@@ -94,8 +95,8 @@ def choose_weights() -> str:
                 f"No ImageNet weights: Keras could not download them ({reason}).",
                 f"The demo goes on with FRUIT_MODEL_WEIGHTS={RANDOM_FALLBACK}, a deterministic random model: "
                 "its features are NOT meaningful.",
-                f"For real features, put {IMAGENET_NO_TOP_WEIGHTS_FILE} in ~/.keras/models/",
-                "or set FRUIT_MODEL_WEIGHTS=/path/to/that/file.h5 (README, 'Configuration').",
+                f"For real features, put {IMAGENET_NO_TOP_WEIGHTS_FILE} in ~/.keras/models/ "
+                "or set FRUIT_MODEL_WEIGHTS=/path/to/it.h5 (README, 'Configuration').",
             ]
         )
         return RANDOM_FALLBACK
@@ -118,13 +119,14 @@ def _instance_home() -> Path:
     becomes $DAGSTER_HOME for this process."""
     from fruit_assets.resources import project_dir
 
-    if os.environ.get("DAGSTER_HOME"):
-        return Path(os.environ["DAGSTER_HOME"])
-    home = project_dir() / INSTANCE_FOLDER
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(INSTANCE_CONFIG)
+    home = Path(os.environ.get("DAGSTER_HOME") or project_dir() / INSTANCE_FOLDER)
+    if home.name == INSTANCE_FOLDER or not home.exists() or not any(home.iterdir()):
+        # Ours, or a new folder: made with its dagster.yaml (Dagster refuses a missing folder, and
+        # without the file it prints a warning and its telemetry notice at every run).
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "dagster.yaml"
+        if not config.exists():
+            config.write_text(INSTANCE_CONFIG)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -148,25 +150,21 @@ def warm_up(resources: dict) -> None:
 
     if not isinstance(resources["pyspark"], LocalSpark):
         return
-    import pandas as pd
-    from pyspark.sql.functions import pandas_udf
-
     spark = resources["pyspark"].session()
     runtime = resources["feature_model"].runtime.strip().lower()
     module = {"onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}.get(runtime)
 
-    @pandas_udf("long")
-    def ready(ids: pd.Series) -> pd.Series:
+    def ready(batches):
         import importlib
 
         import fruit_assets.ml.featurize  # noqa: F401
 
         if module:
             importlib.import_module(module)
-        return ids * 0
+        yield from batches
 
     cores = spark.sparkContext.defaultParallelism
-    spark.range(cores, numPartitions=cores).select(ready("id")).collect()
+    spark.range(cores, numPartitions=cores).mapInPandas(ready, "id long").collect()
 
 
 def _images_line(args: argparse.Namespace) -> str:
@@ -251,3 +249,89 @@ def failure_lines(result) -> list[str]:
         if error is not None and event.is_failure:
             lines.append(f"  {event.step_key or 'run'}: {error.message.strip()}")
     return list(dict.fromkeys(lines)) or ["  (no error recorded: run again with --verbose)"]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
+def summary_lines(result, metadata: dict[str, dict], timings: Timings, total: float, ui_command: str) -> list[str]:
+    """The summary: what was made, where, and where the time went."""
+    features, pca = metadata["image_features"], metadata["pca_model"]
+    model_setup = timings.weights + float(features.get("model_setup_seconds", 0.0))
+    featurizing = float(features.get("featurize_seconds", 0.0))
+    start_up = max(timings.run_started - timings.weights - timings.images, 0.0)
+    rest = max(total - start_up - model_setup - featurizing, 0.0)
+    rate = features.get("throughput_images_per_s", 0.0)
+    weights = features["weights_source"]
+    lines = [
+        f"fruit_assets demo: 4 assets materialized in {_seconds(total)} (run {result.run_id.split('-')[0]})",
+        f"  time             start-up {_seconds(start_up)} (Spark, workers), model set-up {_seconds(model_setup)}, "
+        f"featurization {_seconds(featurizing)} ({rate:.0f} images/s), the rest {_seconds(rest)}",
+        f"  weights          {weights} with {features['runtime']}"
+        + ("" if features["weights_meaningful"] else "  (NOT meaningful: random initialisation)"),
+        f"  PCA              k={pca['k']}, explained variance {pca['explained_variance_total']:.1%} "
+        f"(target {pca['variance_target']:.0%})",
+    ]
+    for name, column in [("raw_images", None), ("image_features", "features"), ("pca_model", "loadings"),
+                         ("reduced_features", "pca_features")]:
+        uri = metadata[name]["path"]
+        lines.append(f"  {name:<16} {_dataset_shape(uri, column):<12} {_shown_path(uri)}")
+    lines.append(f"open them in the Dagster UI (runs, plots, checks): {ui_command}, then {UI_URL}")
+    return lines
+
+
+def ui_command(home: Path) -> str:
+    """The command that opens this instance in the UI, as the README writes it."""
+    dagster = Path(sys.executable).with_name("dagster")
+    shown_dagster = _shown_path(str(dagster)) if dagster.exists() else "dagster"
+    if home == Path.cwd() / INSTANCE_FOLDER:
+        return f"DAGSTER_HOME=$PWD/{INSTANCE_FOLDER} {shown_dagster} dev"
+    return f"DAGSTER_HOME={home} {shown_dagster} dev"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fruit_assets.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labels", type=int, default=24, help="labels in the generated demo set")
+    parser.add_argument("--images-per-label", type=int, default=3, help="images per label in the demo set")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show Dagster's run log and the libraries' start-up messages (same as FRUIT_VERBOSE=1)",
+    )
+    args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[quiet.VERBOSE_VARIABLE] = "1"
+    verbose = quiet.verbose()
+    quiet.configure_environment()  # before TensorFlow is imported and Spark started
+    timings = Timings()
+
+    images_started = _elapsed()
+    print(_images_line(args), flush=True)
+    timings.images = _elapsed() - images_started
+    home = _instance_home()
+
+    weights_started = _elapsed()
+    weights = choose_weights()
+    timings.weights = _elapsed() - weights_started
+
+    resources = _demo_resources(weights)
+    warm_up(resources)
+    result, instance = run_demo(resources, verbose, timings)
+    total = _elapsed()
+    if not result.success:
+        print("the demo run FAILED:", file=sys.stderr)
+        print("\n".join(failure_lines(result)), file=sys.stderr)
+        print(f"its full log: {ui_command(home)}, then {UI_URL} (or run again with --verbose)", file=sys.stderr)
+        return 1
+
+    metadata = metadata_by_asset(result)
+    # The weights line of the summary (and the banner, after a fall-back) already says it.
+    already_said = None if metadata["image_features"].get("weights_meaningful", True) else "featurizing with "
+    for line in run_warnings(result, instance, metadata, already_said):
+        print(line, file=sys.stderr)
+    print("\n" + "\n".join(summary_lines(result, metadata, timings, total, ui_command(home))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
