@@ -74,8 +74,6 @@ def choose_weights() -> str:
     configured = os.environ.get("FRUIT_MODEL_WEIGHTS", "").strip()
     if configured:
         return configured
-    import keras
-
     from fruit_assets.ml.model import (
         IMAGENET_NO_TOP_WEIGHTS_FILE,
         WeightsSource,
@@ -83,10 +81,8 @@ def choose_weights() -> str:
         build_feature_extractor,
     )
 
-    if not quiet.verbose():
-        keras.config.disable_interactive_logging()  # Keras' "Downloading data from ..." and progress bar
     try:
-        build_feature_extractor(WeightsSource("imagenet"))
+        build_feature_extractor(WeightsSource("imagenet"))  # no download progress bar (quiet.py)
         return "imagenet"
     except WeightsUnavailableError as error:
         reason = str(error.__cause__ or error).rsplit(" -- ", 1)[-1]
@@ -100,8 +96,6 @@ def choose_weights() -> str:
             ]
         )
         return RANDOM_FALLBACK
-    finally:
-        keras.config.enable_interactive_logging()
 
 
 def _dataset_shape(uri: str, column: str | None = None) -> str:

@@ -10,6 +10,7 @@ Each known-harmless start-up message is turned off where it is made, never by hi
   "To adjust logging level ...") and "Unable to load native-hadoop library" (pip's pyspark has no native
   Hadoop library; nothing here needs one): our own log4j configuration, `log4j2.properties` beside this
   file. Spark's warnings and errors still print.
+- Keras' download progress bar: `keras_without_progress_bars` around the ImageNet download.
 - The JVM's "WARNING: Using incubator modules: jdk.incubator.vector": Spark's launcher always adds that
   module and the JDK has no switch for the line, so `spark_session` drops exactly that line from
   the JVM's stderr (pyspark's documented `popen_kwargs` hook) and passes everything else through.
@@ -24,7 +25,8 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 VERBOSE_VARIABLE = "FRUIT_VERBOSE"
@@ -43,6 +45,22 @@ def configure_environment() -> None:
     workers). A value the user has set is kept. Call it before TensorFlow is imported."""
     if not verbose():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+@contextmanager
+def keras_without_progress_bars() -> Iterator[None]:
+    """Keras' console progress bars (the weights download's) off inside, unless verbose. Keras then
+    sends those messages to absl's logging, which shows warnings only."""
+    import keras
+
+    if verbose() or not keras.config.is_interactive_logging_enabled():
+        yield
+        return
+    keras.config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        keras.config.enable_interactive_logging()
 
 
 def spark_java_options() -> str:

@@ -199,9 +199,12 @@ def _no_top_model(weights: str | None) -> keras.Model:
 
 
 def _imagenet_model() -> keras.Model:
+    from fruit_assets.quiet import keras_without_progress_bars
+
     try:
         # Keras downloads into and then reuses its cache: ~/.keras/models/ (or $KERAS_HOME/models/).
-        return _no_top_model(weights="imagenet")
+        with keras_without_progress_bars():
+            return _no_top_model(weights="imagenet")
     except Exception as exc:
         # keras.utils.get_file raises a bare Exception("URL fetch failure on <url>: ...").
         if "URL fetch failure" not in str(exc):
