@@ -252,11 +252,14 @@ def _seconds(value: float) -> str:
 def summary_lines(result, metadata: dict[str, dict], timings: Timings, total: float, ui_command: str) -> list[str]:
     """The summary: what was made, where, and where the time went."""
     features, pca = metadata["image_features"], metadata["pca_model"]
-    model_setup = timings.weights + float(features.get("model_setup_seconds", 0.0))
-    featurizing = float(features.get("featurize_seconds", 0.0))
+    # Model set-up: choosing the weights, preparing the model on the driver (conversion or cache), and
+    # each Spark worker building its runtime session. Featurization: the model running.
+    worker_setup = float(features.get("worker_model_setup_seconds", 0.0))
+    model_setup = timings.weights + float(features.get("model_setup_seconds", 0.0)) + worker_setup
+    featurizing = max(float(features.get("featurize_seconds", 0.0)) - worker_setup, 0.0)
     start_up = max(timings.run_started - timings.weights - timings.images, 0.0)
     rest = max(total - start_up - model_setup - featurizing, 0.0)
-    rate = features.get("throughput_images_per_s", 0.0)
+    rate = features.get("throughput_after_model_setup_images_per_s", features.get("throughput_images_per_s", 0.0))
     weights = features["weights_source"]
     lines = [
         f"fruit_assets demo: 4 assets materialized in {_seconds(total)} (run {result.run_id.split('-')[0]})",

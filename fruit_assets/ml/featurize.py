@@ -157,6 +157,21 @@ def _build_inference(payload, settings: FeaturizeSettings) -> Callable[[np.ndarr
     raise ValueError(f"{RUNTIME_SETTING}={settings.runtime!r} is not a known runtime")
 
 
+class WorkerModelSetup:
+    """How long the Spark Python workers took to build their model from the broadcast (deserialize it
+    and make the runtime's session), summed over the workers that built one, with how many did: Spark
+    accumulators, read on the driver once the features are computed. A worker that kept its model from
+    an earlier task adds nothing. Featurization time minus this is the model running."""
+
+    def __init__(self, spark: SparkSession):
+        self.seconds = spark.sparkContext.accumulator(0.0)
+        self.workers = spark.sparkContext.accumulator(0)
+
+    def per_worker(self) -> float:
+        """Mean seconds per worker that built its model: about the wall time, as they build in parallel."""
+        return self.seconds.value / self.workers.value if self.workers.value else 0.0
+
+
 def _model(model_key: str, model_broadcast, settings: FeaturizeSettings) -> Callable[[np.ndarray], np.ndarray]:
     """The inference function of this worker's model (built on first use, then kept)."""
     key = (model_key, settings)
@@ -277,19 +292,27 @@ def featurize(
     model_key: str,
     settings: FeaturizeSettings = FeaturizeSettings(),
     partitions: int | None = None,
+    model_setup: WorkerModelSetup | None = None,
 ) -> DataFrame:
     """`images` (catalog columns: path, label, size_bytes, modified_at) -> the same columns plus
     features (1280 float32, or null) and error (null, or why the image was skipped).
 
     `model_payload` is what `prepare_model` returned for `settings.runtime`; `model_key` identifies
-    it (the weights' fingerprint) in the workers' model cache."""
+    it (the weights' fingerprint) in the workers' model cache. `model_setup`, if given, adds up the
+    workers' model building time."""
     check_runtime(settings.runtime)
     spark = images.sparkSession
     model_broadcast = spark.sparkContext.broadcast(model_payload)
+    setup_seconds, setup_workers = (model_setup.seconds, model_setup.workers) if model_setup else (None, None)
 
     @pandas_udf(RESULT_TYPE)  # type: ignore[call-overload]  # pyspark's overloads miss the iterator form with a return type
     def mobilenet_features(paths: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        building = (model_key, settings) not in _MODELS
+        started = time.perf_counter()
         infer = _model(model_key, model_broadcast, settings)
+        if building and setup_seconds is not None:
+            setup_seconds.add(time.perf_counter() - started)
+            setup_workers.add(1)
         yield from _stream_features(infer, paths, settings)
 
     if partitions:
