@@ -127,6 +127,8 @@ def test_the_ui_shows_the_demo_run_with_its_plots(demo, browser):  # noqa: F811 
     finally:
         returncode, leftovers = server.stop()
     assert returncode == 0 and not leftovers, (returncode, leftovers)
+    log = server.log_path.read_text(errors="replace")
+    assert not noise(log), noise(log)  # loading the code location starts nothing noisy either
 
 
 def test_a_cli_run_has_no_java_or_tensorflow_start_up_noise(demo):
