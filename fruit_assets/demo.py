@@ -29,6 +29,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -144,6 +145,9 @@ def warm_up(resources: dict) -> None:
 
     if not isinstance(resources["pyspark"], LocalSpark):
         return
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
     spark = resources["pyspark"].session()
     runtime = resources["feature_model"].runtime.strip().lower()
     module = {"onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}.get(runtime)
@@ -157,8 +161,11 @@ def warm_up(resources: dict) -> None:
             importlib.import_module(module)
         yield from batches
 
+    # A scalar-iterator pandas UDF, as featurization's, so that the JVM's side of it is warm too. Its
+    # type hints given as objects: this module's annotations are strings.
+    ready.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.Series]}
     cores = spark.sparkContext.defaultParallelism
-    spark.range(cores, numPartitions=cores).mapInPandas(ready, "id long").collect()
+    spark.range(cores, numPartitions=cores).select(pandas_udf(ready, "long")("id")).collect()
 
 
 def _images_line(args: argparse.Namespace) -> str:

@@ -158,8 +158,9 @@ def _build_inference(payload, settings: FeaturizeSettings) -> Callable[[np.ndarr
 
 
 class WorkerModelSetup:
-    """How long the Spark Python workers took to build their model from the broadcast (deserialize it
-    and make the runtime's session), summed over the workers that built one, with how many did: Spark
+    """How long the Spark Python workers took to build their model from the broadcast (deserialize it,
+    make the runtime's session, and its first call, which allocates and prepares the kernels; the images
+    of that first batch are counted as set-up too), summed over the workers that built one: Spark
     accumulators, read on the driver once the features are computed. A worker that kept its model from
     an earlier task adds nothing. Featurization time minus this is the model running."""
 
@@ -170,6 +171,29 @@ class WorkerModelSetup:
     def per_worker(self) -> float:
         """Mean seconds per worker that built its model: about the wall time, as they build in parallel."""
         return self.seconds.value / self.workers.value if self.workers.value else 0.0
+
+
+def _has_model(model_key: str, settings: FeaturizeSettings) -> bool:
+    """Whether this worker has built the model already. A module function: the UDF's closure would
+    carry a copy of `_MODELS` (cloudpickle copies the globals of a nested function), not the worker's."""
+    return (model_key, settings) in _MODELS
+
+
+def _first_call_timed(infer, started: float, seconds) -> Callable[[np.ndarray], np.ndarray]:
+    """`infer`, adding to the accumulator `seconds` the time from `started` (the model build) to the end
+    of its first call: a runtime's first run allocates its memory and prepares its kernels."""
+    first = True
+
+    def timed(images: np.ndarray) -> np.ndarray:
+        nonlocal first
+        if not first:
+            return infer(images)
+        vectors = infer(images)
+        first = False
+        seconds.add(time.perf_counter() - started)
+        return vectors
+
+    return timed
 
 
 def _model(model_key: str, model_broadcast, settings: FeaturizeSettings) -> Callable[[np.ndarray], np.ndarray]:
@@ -307,11 +331,11 @@ def featurize(
 
     @pandas_udf(RESULT_TYPE)  # type: ignore[call-overload]  # pyspark's overloads miss the iterator form with a return type
     def mobilenet_features(paths: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        building = (model_key, settings) not in _MODELS
+        building = not _has_model(model_key, settings)
         started = time.perf_counter()
         infer = _model(model_key, model_broadcast, settings)
         if building and setup_seconds is not None:
-            setup_seconds.add(time.perf_counter() - started)
+            infer = _first_call_timed(infer, started, setup_seconds)
             setup_workers.add(1)
         yield from _stream_features(infer, paths, settings)
 
