@@ -78,7 +78,7 @@ def spark_session(config: Mapping[str, str]):
     builder = SparkSession.builder
     for key, value in config.items():
         builder = builder.config(key, value)
-    if not verbose() and SparkContext._gateway is None:  # noqa: SLF001 - whether a JVM runs yet
+    if not verbose() and SparkContext._gateway is None:
         from pyspark.java_gateway import launch_gateway
 
         conf = SparkConf().setAll(list(config.items()))

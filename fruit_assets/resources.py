@@ -29,6 +29,7 @@ from pydantic import Field
 
 from fruit_assets import catalog, quiet, storage
 from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
 from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: used by the demo and the tests
     FromEnvironment,
     Setting,
@@ -40,7 +41,6 @@ from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: 
     whole,
 )
 from fruit_assets.storage.resource import Storage
-from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
 
 # local: everything in-process on local Spark (the embedded default).
 # databricks: the Spark assets go to a Databricks cluster through the step launcher.

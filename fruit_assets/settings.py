@@ -17,9 +17,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import model_validator
+
+T = TypeVar("T")
 
 
 def project_dir() -> Path:
@@ -120,9 +122,17 @@ class FromEnvironment:
         if getattr(context, "log", None) is None:
             return
         values = []
-        for name in type(self).model_fields:
+        for name in getattr(type(self), "model_fields", {}):  # the pydantic model's fields (not the mixin's)
             value = getattr(self, name)
             setting = self.SETTINGS.get(name)
             origin = setting.source(value) if setting else ""
             values.append(f"{name}={value}" + (f" ({origin})" if origin else ""))
         context.log.info(f"{self.RESOURCE_KEY}: {', '.join(values)}")
+
+
+def resolved(value: T | None) -> T:
+    """A setting's value once its resource is built: never None then (unset fields are resolved from
+    their variable or default). For the type checker, and a clear error if that ever breaks."""
+    if value is None:
+        raise ValueError("a setting was used before its resource resolved it")
+    return value

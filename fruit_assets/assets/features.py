@@ -20,6 +20,7 @@ from fruit_assets.incremental import FeaturizeResult, featurize_incremental
 from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, prepare_feature_extractor
 from fruit_assets.ml.model import FEATURE_DIM
 from fruit_assets.resources import FeatureModel
+from fruit_assets.settings import resolved
 from fruit_assets.spark_progress import reporting_progress
 from fruit_assets.storage.resource import Storage
 
@@ -66,11 +67,12 @@ def image_features(
 
     stored = storage.snapshot(context.asset_key)
     result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, progress)
+    max_skipped_fraction = resolved(feature_model.max_skipped_fraction)
     try:
         context.log.info(summary(result))
-        refuse_too_many_skipped(result, feature_model.max_skipped_fraction)
+        refuse_too_many_skipped(result, max_skipped_fraction)
         yield Output(result.change, metadata=features_metadata(result, model, settings.batch_size, workers_setup))
-        yield from feature_checks(result, feature_model.max_skipped_fraction)
+        yield from feature_checks(result, max_skipped_fraction)
     finally:
         result.cached.unpersist()
 

@@ -334,7 +334,7 @@ def featurize(
         building = not _has_model(model_key, settings)
         started = time.perf_counter()
         infer = _model(model_key, model_broadcast, settings)
-        if building and setup_seconds is not None:
+        if building and setup_seconds is not None and setup_workers is not None:
             infer = _first_call_timed(infer, started, setup_seconds)
             setup_workers.add(1)
         yield from _stream_features(infer, paths, settings)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from dagster import AssetKey, ConfigurableResource
 from pydantic import Field
 
-from fruit_assets.settings import FromEnvironment, Setting, default_storage_uri, whole
+from fruit_assets.settings import FromEnvironment, Setting, default_storage_uri, resolved, whole
 from fruit_assets.storage import Location, check_reachable, delta, resolve
 from fruit_assets.storage.delta import Snapshot
 
@@ -41,7 +41,7 @@ class Storage(FromEnvironment, ConfigurableResource):
         check_reachable(self.root(), "FRUIT_STORAGE_URI")  # a missing bucket fails the step at once
 
     def root(self) -> Location:
-        return resolve(self.base_uri, setting="FRUIT_STORAGE_URI")
+        return resolve(resolved(self.base_uri), setting="FRUIT_STORAGE_URI")
 
     def table(self, asset_key: AssetKey) -> Location:
         return self.root().child(*asset_key.path)
@@ -52,7 +52,7 @@ class Storage(FromEnvironment, ConfigurableResource):
         return delta.open_snapshot(self.table(asset_key), version)
 
     def vacuum(self, table: Location) -> None:
-        delta.vacuum(table, self.retention_hours)
+        delta.vacuum(table, resolved(self.retention_hours))
 
     def save_plot(self, asset_key: AssetKey, name: str, png: bytes) -> Location:
         """Write a PNG to `<base_uri>/_plots/<asset name>/<name>.png`: beside the asset folders, not in
