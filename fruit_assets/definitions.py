@@ -1,8 +1,6 @@
 """The `fruit_assets` code location: assets, the job that materializes them, and the resources of the
 deployment named by FRUIT_DEPLOYMENT (default `local`)."""
 
-import os
-
 from fruit_assets import quiet
 
 # Before anything imports TensorFlow or starts Spark: `dagster dev` runs and `dagster asset materialize`
@@ -12,7 +10,7 @@ quiet.configure_environment()
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor  # noqa: E402
 
 from fruit_assets.assets import all_assets, all_assets_and_checks, all_checks  # noqa: E402, F401 - the tests import them here
-from fruit_assets.resources import build_resources  # noqa: E402
+from fruit_assets.resources import build_resources, deployment_name  # noqa: E402
 from fruit_assets.sensors import fruit_images_sensor  # noqa: E402
 
 fruit_features_job = define_asset_job(
@@ -36,5 +34,5 @@ defs = Definitions(
     jobs=[fruit_features_job],
     sensors=[fruit_images_sensor],
     resources=build_resources(),
-    executor=executor_for((os.environ.get("FRUIT_DEPLOYMENT") or "local").strip().lower()),
+    executor=executor_for(deployment_name()),
 )

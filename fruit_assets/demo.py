@@ -165,7 +165,8 @@ def warm_up(resources: dict) -> None:
     # type hints given as objects: this module's annotations are strings.
     ready.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.Series]}
     cores = spark.sparkContext.defaultParallelism
-    spark.range(cores, numPartitions=cores).select(pandas_udf(ready, "long")("id")).collect()
+    warm = pandas_udf(ready, "long")  # type: ignore[call-overload]  # pyspark's overloads miss this form
+    spark.range(cores, numPartitions=cores).select(warm("id")).collect()
 
 
 def _images_line(args: argparse.Namespace) -> str:
@@ -295,7 +296,7 @@ def ui_command(home: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fruit_assets.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fruit_assets.demo", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--labels", type=int, default=24, help="labels in the generated demo set")
     parser.add_argument("--images-per-label", type=int, default=3, help="images per label in the demo set")
     parser.add_argument(

@@ -212,6 +212,24 @@ def _finite_vectors(dimensions: int):
     return F.col("features").isNotNull() & ((F.size("features") != dimensions) | ~finite)
 
 
+def _feature_change(
+    results: DataFrame, plan: FeaturePlan, stored: Snapshot | None, fingerprint: str, partitions: int, featurized: int
+) -> spark_io.TableChange:
+    """The commit of a featurization: the new vectors and the rows kept from rewritten files, in as
+    many files as they need (a few new images: one small file) but no more than the cores."""
+    new_rows = results.where(F.col("error").isNull()).withColumn("weights_fingerprint", F.lit(fingerprint)).select(*FEATURE_COLUMNS)
+    if plan.kept is not None:
+        new_rows = new_rows.unionByName(plan.kept.select(*FEATURE_COLUMNS))
+    write_partitions = max(1, min(partitions, -(-(featurized + plan.kept_rows) // spark_io.ROWS_PER_FILE)))
+    return spark_io.TableChange(
+        rows=new_rows.coalesce(write_partitions),
+        base=stored,
+        removed=plan.removed_files,
+        replace=plan.replace,
+        commit_metadata={"weights_fingerprint": fingerprint},
+    )
+
+
 def featurize_incremental(
     spark: SparkSession,
     catalog: pa.Table,
@@ -238,20 +256,8 @@ def featurize_incremental(
             F.sum(F.when(_finite_vectors(dimensions), 1).otherwise(0)).alias("bad_vectors"),
         ).collect()  # a global aggregate: one row
     skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
-    new_rows = results.where(F.col("error").isNull()).withColumn("weights_fingerprint", F.lit(fingerprint)).select(*FEATURE_COLUMNS)
-    if plan.kept is not None:
-        new_rows = new_rows.unionByName(plan.kept.select(*FEATURE_COLUMNS))
-    # As many files as the rows need (a few new images: one small file), but no more than the cores.
-    write_partitions = max(1, min(partitions, -(-((stats["featurized"] or 0) + plan.kept_rows) // spark_io.ROWS_PER_FILE)))
-    change = spark_io.TableChange(
-        rows=new_rows.coalesce(write_partitions),
-        base=stored,
-        removed=plan.removed_files,
-        replace=plan.replace,
-        commit_metadata={"weights_fingerprint": fingerprint},
-    )
     return FeaturizeResult(
-        change=change,
+        change=_feature_change(results, plan, stored, fingerprint, partitions, stats["featurized"] or 0),
         cached=results,
         catalogued=plan.reused + (stats["rows"] or 0),
         featurized=stats["featurized"] or 0,

@@ -38,14 +38,11 @@ from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: 
     fraction,
     project_data_dir,
     project_dir,
+    resolved,
     whole,
 )
 from fruit_assets.storage.resource import Storage
 
-# local: everything in-process on local Spark (the embedded default).
-# databricks: the Spark assets go to a Databricks cluster through the step launcher.
-# databricks_cluster: set by the launcher for the step it runs on the cluster; not for users.
-DEPLOYMENTS = ("local", "databricks", "databricks_cluster")
 # Settings the step needs on the cluster too (never credentials: those come from a secret scope
 # or the instance profile).
 FORWARDED_TO_CLUSTER = (
@@ -76,7 +73,7 @@ class ImageSource(FromEnvironment, ConfigurableResource):
     )
 
     def location(self) -> storage.Location:
-        return storage.resolve(self.uri, setting="FRUIT_IMAGES_URI")
+        return storage.resolve(resolved(self.uri), setting="FRUIT_IMAGES_URI")
 
     def list_images(self) -> catalog.ImageListing:
         """Every image under FRUIT_IMAGES_URI; raises catalog.ImageListingError naming it."""
@@ -140,12 +137,12 @@ class FeatureModel(FromEnvironment, ConfigurableResource):
     def weights_source(self):
         from fruit_assets.ml.model import parse_weights_setting
 
-        return parse_weights_setting(self.weights, setting_name="FRUIT_MODEL_WEIGHTS")
+        return parse_weights_setting(resolved(self.weights), setting_name="FRUIT_MODEL_WEIGHTS")
 
     def featurize_settings(self) -> FeaturizeSettings:
         return FeaturizeSettings(
-            runtime=self.runtime.strip().lower(),
-            batch_size=self.batch_size,
+            runtime=resolved(self.runtime).strip().lower(),
+            batch_size=resolved(self.batch_size),
             intra_op_threads=self.intra_op_threads,
             onnx_providers=tuple(self.onnx_providers),
         )
@@ -192,10 +189,11 @@ class LocalSpark(FromEnvironment, PySparkResource):
 
     def setup_for_execution(self, context) -> None:
         self.log_settings(context)
-        self._spark_session = self.session()
-        url = self._spark_session.sparkContext.uiWebUrl
-        if url and getattr(context, "log", None) is not None:
-            context.log.info(f"Spark UI: {url}")
+        session = self._spark_session = self.session()
+        url = session.sparkContext.uiWebUrl
+        log = getattr(context, "log", None)
+        if url and log is not None:
+            log.info(f"Spark UI: {url}")
 
 
 def local_spark_config(master: str | None = None, driver_memory: str = "4g") -> dict[str, str]:
@@ -217,13 +215,55 @@ def local_spark_config(master: str | None = None, driver_memory: str = "4g") -> 
     return config | ({"spark.driver.extraJavaOptions": java_options} if java_options else {})
 
 
+def deployment_name(deployment: str | None = None) -> str:
+    """The deployment to run as: `deployment`, else FRUIT_DEPLOYMENT, else `local`."""
+    name = (deployment or os.environ.get("FRUIT_DEPLOYMENT") or "local").strip().lower()
+    if name not in SPARK_BY_DEPLOYMENT:
+        raise ValueError(f"FRUIT_DEPLOYMENT={name!r} is not a known deployment; use one of: local, databricks")
+    return name
+
+
+def _local_spark() -> dict:
+    # Read when the local SparkContext starts: bind Spark to loopback rather than guessing a
+    # public interface, and run Python workers (UDFs, data sources) with this interpreter, the
+    # one that has TensorFlow; pyspark takes it from PYSPARK_PYTHON, not from spark.pyspark.python.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Spark assets run in-process locally.
+    return {"pyspark": LocalSpark(), "step_launcher": ResourceDefinition.none_resource()}
+
+
+def _databricks_host() -> dict:
+    from dagster_databricks import databricks_pyspark_step_launcher
+
+    _require_s3("FRUIT_STORAGE_URI", "databricks")
+    _require_s3("FRUIT_IMAGES_URI", "databricks")
+    # Lazy: the host only launches the Spark steps, it must not start a Spark session of its own.
+    return {
+        "pyspark": LazyPySparkResource(spark_config={}),
+        "step_launcher": databricks_pyspark_step_launcher.configured(databricks_launcher_config()),
+    }
+
+
+def _databricks_cluster() -> dict:
+    # The step the launcher runs on the cluster: the session is the cluster's, no launcher.
+    _require_s3("FRUIT_STORAGE_URI", "databricks_cluster")
+    _require_s3("FRUIT_IMAGES_URI", "databricks_cluster")
+    return {"pyspark": LazyPySparkResource(spark_config={}), "step_launcher": ResourceDefinition.none_resource()}
+
+
+# The deployment switch: what differs between deployments is how Spark runs. Functions, because
+# building a deployment's resources reads its settings (and checks them) only when it is chosen.
+SPARK_BY_DEPLOYMENT = {
+    "local": _local_spark,  # the embedded default: local Spark, local folders or S3
+    "databricks": _databricks_host,  # Spark steps sent to a Databricks cluster by the step launcher
+    "databricks_cluster": _databricks_cluster,  # set by the launcher for the step on the cluster
+}
+
+
 def build_resources(deployment: str | None = None) -> dict:
-    """Resources for a deployment (FRUIT_DEPLOYMENT, default `local`)."""
-    deployment = (deployment or os.environ.get("FRUIT_DEPLOYMENT") or "local").strip().lower()
-    if deployment not in DEPLOYMENTS:
-        raise ValueError(
-            f"FRUIT_DEPLOYMENT={deployment!r} is not a known deployment; use one of: local, databricks"
-        )
+    """Resources for a deployment (FRUIT_DEPLOYMENT, default `local`): the shared ones, and Spark's."""
+    name = deployment_name(deployment)
     quiet.configure_environment()  # before anything starts TensorFlow or the Spark JVM
     # Constructed without values: every setting is resolved from its FRUIT_* variable (or default)
     # when a run builds the resource, so run config overrides only the keys it names. The IO manager
@@ -236,30 +276,7 @@ def build_resources(deployment: str | None = None) -> dict:
         "images": ImageSource(),
         "feature_model": FeatureModel(),
     }
-    if deployment == "local":
-        # Read when the local SparkContext starts: bind Spark to loopback rather than guessing a
-        # public interface, and run Python workers (UDFs, data sources) with this interpreter, the
-        # one that has TensorFlow; pyspark takes it from PYSPARK_PYTHON, not from spark.pyspark.python.
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        return shared | {
-            "pyspark": LocalSpark(),
-            # Spark assets run in-process locally; the Databricks deployment puts its launcher here.
-            "step_launcher": ResourceDefinition.none_resource(),
-        }
-    _require_s3("FRUIT_STORAGE_URI", deployment)
-    _require_s3("FRUIT_IMAGES_URI", deployment)
-    # Lazy: the host only launches the Spark steps, it must not start a Spark session of its own.
-    # On the cluster, the session is the cluster's.
-    spark = LazyPySparkResource(spark_config={})
-    if deployment == "databricks_cluster":
-        return shared | {"pyspark": spark, "step_launcher": ResourceDefinition.none_resource()}
-    from dagster_databricks import databricks_pyspark_step_launcher
-
-    return shared | {
-        "pyspark": spark,
-        "step_launcher": databricks_pyspark_step_launcher.configured(databricks_launcher_config()),
-    }
+    return shared | SPARK_BY_DEPLOYMENT[name]()
 
 
 def _require_s3(setting: str, deployment: str) -> None:
