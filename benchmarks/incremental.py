@@ -37,6 +37,8 @@ REPORTED = {
         "plan_seconds",
         "featurize_seconds",
         "model_setup_seconds",
+        "worker_model_setup_seconds",
+        "workers_built_model",
         "write_seconds",
     ),
     "pca_model": ("statistics_mode", "feature_rows_read", "statistics_seconds", "decomposition_seconds", "write_seconds"),

@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
 from fruit_assets.ml.featurize import default_partitions
-from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, project
+from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, project, vectors_of
 from fruit_assets.storage import delta, spark_io
 from fruit_assets.storage.delta import Snapshot
 
@@ -136,6 +136,28 @@ def _why_not_incremental(features: Snapshot, previous_provenance: dict, earlier:
     return None
 
 
+# An update that reads at most this many rows is summed on the driver, as Arrow batches: a Spark job
+# (planning the data source read, starting Python workers) costs seconds, more than 24 new rows do.
+DRIVER_UPDATE_ROWS = 50_000
+
+
+def _statistics_of_files(spark: SparkSession, snapshot: Snapshot, paths: list[str]) -> FeatureStatistics:
+    """The feature statistics of some data files of a version."""
+    wanted = set(paths)
+    rows = sum(f.rows for f in snapshot.files if f.path in wanted)
+    if not paths:
+        return FeatureStatistics.zeros()
+    if rows > DRIVER_UPDATE_ROWS:
+        return feature_statistics(spark_io.read_table(spark, snapshot, files=paths, columns=["features"]))
+    files = [snapshot.file_location(path).path for path in paths]
+    dataset = pads.dataset(files, filesystem=snapshot.location.filesystem, format="parquet")
+    statistics = FeatureStatistics.zeros()
+    for batch in dataset.to_batches(columns=["features"], batch_size=spark_io.ROWS_PER_FILE):
+        if batch.num_rows:
+            statistics = statistics + FeatureStatistics.of(vectors_of(batch.column("features")))
+    return statistics
+
+
 def feature_statistics_since(
     spark: SparkSession, features: Snapshot, previous: FeatureStatistics | None, previous_provenance: dict
 ) -> StatisticsUpdate:
@@ -159,8 +181,8 @@ def feature_statistics_since(
     gone = [path for path in removed if not earlier.file_location(path).exists()]
     if gone:
         return _full(spark, features, f"{len(gone)} removed data file(s) were already vacuumed")
-    minus = feature_statistics(spark_io.read_table(spark, earlier, files=removed, columns=["features"]))
-    plus = feature_statistics(spark_io.read_table(spark, features, files=added, columns=["features"]))
+    minus = _statistics_of_files(spark, earlier, removed)
+    plus = _statistics_of_files(spark, features, added)
     statistics = previous - minus + plus
     if statistics.rows != features.rows:
         return _full(spark, features, f"the updated row count {statistics.rows} is not the table's {features.rows}")

@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from fruit_assets import incremental
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.incremental import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
 from fruit_assets.io_manager import load_asset
@@ -164,7 +165,10 @@ def _table_of_many_files(spark, tmp_path, rows: int = 40, rows_per_file: int = 5
     return location, frame
 
 
-def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path):
+@pytest.mark.parametrize("update_in", ["driver", "spark"])
+def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path, monkeypatch, update_in):
+    # A small update's statistics are summed on the driver; a large one's in Spark: both are checked.
+    monkeypatch.setattr(incremental, "DRIVER_UPDATE_ROWS", 50_000 if update_in == "driver" else 0)
     location, frame = _table_of_many_files(spark, tmp_path)  # 40 rows, 8 files of 5
     stored = delta.snapshot(location)
     assert len(stored.files) == 8
