@@ -6,7 +6,10 @@ deterministic random initialisation (`random:0`) because ImageNet weights cannot
 """
 
 import os
+import shutil
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,3 +109,49 @@ def demo_run(spark, demo_images, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     result = materialize_all(local_resources(demo_images, storage))
     return result, storage
+
+
+# --- Chromium and Playwright, for the UI tests (test_ui, test_quiet): one browser per session ---
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_PACKAGE = "chromium"  # Debian bookworm
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt-get when missing (needs root, as on CI)."""
+    if not os.path.exists(CHROMIUM):
+        if shutil.which("apt-get") is None or os.geteuid() != 0:
+            pytest.fail(
+                f"{CHROMIUM} is missing; install it as root: apt-get update && apt-get install -y {CHROMIUM_PACKAGE}"
+            )
+        started = time.monotonic()
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for command in (["apt-get", "update"], ["apt-get", "install", "-y", CHROMIUM_PACKAGE]):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+            if done.returncode != 0:
+                output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+                pytest.fail(f"{' '.join(command)} failed with exit code {done.returncode}:\n{output}")
+        print(f"installed {CHROMIUM_PACKAGE} with apt-get in {time.monotonic() - started:.0f} s")
+        if not os.path.exists(CHROMIUM):
+            pytest.fail(f"apt-get installed {CHROMIUM_PACKAGE} but {CHROMIUM} does not exist")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def browser(chromium):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install -e '.[dev]'")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()

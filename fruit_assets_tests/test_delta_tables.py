@@ -254,3 +254,16 @@ def test_vacuum_keeps_versions_inside_the_retention_and_deletes_them_after(tmp_p
     assert set(read_asset(tmp_path / "expired", "table").generation) == {2}
     with pytest.raises(FileNotFoundError):
         DeltaTable(str(tmp_path / "expired" / "table"), version=0).to_pandas()
+
+
+def test_a_first_writers_uncommitted_files_are_not_taken_for_a_folder_from_before_delta(storage_uri):
+    # Two runs creating a table at once: the one that reads the folder while the other's files are
+    # written but not committed must see no table, not convert those files into a version 0 (which the
+    # writer then fails to create, and deletes its files from).
+    location = resolve(storage_uri).child("table")
+    schema = pa.schema([("path", pa.string())])
+    pending = delta.write_arrow_file(location, pa.table({"path": ["a", "b"]}, schema=schema))
+    assert delta.open_snapshot(location) is None
+    assert not delta.is_table(location)
+    assert delta.commit(location, [pending], schema, None) == 0
+    assert sorted(read_asset(storage_uri, "table").path) == ["a", "b"]

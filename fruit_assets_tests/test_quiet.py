@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fruit_assets_tests.support import TEST_WEIGHTS
-from fruit_assets_tests.test_ui import ARTIFACTS, DagsterDev, browser, chromium, metadata_image  # noqa: F401 - fixtures
+from fruit_assets_tests.test_ui import ARTIFACTS, DagsterDev, metadata_image
 
 pytestmark = pytest.mark.spark
 
@@ -97,7 +97,7 @@ def test_the_demo_prints_a_short_summary_and_no_noise(demo):
 
 
 @pytest.mark.ui
-def test_the_ui_shows_the_demo_run_with_its_plots(demo, browser):  # noqa: F811 - the fixture
+def test_the_ui_shows_the_demo_run_with_its_plots(demo, browser):
     env, stdout, _ = demo
     [short_run_id] = re.findall(r"\(run ([0-9a-f]{8})\)", stdout)
     ARTIFACTS.mkdir(exist_ok=True)

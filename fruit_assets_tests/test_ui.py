@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,16 +38,6 @@ from fruit_assets_tests.support import TEST_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_PACKAGE = "chromium"  # Debian bookworm
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
 EDGES = {
     ("raw_images", "image_features"),
@@ -68,37 +57,8 @@ PCA_PLOT_KEY = "explained_variance_plot"
 # --- what the test needs: Chromium and Playwright ---
 
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's Chromium, installed with apt-get when missing (needs root, as on CI)."""
-    if not os.path.exists(CHROMIUM):
-        if shutil.which("apt-get") is None or os.geteuid() != 0:
-            pytest.fail(
-                f"{CHROMIUM} is missing; install it as root: apt-get update && apt-get install -y {CHROMIUM_PACKAGE}"
-            )
-        started = time.monotonic()
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for command in (["apt-get", "update"], ["apt-get", "install", "-y", CHROMIUM_PACKAGE]):
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-            if done.returncode != 0:
-                output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-                pytest.fail(f"{' '.join(command)} failed with exit code {done.returncode}:\n{output}")
-        print(f"installed {CHROMIUM_PACKAGE} with apt-get in {time.monotonic() - started:.0f} s")
-        if not os.path.exists(CHROMIUM):
-            pytest.fail(f"apt-get installed {CHROMIUM_PACKAGE} but {CHROMIUM} does not exist")
-    return CHROMIUM
-
-
-@pytest.fixture(scope="session")
-def browser(chromium):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: pip install -e '.[dev]'")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+# Chromium and Playwright: the `chromium` and `browser` fixtures are in conftest.py (one browser per
+# session, whichever modules use it).
 
 
 # --- dagster dev ---

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -176,7 +177,12 @@ def _nullable_type(kind: pa.DataType) -> pa.DataType:
 
 
 def new_file_name(prefix: str = "part") -> str:
+    """The name of a data file this release writes. It ends in 32 hex digits, which the files of the
+    release before Delta never did (`part-00000-<12 hex>.parquet`): see `legacy_parquet_files`."""
     return f"{prefix}-{uuid.uuid4().hex}.parquet"
+
+
+NEW_FILE_NAME = re.compile(r"-[0-9a-f]{32}\.parquet$")
 
 
 def write_arrow_file(location: Location, table: pa.Table, name: str | None = None) -> DataFile:
@@ -324,10 +330,16 @@ def commit_arrow(location: Location, table: pa.Table, base: Snapshot | None, met
 
 
 def legacy_parquet_files(location: Location) -> list[pafs.FileInfo]:
-    """The data files of a folder written by the release before Delta: top-level *.parquet files."""
+    """The data files of a folder written by the release before Delta: top-level *.parquet files.
+
+    Files named by this release are not among them: in a folder with no Delta log yet they are the
+    uncommitted files of a writer creating the table (or of one that was killed). Converting them
+    took a concurrent first writer's files into a version 0 that writer then failed to create and
+    deleted its files from (measured: two graph runs at once on S3, the second run's snapshot)."""
     infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
     found = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
-    return sorted((i for i in found if not i.base_name.startswith(("_", "."))), key=lambda i: i.path)
+    legacy = (i for i in found if not i.base_name.startswith(("_", ".")) and not NEW_FILE_NAME.search(i.base_name))
+    return sorted(legacy, key=lambda i: i.path)
 
 
 def convert_legacy_folder(location: Location) -> int:
