@@ -22,21 +22,34 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
 from fruit_assets.ml.featurize import default_partitions
-from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, project, vectors_of
+from fruit_assets.ml.pca import (
+    PROJECTED_SCHEMA,
+    FeatureStatistics,
+    PcaResult,
+    decompose,
+    feature_statistics,
+    project,
+    project_batches,
+    vectors_of,
+)
 from fruit_assets.storage import delta, spark_io
 from fruit_assets.storage.delta import Snapshot
 
 SOURCE_VERSION = ["path", "size_bytes", "modified_at"]  # an image file, as it was when featurized
 FEATURE_COLUMNS = ["path", "label", "features", "size_bytes", "modified_at", "weights_fingerprint"]  # as stored
+FEATURE_SCHEMA = pa.schema([
+    ("path", pa.string()), ("label", pa.string()), ("features", pa.list_(pa.float32())),
+    ("size_bytes", pa.int64()), ("modified_at", pa.timestamp("us", tz="UTC")), ("weights_fingerprint", pa.string()),
+])  # FEATURE_COLUMNS' types, as Spark writes them
 FILE_COLUMN = "_file"
 CATALOG_SCHEMA = "path string, label string, size_bytes long, modified_at timestamp"
 
@@ -59,9 +72,7 @@ class FeaturePlan:
 def stored_keys(stored: Snapshot) -> pa.Table:
     """path, size_bytes, modified_at, weights_fingerprint and the data file of every stored row: the
     four small columns only, read by pyarrow from the version's files in parallel."""
-    paths = [stored.file_location(f.path).path for f in stored.files]
-    dataset = pads.dataset(paths, filesystem=stored.location.filesystem, format="parquet")
-    keys = dataset.to_table(columns=[*SOURCE_VERSION, "weights_fingerprint", "__filename"])
+    keys = stored.dataset().to_table(columns=[*SOURCE_VERSION, "weights_fingerprint", "__filename"])
     prefix = stored.location.path.rstrip("/") + "/"
     files = pc.utf8_slice_codeunits(keys.column("__filename"), len(prefix))
     return keys.set_column(keys.schema.get_field_index("__filename"), FILE_COLUMN, files)
@@ -149,10 +160,8 @@ def _statistics_of_files(spark: SparkSession, snapshot: Snapshot, paths: list[st
         return FeatureStatistics.zeros()
     if rows > DRIVER_UPDATE_ROWS:
         return feature_statistics(spark_io.read_table(spark, snapshot, files=paths, columns=["features"]))
-    files = [snapshot.file_location(path).path for path in paths]
-    dataset = pads.dataset(files, filesystem=snapshot.location.filesystem, format="parquet")
     statistics = FeatureStatistics.zeros()
-    for batch in dataset.to_batches(columns=["features"], batch_size=spark_io.ROWS_PER_FILE):
+    for batch in snapshot.dataset(paths).to_batches(columns=["features"], batch_size=spark_io.ROWS_PER_FILE):
         if batch.num_rows:
             statistics = statistics + FeatureStatistics.of(vectors_of(batch.column("features")))
     return statistics
@@ -208,7 +217,7 @@ class FeaturizeResult:
     """What an incremental run of image_features did, and the change to commit."""
 
     change: spark_io.TableChange
-    cached: DataFrame  # the featurized rows, cached until the change is written: unpersist after
+    cached: DataFrame | None  # Spark's featurized rows, cached until the change is written: `release` after
     catalogued: int
     featurized: int  # images through the model, with a vector now
     reused: int
@@ -216,7 +225,8 @@ class FeaturizeResult:
     dropped: int
     skipped: pd.DataFrame  # path, label, error of the images that could not be featurized
     bad_vectors: int  # new vectors that are not 1280 finite floats
-    partitions: int
+    partitions: int  # of the Spark job (0: featurized on the driver)
+    where: str  # "driver" or "spark"
     plan_reason: str
     seconds: dict  # per phase: plan, featurize
 
@@ -227,6 +237,10 @@ class FeaturizeResult:
     @property
     def skipped_fraction(self) -> float:
         return len(self.skipped) / self.catalogued if self.catalogued else 0.0
+
+    def release(self) -> None:
+        if self.cached is not None:
+            self.cached.unpersist()
 
 
 def _finite_vectors(dimensions: int):
@@ -252,6 +266,13 @@ def _feature_change(
     )
 
 
+# At most this many images to featurize: the driver runs the model on them itself (`featurize_here`:
+# the same code and runtime settings as a Spark worker, so the same vectors). The first Spark job of a
+# run (Python workers started, the model broadcast to them and built in each) costs about 12 s on
+# 2 cores; a few dozen images on the driver, about a second (BENCHMARKS.md, incremental runs).
+DRIVER_FEATURIZE_IMAGES = 64
+
+
 def featurize_incremental(
     spark: SparkSession,
     catalog: pa.Table,
@@ -260,15 +281,25 @@ def featurize_incremental(
     fingerprint: str,
     progress: Callable[[int], AbstractContextManager] | None = None,
     dimensions: int = 1280,
+    featurize_here: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> FeaturizeResult:
-    """Plan (`plan_features`), featurize the images that need it with `featurize_rows(rows,
-    partitions)`, and return the change to commit: the new vectors and the stored rows kept from
-    rewritten files, added; the files holding deleted or replaced images, removed."""
+    """Plan (`plan_features`), featurize the images that need it, and return the change to commit: the
+    new vectors and the stored rows kept from rewritten files, added; the files holding deleted or
+    replaced images, removed. Up to DRIVER_FEATURIZE_IMAGES images are featurized by
+    `featurize_here(rows)` on the driver, if given; more by `featurize_rows(rows, partitions)` in Spark."""
     started = time.perf_counter()
     plan = plan_features(spark, catalog, stored, fingerprint)
+    planned = time.perf_counter()
+    if featurize_here is not None and plan.todo.num_rows <= DRIVER_FEATURIZE_IMAGES:
+        result = _featurize_on_driver(spark, plan, stored, featurize_here, fingerprint, dimensions)
+    else:
+        result = _featurize_in_spark(spark, plan, stored, featurize_rows, fingerprint, progress, dimensions)
+    return replace(result, seconds={"plan": round(planned - started, 2), "featurize": round(time.perf_counter() - planned, 2)})
+
+
+def _featurize_in_spark(spark, plan: FeaturePlan, stored, featurize_rows, fingerprint, progress, dimensions) -> FeaturizeResult:
     todo = plan.todo.num_rows
     partitions = default_partitions(spark, todo)
-    planned = time.perf_counter()
     rows = spark.createDataFrame(plan.todo.to_pandas(), schema=CATALOG_SCHEMA)
     results = featurize_rows(rows, partitions).persist(StorageLevel.MEMORY_AND_DISK)
     with progress(todo) if progress else nullcontext():
@@ -278,19 +309,47 @@ def featurize_incremental(
             F.sum(F.when(_finite_vectors(dimensions), 1).otherwise(0)).alias("bad_vectors"),
         ).collect()  # a global aggregate: one row
     skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
+    featurized = stats["featurized"] or 0
+    return _result(plan, _feature_change(results, plan, stored, fingerprint, partitions, featurized), results,
+                   stats["rows"] or 0, featurized, skipped, stats["bad_vectors"] or 0, partitions, "spark")
+
+
+def _featurize_on_driver(spark, plan: FeaturePlan, stored, featurize_here, fingerprint, dimensions) -> FeaturizeResult:
+    results = featurize_here(plan.todo.select(["path", "label", "size_bytes", "modified_at"]).to_pandas())
+    ok = results.error.isna().to_numpy()
+    vectors = [np.asarray(v, dtype=np.float32) for v in results.features[ok]]
+    bad_vectors = sum(1 for v in vectors if v.shape != (dimensions,) or not np.isfinite(v).all())
+    new_rows = (
+        pa.Table.from_pandas(results.loc[ok, ["path", "label", "size_bytes", "modified_at"]], preserve_index=False)
+        .append_column("features", pa.array(vectors, type=pa.list_(pa.float32())))
+        .append_column("weights_fingerprint", pa.array([fingerprint] * len(vectors), type=pa.string()))
+        .select(FEATURE_COLUMNS)
+        .cast(FEATURE_SCHEMA)
+    )
+    rows: DataFrame | pa.Table = new_rows
+    if plan.kept is not None:  # stored rows to write again, read by Spark: the new ones join them there
+        kept = plan.kept.select(*FEATURE_COLUMNS)
+        rows = kept.unionByName(spark.createDataFrame(new_rows.to_pandas(), schema=kept.schema))
+    change = spark_io.TableChange(rows, stored, plan.removed_files, plan.replace, {"weights_fingerprint": fingerprint})
+    skipped = results.loc[~ok, ["path", "label", "error"]].reset_index(drop=True)
+    return _result(plan, change, None, len(results), len(vectors), skipped, bad_vectors, 0, "driver")
+
+
+def _result(plan: FeaturePlan, change, cached, rows: int, featurized: int, skipped, bad_vectors: int, partitions: int, where: str):
     return FeaturizeResult(
-        change=_feature_change(results, plan, stored, fingerprint, partitions, stats["featurized"] or 0),
-        cached=results,
-        catalogued=plan.reused + (stats["rows"] or 0),
-        featurized=stats["featurized"] or 0,
+        change=change,
+        cached=cached,
+        catalogued=plan.reused + rows,
+        featurized=featurized,
         reused=plan.reused,
         removed=plan.removed,
         dropped=plan.dropped,
         skipped=skipped,
-        bad_vectors=stats["bad_vectors"] or 0,
+        bad_vectors=bad_vectors,
         partitions=partitions,
+        where=where,
         plan_reason=plan.reason,
-        seconds={"plan": round(planned - started, 2), "featurize": round(time.perf_counter() - planned, 2)},
+        seconds={},
     )
 
 
@@ -315,21 +374,47 @@ def fit_pca(
 
 @dataclass(frozen=True)
 class Projection:
-    """The projected rows (cached until written: unpersist after) and what the check needs."""
+    """The projected rows and what the check needs. Spark rows are cached until written: `release` after."""
 
-    rows: DataFrame  # path, label, pca_features
+    rows: DataFrame | pa.Table  # path, label, pca_features
     count: int
     min_k: int
     max_k: int
     sample: pd.DataFrame  # label, xy: the first two coordinates of up to `sample_size` rows
+    where: str  # "driver" or "spark"
+
+    def release(self) -> None:
+        if isinstance(self.rows, DataFrame):
+            self.rows.unpersist()
+
+
+# A table of at most this many rows is projected on the driver, read as Arrow batches: for a small
+# table a Spark job (planning the read, starting Python workers, moving every row between the JVM and
+# Python twice) costs more than the projection itself. 100,000 vectors are 500 MB read in batches.
+DRIVER_PROJECTION_ROWS = 100_000
 
 
 def project_features(spark: SparkSession, features: Snapshot, result: PcaResult, sample_size: int) -> Projection:
-    """Every stored feature vector projected on the components: one read of the features, no shuffle."""
+    """Every stored feature vector projected on the components: one read of the features, no shuffle;
+    on the driver for a table of up to DRIVER_PROJECTION_ROWS rows, else in Spark."""
+    if features.rows <= DRIVER_PROJECTION_ROWS:
+        return _project_on_driver(features, result, sample_size)
     vectors = spark_io.read_table(spark, features, columns=["path", "label", "features"])
     rows = project(vectors, result.components).persist(StorageLevel.MEMORY_AND_DISK)
     [stats] = rows.agg(
         F.count("*").alias("rows"), F.min(F.size("pca_features")).alias("min_k"), F.max(F.size("pca_features")).alias("max_k")
     ).collect()  # a global aggregate: one row
     sample = rows.select("label", F.slice("pca_features", 1, 2).alias("xy")).limit(sample_size).toPandas()
-    return Projection(rows, stats["rows"], stats["min_k"], stats["max_k"], sample)
+    return Projection(rows, stats["rows"], stats["min_k"], stats["max_k"], sample, "spark")
+
+
+def _project_on_driver(features: Snapshot, result: PcaResult, sample_size: int) -> Projection:
+    batches = features.dataset().to_batches(columns=["path", "label", "features"], batch_size=spark_io.ROWS_PER_FILE)
+    rows = pa.Table.from_batches(project_batches(batches, result.components), schema=PROJECTED_SCHEMA)
+    lengths = pc.list_value_length(rows.column("pca_features"))
+    head = rows.slice(0, sample_size)
+    sample = pd.DataFrame({
+        "label": head.column("label").to_pylist(),
+        "xy": [np.asarray(v[:2], dtype=np.float32) for v in head.column("pca_features").to_pylist()],
+    })
+    return Projection(rows, rows.num_rows, pc.min(lengths).as_py() or 0, pc.max(lengths).as_py() or 0, sample, "driver")

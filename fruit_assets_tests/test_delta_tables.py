@@ -181,8 +181,10 @@ def small_images(tmp_path_factory):
     return root
 
 
-def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, small_images, storage_uri, tmp_path):
-    assert materialize_all(local_resources(small_images, storage_uri), selection=["raw_images", "image_features"]).success
+def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, demo_images, storage_uri, tmp_path):
+    # 72 images: more than the driver featurizes itself, so the Spark tasks write the files, and the
+    # run is slow enough to be killed between writing them and committing.
+    assert materialize_all(local_resources(demo_images, storage_uri), selection=["raw_images", "image_features"]).success
     before = read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True)
     version = DeltaTable(f"{storage_uri}/image_features", storage_options=delta_options(storage_uri)).version()
     known = _data_files(storage_uri, "image_features")
@@ -190,7 +192,7 @@ def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, sma
     # Other weights: every image is featurized again and the whole table rewritten. Kill the run
     # (its whole process group: Dagster, the JVM, the Python workers) the moment its first new data
     # file appears, that is, between writing the files and committing them.
-    process = _materialize_cli(_cli_env(small_images, storage_uri, tmp_path, "random:5"), "image_features")
+    process = _materialize_cli(_cli_env(demo_images, storage_uri, tmp_path, "random:5"), "image_features")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None and not (_data_files(storage_uri, "image_features") - known):
         time.sleep(0.02)

@@ -13,7 +13,7 @@ from fruit_assets import incremental
 from fruit_assets.demo_data import generate_demo_set
 from fruit_assets.incremental import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
 from fruit_assets.io_manager import load_asset
-from fruit_assets.ml.pca import FeatureStatistics, PcaResult
+from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose
 from fruit_assets.storage import delta, resolve, spark_io
 from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.support import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
@@ -73,7 +73,10 @@ def add_images(s3, prefix: str, tmp_path, labels: list[str]) -> list[str]:
     return added
 
 
-def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, bucket_with_images, tmp_path):
+def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, bucket_with_images, tmp_path, monkeypatch):
+    # Up to 3 images are featurized on the driver, more in Spark: the full runs go through Spark, the
+    # updates through the driver, and their vectors must be the same.
+    monkeypatch.setattr(incremental, "DRIVER_FEATURIZE_IMAGES", 3)
     prefix = bucket_with_images
     resources = local_resources(f"{prefix}/images", f"{prefix}/assets")
     table = resolve(f"{prefix}/assets/image_features")
@@ -81,6 +84,7 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     first = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(first, "image_features"), metadata_of(first, "pca_model")
     assert (features["rows"], features["featurized"], features["reused"], features["removed"]) == (24, 24, 0, 0)
+    assert features["featurized_on"] == "spark"
     assert pca["statistics_mode"] == "full"
     assert_statistics_equal_a_full_pass(prefix)
     before = stored_features(prefix)
@@ -92,6 +96,7 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     second = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(second, "image_features"), metadata_of(second, "pca_model")
     assert (features["rows"], features["featurized"], features["reused"], features["removed"]) == (27, 3, 24, 0)
+    assert features["featurized_on"] == "driver"
     assert (features["files_added"], features["files_removed"]) == (1, 0)
     assert {f.path for f in delta.snapshot(table).files} > files_before
     assert (pca["statistics_mode"], pca["feature_rows_read"]) == ("incremental", 3), pca["statistics_reason"]
@@ -102,6 +107,7 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     third = materialize_all(resources, run_config=PCA_CONFIG)
     features, pca = metadata_of(third, "image_features"), metadata_of(third, "pca_model")
     assert (features["rows"], features["featurized"], features["reused"], features["removed"], features["dropped"]) == (25, 1, 24, 3, 2)
+    assert features["featurized_on"] == "driver"  # and the kept rows of the rewritten files, read by Spark
     assert features["files_removed"] >= 1
     assert_statistics_equal_a_full_pass(prefix)
     after = stored_features(prefix)
@@ -112,9 +118,11 @@ def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, 
     assert np.abs(after.loc[changed].features - before.loc[changed].features).max() > 1e-3
 
     # A full run on the same images, into fresh storage: the same features exactly (ONNX Runtime's
-    # result for an image does not depend on its batch), and the same PCA within float rounding.
+    # result for an image does not depend on its batch, nor on running in the driver or a worker),
+    # and the same PCA within float rounding.
     fresh = f"{prefix}/fresh"
-    materialize_all(local_resources(f"{prefix}/images", f"{fresh}/assets"), run_config=PCA_CONFIG)
+    full_run = materialize_all(local_resources(f"{prefix}/images", f"{fresh}/assets"), run_config=PCA_CONFIG)
+    assert metadata_of(full_run, "image_features")["featurized_on"] == "spark"
     full = stored_features(fresh)
     assert list(full.index) == list(after.index)
     np.testing.assert_array_equal(np.stack(full.features), np.stack(after.features))
@@ -225,3 +233,31 @@ def test_statistics_fall_back_to_a_full_pass_when_an_update_cannot_be_proven(spa
     update = feature_statistics_since(spark, stored, FeatureStatistics.of(np.stack(frame.features)), break_it(provenance(stored), stored))
     assert update.mode == "full" and reason in update.reason
     assert update.rows_read == 40 and update.statistics.rows == 40
+
+
+def test_the_driver_and_spark_project_a_table_alike(spark, tmp_path, monkeypatch):
+    # reduced_features projects a small table on the driver and a large one in Spark: both must give
+    # the table's vectors times the components, row for row.
+    location = resolve(str(tmp_path / "image_features"))
+    vectors = np.random.default_rng(7).normal(size=(30, 1280)).astype(np.float32)
+    frame = pd.DataFrame({"path": [f"/img/{i:02d}.jpg" for i in range(30)], "label": [f"L{i % 3}" for i in range(30)],
+                          "features": list(vectors)})
+    files, schema = spark_io.write_files(spark.createDataFrame(frame).repartition(3), location, rows_per_file=4)
+    delta.commit(location, files, schema, None, metadata={})
+    features = delta.snapshot(location)
+    pca = decompose(FeatureStatistics.of(vectors.astype(np.float64)), k=5, variance_target=0.95, max_k=5)
+    expected = vectors.astype(np.float64) @ pca.components.T
+
+    projected = {}
+    for where, limit in [("driver", 30), ("spark", 29)]:
+        monkeypatch.setattr(incremental, "DRIVER_PROJECTION_ROWS", limit)
+        projection = incremental.project_features(spark, features, pca, sample_size=10)
+        rows = projection.rows.to_pandas() if where == "driver" else projection.rows.toPandas()
+        projection.release()
+        assert (projection.where, projection.count, projection.min_k, projection.max_k) == (where, 30, 5, 5)
+        assert len(projection.sample) == 10 and all(len(xy) == 2 for xy in projection.sample.xy)
+        projected[where] = rows.sort_values("path", ignore_index=True)
+        got = np.stack(projected[where].pca_features)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    assert projected["driver"].label.tolist() == projected["spark"].label.tolist() == frame.label.tolist()
+    np.testing.assert_array_equal(np.stack(projected["driver"].pca_features), np.stack(projected["spark"].pca_features))

@@ -17,7 +17,7 @@ from dagster_pyspark import PySparkResource
 
 from fruit_assets.assets.metadata import table
 from fruit_assets.incremental import FeaturizeResult, featurize_incremental
-from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, prepare_feature_extractor
+from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, featurize_here, prepare_feature_extractor
 from fruit_assets.ml.model import FEATURE_DIM
 from fruit_assets.resources import FeatureModel
 from fruit_assets.settings import resolved
@@ -48,7 +48,9 @@ def image_features(
 
     Incremental: an image whose file (path, size, modification time) was featurized by the same
     weights keeps its stored vector and its data file; only new and replaced images go through the
-    model, and only the data files that hold a deleted or replaced image are rewritten."""
+    model, and only the data files that hold a deleted or replaced image are rewritten. Up to 64 images
+    to featurize (an upload, usually) run on the driver, with the same runtime settings: a Spark job
+    would cost more than they do."""
     spark, settings = pyspark.spark_session, feature_model.featurize_settings()
     model = prepare_feature_extractor(feature_model.weights_source(), settings)
     if not model.meaningful:
@@ -65,8 +67,13 @@ def image_features(
 
         return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS)
 
+    def featurize_on_driver(rows):
+        return featurize_here(rows, model.payload, settings)
+
     stored = storage.snapshot(context.asset_key)
-    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, progress)
+    # A handful of images is featurized on the driver (ONNX Runtime only): quicker than a Spark job.
+    here = featurize_on_driver if settings.runtime == "onnxruntime" else None
+    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, progress, featurize_here=here)
     max_skipped_fraction = resolved(feature_model.max_skipped_fraction)
     try:
         context.log.info(summary(result))
@@ -74,13 +81,14 @@ def image_features(
         yield Output(result.change, metadata=features_metadata(result, model, settings.batch_size, workers_setup))
         yield from feature_checks(result, max_skipped_fraction)
     finally:
-        result.cached.unpersist()
+        result.release()
 
 
 def summary(result: FeaturizeResult) -> str:
     return (
-        f"{result.rows} of {result.catalogued} images have features: {result.featurized} featurized in "
-        f"{result.seconds['featurize']:.1f} s, {result.reused} reused, {result.removed} stored row(s) removed, "
+        f"{result.rows} of {result.catalogued} images have features: {result.featurized} featurized "
+        f"{'on the driver' if result.where == 'driver' else 'in Spark'} in {result.seconds['featurize']:.1f} s, "
+        f"{result.reused} reused, {result.removed} stored row(s) removed, "
         f"{len(result.skipped)} skipped ({result.plan_reason})"
     )
 
@@ -117,6 +125,7 @@ def features_metadata(result: FeaturizeResult, model: PreparedModel, batch_size:
         **model.metadata,
         "weights_fingerprint": model.fingerprint,
         "feature_dim": FEATURE_DIM,
+        "featurized_on": result.where,  # "driver": a few images, without a Spark job
         "partitions": result.partitions,
         "batch_size": batch_size,
         "model_setup_seconds": round(model.seconds, 2),

@@ -147,13 +147,15 @@ def reduced_features(
     step_launcher: ResourceParam[Any],
 ):
     """The image features projected onto the PCA components: path, label, pca_features (k float32).
-    One pass: read the features, project them in the Python workers, write; no shuffle."""
+    One pass: read the features, project them, write; no shuffle. Up to 100,000 rows on the driver
+    (a Spark job costs more than the work), more in Spark's Python workers: the same numpy code."""
     projection = project_features(pyspark.spark_session, image_features, pca_model, SCATTER_POINTS)
     try:
         points = np.stack(projection.sample.xy) if len(projection.sample) else np.zeros((0, 2))
         scatter = plots.pca_scatter_plot(points, list(projection.sample.label))
         yield Output(projection.rows, metadata={
-            "rows": projection.count, "k": pca_model.k, **plot(storage, context.asset_key, "pca_scatter_plot", scatter),
+            "rows": projection.count, "k": pca_model.k, "projected_on": projection.where,
+            **plot(storage, context.asset_key, "pca_scatter_plot", scatter),
         })
         k, rows = pca_model.k, image_features.rows
         yield AssetCheckResult(
@@ -162,4 +164,4 @@ def reduced_features(
             metadata={"rows": projection.count, "image_features_rows": rows, "k": k},
         )
     finally:
-        projection.rows.unpersist()
+        projection.release()

@@ -346,6 +346,21 @@ def featurize(
     return images.select(*columns, result).select(*columns, "result.features", "result.error")
 
 
+def featurize_here(images: pd.DataFrame, model_payload, settings: FeaturizeSettings = FeaturizeSettings()) -> pd.DataFrame:
+    """`featurize` in this process, for a handful of images: the same reading, decoding, model batches
+    and runtime settings as a Spark worker, so the same vectors (ONNX Runtime's result for an image
+    does not depend on its batch), without a Spark job. Only for the onnxruntime runtime: the
+    driver never loads the TensorFlow runtime to run it."""
+    if check_runtime(settings.runtime) != "onnxruntime":
+        raise ValueError(f"featurize_here runs the onnxruntime runtime only, not {settings.runtime!r}")
+    images = images.reset_index(drop=True)
+    if images.empty:
+        return images.assign(features=pd.Series(dtype=object), error=pd.Series(dtype=object))
+    infer = _build_inference(model_payload, settings)
+    [result] = list(_stream_features(infer, iter([images.path]), settings))
+    return images.assign(features=result.features.to_numpy(), error=result.error.to_numpy())
+
+
 def default_partitions(spark: SparkSession, rows: int) -> int:
     """Enough partitions to keep every core busy, never more than there are rows."""
     return max(1, min(rows, spark.sparkContext.defaultParallelism))

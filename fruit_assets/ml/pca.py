@@ -24,7 +24,8 @@ No Dagster here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -327,22 +328,22 @@ def to_spark_model(spark, components: np.ndarray, explained_variance: np.ndarray
 
 
 PROJECTED_COLUMNS = "path string, label string, pca_features array<float>"
+PROJECTED_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string()), ("pca_features", pa.list_(pa.float32()))])
 
 
-def _projection(components: np.ndarray, dimensions: int):
-    """The per-batch step of `project` (runs in Spark's Python workers)."""
-
-    def projected(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            reduced = (vectors_of(batch.column("features"), dimensions) @ components.T).astype(np.float32)
-            values = pa.array(reduced.ravel(), type=pa.float32())
-            offsets = pa.array(np.arange(len(reduced) + 1, dtype=np.int32) * reduced.shape[1])
-            yield pa.RecordBatch.from_arrays(
-                [batch.column("path"), batch.column("label"), pa.ListArray.from_arrays(offsets, values)],
-                names=["path", "label", "pca_features"],
-            )
-
-    return projected
+def project_batches(batches: Iterable[pa.RecordBatch], components: np.ndarray) -> Iterator[pa.RecordBatch]:
+    """path, label, pca_features batches: each batch's feature vectors projected on the components
+    (float64 maths, float32 results). Runs in Spark's Python workers (`project`), or in the driver
+    for a small table: the same code, so the same numbers."""
+    components = np.asarray(components, dtype=np.float64)
+    for batch in batches:
+        reduced = (vectors_of(batch.column("features"), components.shape[1]) @ components.T).astype(np.float32)
+        values = pa.array(reduced.ravel(), type=pa.float32())
+        offsets = pa.array(np.arange(len(reduced) + 1, dtype=np.int32) * reduced.shape[1])
+        yield pa.RecordBatch.from_arrays(
+            [batch.column("path"), batch.column("label"), pa.ListArray.from_arrays(offsets, values)],
+            names=["path", "label", "pca_features"],
+        )
 
 
 def project(features, components: np.ndarray):
@@ -352,5 +353,5 @@ def project(features, components: np.ndarray):
     one pass with numpy in the Python workers: no shuffle, no JVM linear algebra."""
     components = np.asarray(components, dtype=np.float64)
     return features.select("path", "label", "features").mapInArrow(
-        _projection(components, components.shape[1]), PROJECTED_COLUMNS
+        functools.partial(project_batches, components=components), PROJECTED_COLUMNS
     )

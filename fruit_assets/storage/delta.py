@@ -71,6 +71,14 @@ class Snapshot:
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
+    def dataset(self, files: list[str] | None = None):
+        """A pyarrow dataset of this version's data files (or of `files`, some of them): for reading
+        a version, or part of it, in this process as Arrow batches."""
+        import pyarrow.dataset as pads
+
+        paths = [self.file_location(f).path for f in (files if files is not None else [f.path for f in self.files])]
+        return pads.dataset(paths, filesystem=self.location.filesystem, format="parquet")
+
     def file_location(self, relative: str) -> Location:
         return Location(
             uri=posixpath.join(self.location.uri, relative),

@@ -50,7 +50,7 @@ class TableChange:
     (or, with `replace`, everything `base` holds), in one commit. `commit_metadata` goes into the
     commit, for later readers of this version."""
 
-    rows: DataFrame
+    rows: DataFrame | pa.Table  # an Arrow table: rows computed on the driver, written by it
     base: Snapshot | None
     removed: list[str] = field(default_factory=list)
     replace: bool = False
@@ -213,7 +213,12 @@ def commit_change(change: TableChange, location: Location, base: Snapshot | None
             f"{location.uri}: another run committed to this Delta table after this run planned its change "
             f"on version {planned_on}; nothing was committed. Run again to build on the new version."
         )
-    files, schema = write_files(change.rows, location)
+    rows = change.rows
+    if isinstance(rows, DataFrame):
+        files, schema = write_files(rows, location)
+    else:  # an Arrow table, computed on the driver: written here, in one file
+        files = [delta.write_arrow_file(location, rows)] if rows.num_rows else []
+        schema = nullable(rows.schema)
     if not change.replace and base is not None and not delta.same_schema(schema, base.schema):
         delta.discard(location, files)
         raise ValueError(f"{location.uri}: the new rows' schema {schema} differs from the table's {base.schema}")
