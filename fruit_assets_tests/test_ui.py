@@ -400,7 +400,10 @@ def test_materialize_all_in_the_ui(dagster_dev, browser):
         with step(page, "asset-graph-materialized", server, console):
             lineage_link(page).click()
             graph = page.locator("svg foreignObject")
-            expect(graph.get_by_text("Materialized", exact=True)).to_have_count(len(ASSETS))
+            # expect() has its own timeout (5 s), not the context's: give it the test's UI budget. A
+            # node's status can take longer than 5 s to load after the page opens (seen once: the
+            # asset list already showed raw_images materialized while its node still said "Loading...").
+            expect(graph.get_by_text("Materialized", exact=True)).to_have_count(len(ASSETS), timeout=UI_TIMEOUT_MS)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "asset_graph_materialized.png"))
             # For the README (docs/asset_graph.png): the graph alone, at a readable zoom.
