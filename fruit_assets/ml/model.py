@@ -295,9 +295,13 @@ def random_weights(seed: int) -> list[np.ndarray]:
     process cannot change its thread pools once TensorFlow has started. So the weights are computed
     once in a fresh single-threaded process and cached on disk (FRUIT_MODEL_CACHE), keyed by seed and
     TensorFlow/Keras versions; every later build reads the file, without TensorFlow."""
+    from fruit_assets.ml.onnx_model import cache_lock
+
     path = _random_weights_path(seed)
     if not path.exists():
-        _compute_in_subprocess(seed, path)
+        with cache_lock(path):  # computed once, if other processes want the same seed now
+            if not path.exists():
+                _compute_in_subprocess(seed, path)
     with np.load(path) as stored:
         return [stored[f"w{i:03d}"] for i in range(len(stored.files))]
 

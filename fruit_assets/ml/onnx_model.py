@@ -14,6 +14,7 @@ conversion raises `RuntimeUnavailableError`, naming the `runtime` setting.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -21,7 +22,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -121,6 +123,28 @@ def converted_model(weights: list[np.ndarray], fingerprint: str, directory: Path
     cached = _read_cached(path, sidecar)
     if cached is not None:
         return ConvertedModel(cached[0], str(path), False, time.perf_counter() - started, cached[1])
+    with cache_lock(path):
+        cached = _read_cached(path, sidecar)  # another process may have made it while this one waited
+        if cached is not None:
+            return ConvertedModel(cached[0], str(path), False, time.perf_counter() - started, cached[1])
+        return _convert_into_cache(weights, fingerprint, path, sidecar, started)
+
+
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """One process at a time makes the cache entry `path`: concurrent runs on one machine (or parallel
+    test workers) that need the same model wait for the first one's conversion and then read it,
+    instead of each converting it again. The lock is advisory (flock), beside the entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_into_cache(weights: list[np.ndarray], fingerprint: str, path: Path, sidecar: Path, started: float) -> ConvertedModel:
     try:
         data, difference = _convert_and_check(weights)
     except RuntimeUnavailableError:
