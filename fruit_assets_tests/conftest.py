@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +21,15 @@ os.environ["PYSPARK_PYTHON"] = sys.executable
 for name in list(os.environ):
     if name.startswith(("FRUIT_", "AWS_", "DATABRICKS_")):
         del os.environ[name]
+# Every JVM of the tests (the session's, and those of CLI runs, the workspace emulator's tasks, dagster
+# dev's runs) lives for seconds, where HotSpot's optimizing compiler (C2) costs more CPU than it saves:
+# C1 only and the serial collector took a CLI graph run from 34 to 25 CPU-seconds on 2 cores (AMD EPYC,
+# AVX-512). The JIT does not change results. Users' JVMs keep the defaults; so does the demo run of the
+# tests, which checks what a user sees (the java launcher prints a "Picked up" note for this variable).
+TEST_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+os.environ["JDK_JAVA_OPTIONS"] = TEST_JAVA_OPTIONS
 
-from fruit_assets_tests.support import TEST_BUCKET, local_resources, materialize_all  # noqa: E402 - after the clean-up above
+from fruit_assets_tests.support import TEST_BUCKET, TEST_WEIGHTS, local_resources, materialize_all  # noqa: E402 - after the clean-up above
 
 # Markers by what a test needs, so that a fast tier can leave the heavy parts out:
 #   pytest -m "not (spark or s3 or databricks or ui or slow)"     # under a minute
@@ -43,19 +51,46 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {description}")
 
 
+# The groups that take longest (seconds of one worker, measured on 2 cores): they start first, so that
+# the run does not end waiting for one of them while the other workers are idle.
+LONGEST_FIRST = ("demo", "test_databricks_pipeline", "test_delta_tables", "test_databricks_emulator", "test_bad_input",
+                 "test_incremental", "test_runtimes", "test_faults", "test_model")
+
+
+def _group(item) -> str:
+    return next(item.iter_markers("xdist_group")).args[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         names = {_BY_FIXTURE[f] for f in item.fixturenames if f in _BY_FIXTURE}
         names |= {marker for module, marker in _BY_MODULE.items() if item.module.__name__.endswith(module)}
         for name in names:
             item.add_marker(name)
+        # Parallel runs (pytest-xdist, --dist loadgroup): a module's tests go to one worker, so that its
+        # module fixtures start once, unless the module names a group of its own (modules that share a
+        # session fixture such as the demo run).
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rpartition(".")[2]))
+    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a module keeps its order
+
+
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder shared by every worker of this pytest run: with pytest-xdist each worker has its own
+    base temp folder (popen-gwN) under the run's one; without it, the run's own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """ONNX conversions of this test session go to a fresh folder, not the user's cache: every session
-    converts (and checks) the models it uses at least once."""
-    folder = tmp_path_factory.mktemp("model_cache")
+    """ONNX conversions and random weights of this test run go to a fresh folder, not the user's cache:
+    every run converts (and checks) the models it uses once. The parallel workers share it: the cache's
+    lock makes one of them convert a model while the others wait and read it."""
+    folder = shared_tmp(tmp_path_factory) / "model_cache"
+    folder.mkdir(exist_ok=True)
     os.environ["FRUIT_MODEL_CACHE"] = str(folder)
     yield folder
     os.environ.pop("FRUIT_MODEL_CACHE", None)
@@ -104,6 +139,30 @@ def demo_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo(demo_images, tmp_path_factory):
+    """`python -m fruit_assets.demo` on the demo set, as a newcomer runs it, into a new DAGSTER_HOME, with a
+    fresh model cache (so that it starts TensorFlow to build and convert the model, as a first run does).
+    Its instance and storage serve the UI tests and a CLI run after it (test_quiet, test_ui: one group of
+    workers' tests). Returns (its environment, stdout, stderr)."""
+    base = tmp_path_factory.mktemp("newcomer")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("FRUIT_", "AWS_", "DATABRICKS_"))}
+    env.pop("JDK_JAVA_OPTIONS")  # as a user runs it
+    env |= {
+        "FRUIT_IMAGES_URI": str(demo_images),
+        "FRUIT_STORAGE_URI": str(base / "storage"),
+        "FRUIT_MODEL_WEIGHTS": TEST_WEIGHTS,
+        "FRUIT_MODEL_CACHE": str(base / "model_cache"),
+        "DAGSTER_HOME": str(base / "dagster_home"),  # not made yet: the demo makes it
+        "PYTHONUNBUFFERED": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "fruit_assets.demo"], cwd=base, env=env, capture_output=True, text=True, timeout=15 * 60
+    )
+    assert done.returncode == 0, f"the demo failed:\n{done.stdout}\n{done.stderr}"
+    return env, done.stdout, done.stderr
+
+
+@pytest.fixture(scope="session")
 def demo_run(spark, demo_images, tmp_path_factory):
     """The whole graph materialized once on the demo set, for the tests that inspect its outputs."""
     storage = tmp_path_factory.mktemp("storage")
@@ -125,8 +184,18 @@ CHROMIUM_ARGS = [
 ]
 
 @pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's Chromium, installed with apt-get when missing (needs root, as on CI)."""
+def chromium(tmp_path_factory) -> str:
+    """Debian's Chromium, installed with apt-get when missing (needs root, as on CI). One parallel worker
+    installs it while any other that needs it waits (apt-get refuses to run twice at once)."""
+    import fcntl
+
+    with open(shared_tmp(tmp_path_factory) / "chromium.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _install_chromium()
+    return CHROMIUM
+
+
+def _install_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         if shutil.which("apt-get") is None or os.geteuid() != 0:
             pytest.fail(
@@ -142,7 +211,6 @@ def chromium() -> str:
         print(f"installed {CHROMIUM_PACKAGE} with apt-get in {time.monotonic() - started:.0f} s")
         if not os.path.exists(CHROMIUM):
             pytest.fail(f"apt-get installed {CHROMIUM_PACKAGE} but {CHROMIUM} does not exist")
-    return CHROMIUM
 
 
 @pytest.fixture(scope="session")

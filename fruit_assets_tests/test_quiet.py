@@ -2,11 +2,11 @@
 demo's screen stays short, and `dagster dev` on the demo's instance shows its four materializations and
 their plots.
 
-One demo run (a subprocess, as a user runs it) serves every test here; the CLI run reuses its storage
-and instance, so it is an incremental run: quick, but it starts the Spark JVM and workers again.
+One demo run (a subprocess, as a user runs it: the session fixture `demo`) serves the tests here and in
+test_ui, which shows it in `dagster dev`; the CLI run reuses its storage and instance, so it is an
+incremental run: quick, but it starts the Spark JVM and workers again.
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fruit_assets_tests.support import TEST_WEIGHTS
-from fruit_assets_tests.test_ui import ARTIFACTS, DagsterDev, metadata_image
-
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.xdist_group("demo")]  # with test_ui: one demo run
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 15 * 60  # the machine may be busy
@@ -48,32 +45,10 @@ NOISE = [
 ]
 NOISE_RE = re.compile("|".join(f"(?:{pattern})" for pattern in NOISE))
 SUMMARY_ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
-PLOTS = {"raw_images": "sample_images", "pca_model": "explained_variance_plot", "reduced_features": "pca_scatter_plot"}
 
 
 def noise(text: str) -> list[str]:
     return [line for line in text.splitlines() if NOISE_RE.search(line)]
-
-
-@pytest.fixture(scope="module")
-def demo(demo_images, tmp_path_factory):
-    """`python -m fruit_assets.demo` on the demo set, into a new DAGSTER_HOME, with a fresh model cache
-    (so that it starts TensorFlow to build and convert the model, as a first run does)."""
-    base = tmp_path_factory.mktemp("newcomer")
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("FRUIT_", "AWS_", "DATABRICKS_"))}
-    env |= {
-        "FRUIT_IMAGES_URI": str(demo_images),
-        "FRUIT_STORAGE_URI": str(base / "storage"),
-        "FRUIT_MODEL_WEIGHTS": TEST_WEIGHTS,
-        "FRUIT_MODEL_CACHE": str(base / "model_cache"),
-        "DAGSTER_HOME": str(base / "dagster_home"),  # not made yet: the demo makes it
-        "PYTHONUNBUFFERED": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "fruit_assets.demo"], cwd=base, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-    )
-    assert done.returncode == 0, f"the demo failed:\n{done.stdout}\n{done.stderr}"
-    return env, done.stdout, done.stderr
 
 
 def test_the_demo_prints_a_short_summary_and_no_noise(demo):
@@ -94,41 +69,6 @@ def test_the_demo_prints_a_short_summary_and_no_noise(demo):
     assert summary[-1].startswith("open them in the Dagster UI"), summary[-1]
     assert f"DAGSTER_HOME={env['DAGSTER_HOME']}" in summary[-1] and "dagster dev" in summary[-1]
     assert (Path(env["DAGSTER_HOME"]) / "dagster.yaml").exists()
-
-
-@pytest.mark.ui
-def test_the_ui_shows_the_demo_run_with_its_plots(demo, browser):
-    env, stdout, _ = demo
-    [short_run_id] = re.findall(r"\(run ([0-9a-f]{8})\)", stdout)
-    ARTIFACTS.mkdir(exist_ok=True)
-    server = DagsterDev(Path(env["DAGSTER_HOME"]), env, ARTIFACTS / "dagster_dev_after_demo.log")
-    try:
-        server.wait_until_ready()
-        query = """query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { __typename
-            ... on Asset { assetMaterializations(limit: 1) { runId metadataEntries { label __typename } } } } }"""
-        for name in SUMMARY_ASSETS:
-            asset = server.graphql(query, {"path": [name]})["assetOrError"]
-            assert asset["__typename"] == "Asset", f"{name}: {asset}"
-            [latest] = asset["assetMaterializations"]  # materialized, by the demo's run
-            assert latest["runId"].startswith(short_run_id), (name, latest["runId"])
-            labels = {entry["label"]: entry["__typename"] for entry in latest["metadataEntries"]}
-            if name in PLOTS:
-                assert labels.get(PLOTS[name]) == "MarkdownMetadataEntry", (name, sorted(labels))
-        # And a person's view: pca_model's page shows its plot.
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(60_000)
-        try:
-            page.goto(f"{server.url}/assets/pca_model")
-            page.get_by_text("Latest materialization").first.wait_for(state="visible")
-            metadata_image(page, PLOTS["pca_model"])
-            page.screenshot(path=str(ARTIFACTS / "pca_model_after_demo.png"))
-        finally:
-            page.close()
-    finally:
-        returncode, leftovers = server.stop()
-    assert returncode == 0 and not leftovers, (returncode, leftovers)
-    log = server.log_path.read_text(errors="replace")
-    assert not noise(log), noise(log)  # loading the code location starts nothing noisy either
 
 
 def test_a_cli_run_has_no_java_or_tensorflow_start_up_noise(demo):

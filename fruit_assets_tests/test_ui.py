@@ -1,6 +1,8 @@
 """End to end through the Dagster UI: `dagster dev` on a free loopback port, driven by headless Chromium.
 
-The test opens the asset lineage, checks the four assets and their edges, clicks "Materialize all", waits
+`dagster dev` runs on the instance of the demo run (the session fixture `demo`, shared with test_quiet),
+as a newcomer opens it after the demo: the first test finds the demo's materializations and plots. The
+second opens the asset lineage, checks the four assets and their edges, clicks "Materialize all", waits
 for the run to succeed and opens the pca_model asset page. Artifacts go to `test-artifacts/` (repo root,
 gitignored): asset_graph.png (before the run), run_success.png, pca_model.png (with the plot's dialog open
 once the plots are wired), asset_graph_materialized.png, asset_graph_readme.png (the
@@ -34,7 +36,9 @@ from pathlib import Path
 
 import pytest
 
-from fruit_assets_tests.support import TEST_WEIGHTS
+from fruit_assets_tests.test_quiet import noise
+
+pytestmark = pytest.mark.xdist_group("demo")  # with test_quiet: one demo run
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -50,8 +54,9 @@ RUN_TIMEOUT_S = 6 * 60  # the whole graph: about 1-2 min with random weights on 
 STOP_TIMEOUT_S = 60
 UI_TIMEOUT_MS = 60_000
 
-# The metadata key (and image alt text) of the explained-variance plot on pca_model.
-PCA_PLOT_KEY = "explained_variance_plot"
+# The metadata keys (and image alt texts) of the plots.
+PLOTS = {"raw_images": "sample_images", "pca_model": "explained_variance_plot", "reduced_features": "pca_scatter_plot"}
+PCA_PLOT_KEY = PLOTS["pca_model"]
 
 
 # --- what the test needs: Chromium and Playwright ---
@@ -194,20 +199,12 @@ class DagsterDev:
 
 
 @pytest.fixture(scope="module")
-def dagster_dev(tmp_path_factory):
-    from fruit_assets.demo_data import generate_demo_set
-
-    base = tmp_path_factory.mktemp("dagster_ui")
-    images = base / "images"
-    generate_demo_set(images)  # 24 labels x 3 images
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("FRUIT_", "AWS_", "DATABRICKS_"))}
-    env |= {
-        "FRUIT_IMAGES_URI": str(images),
-        "FRUIT_STORAGE_URI": str(base / "storage"),
-        "FRUIT_MODEL_WEIGHTS": TEST_WEIGHTS,
-    }
+def dagster_dev(demo):
+    """`dagster dev` on the demo's instance and storage (the session fixture `demo`): the UI first shows
+    the demo's run, then materializes the graph again (an incremental run on the demo's tables)."""
+    env, _, _ = demo
     ARTIFACTS.mkdir(exist_ok=True)
-    server = DagsterDev(base / "dagster_home", env, ARTIFACTS / "dagster_dev.log")
+    server = DagsterDev(Path(env["DAGSTER_HOME"]), env, ARTIFACTS / "dagster_dev.log")
     try:
         seconds = server.wait_until_ready()
         print(f"dagster dev ready at {server.url} in {seconds:.1f} s")
@@ -301,6 +298,35 @@ def lineage_link(page):
 
 
 # --- the test ---
+
+
+def test_the_ui_shows_the_demo_run_with_its_plots(dagster_dev, demo, browser):
+    """What the demo's last line promises: `dagster dev` on its instance shows its four materializations
+    and their plots."""
+    _, stdout, _ = demo
+    [short_run_id] = re.findall(r"\(run ([0-9a-f]{8})\)", stdout)
+    server = dagster_dev
+    # The demo's materialization of each asset, among the latest few (a CLI run on the same instance,
+    # test_quiet's, may have come after it).
+    query = """query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { __typename
+        ... on Asset { assetMaterializations(limit: 10) { runId metadataEntries { label __typename } } } } }"""
+    for name in ASSETS:
+        asset = server.graphql(query, {"path": [name]})["assetOrError"]
+        assert asset["__typename"] == "Asset", f"{name}: {asset}"
+        [by_demo] = [m for m in asset["assetMaterializations"] if m["runId"].startswith(short_run_id)]
+        labels = {entry["label"]: entry["__typename"] for entry in by_demo["metadataEntries"]}
+        if name in PLOTS:
+            assert labels.get(PLOTS[name]) == "MarkdownMetadataEntry", (name, sorted(labels))
+    # And a person's view: pca_model's page shows its plot.
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        page.goto(f"{server.url}/assets/pca_model")
+        page.get_by_text("Latest materialization").first.wait_for(state="visible")
+        metadata_image(page, PLOTS["pca_model"])
+        page.screenshot(path=str(ARTIFACTS / "pca_model_after_demo.png"))
+    finally:
+        page.close()
 
 
 def test_materialize_all_in_the_ui(dagster_dev, browser):
@@ -429,3 +455,5 @@ def test_materialize_all_in_the_ui(dagster_dev, browser):
     print(f"test took {time.monotonic() - started:.0f} s; dagster dev exit code {returncode}")
     assert returncode == 0, f"dagster dev did not exit cleanly on SIGINT: exit code {returncode}\n{server.log_tail()}"
     assert not leftovers, f"processes left running after dagster dev exited: {leftovers}"
+    log = server.log_path.read_text(errors="replace")
+    assert not noise(log), noise(log)  # loading the code location, and the run, start nothing noisy
