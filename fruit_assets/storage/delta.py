@@ -46,7 +46,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fruit_assets.storage import Location, s3_endpoint, s3_region
-from fruit_assets.storage.transient import DELTA_RETRY_OPTIONS, gave_up, is_transient, last_status
+from fruit_assets.storage.transient import (
+    DELTA_RETRY_OPTIONS,
+    S3_MAX_ATTEMPTS,
+    TransientStorageError,
+    gave_up,
+    is_transient,
+    last_status,
+)
 
 LOG_DIR = "_delta_log"
 COMMIT_KEY = "fruit_assets"  # our entry in a commit's commitInfo: what else the version consists of
@@ -120,6 +127,17 @@ def storage_options(location: Location) -> dict[str, str]:
     return options
 
 
+@contextlib.contextmanager
+def _s3_operation(operation: str, location: Location):
+    """Turn a transient S3 fault that outlived the client's retries into an error that says so."""
+    try:
+        yield
+    except OSError as error:
+        if location.is_local or isinstance(error, TransientStorageError) or not is_transient(error):
+            raise
+        raise gave_up(operation, location.uri, s3_endpoint(), error, f"{S3_MAX_ATTEMPTS} attempts per request") from error
+
+
 def _delta_table(location: Location, version: int | None = None):
     from deltalake import DeltaTable
 
@@ -139,6 +157,11 @@ def _log_entries(location: Location, limit: int | None = None) -> list[str]:
 
 def snapshot(location: Location, version: int | None = None) -> Snapshot | None:
     """The table at `version` (default: the latest), or None if there is no table there yet."""
+    with _s3_operation("Reading the Delta log", location):
+        return _snapshot(location, version)
+
+
+def _snapshot(location: Location, version: int | None) -> Snapshot | None:
     if not is_table(location):
         return None
     table = _delta_table(location, version)
@@ -221,9 +244,10 @@ def write_arrow_file(location: Location, table: pa.Table, name: str | None = Non
     if location.is_local:  # S3 has no folders to create
         location.filesystem.create_dir(location.path, recursive=True)
     path = posixpath.join(location.path, name)
-    # Spark's timestamps are microseconds, and so are Delta's.
-    pq.write_table(table, path, filesystem=location.filesystem, coerce_timestamps="us", allow_truncated_timestamps=True)
-    return DataFile(name, location.filesystem.get_file_info(path).size, table.num_rows)
+    with _s3_operation(f"Writing data file {name}", location):
+        # Spark's timestamps are microseconds, and so are Delta's.
+        pq.write_table(table, path, filesystem=location.filesystem, coerce_timestamps="us", allow_truncated_timestamps=True)
+        return DataFile(name, location.filesystem.get_file_info(path).size, table.num_rows)
 
 
 def _add_action(file: DataFile):
@@ -376,17 +400,18 @@ def discard_prefix(location: Location, prefix: str) -> None:
 
 def read_arrow(location: Location, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
     """The rows of a version of the table (default: the latest)."""
-    table = _delta_table(location, version).to_pyarrow_table(columns=columns)
-    return table
+    with _s3_operation("Reading the table", location):
+        return _delta_table(location, version).to_pyarrow_table(columns=columns)
 
 
 def vacuum(location: Location, retention_hours: int) -> list[str]:
     """Delete data files removed from the table more than `retention_hours` ago, and files no commit
     ever added (left by failed writers) once they are that old. Versions younger than the retention
     stay readable. Returns the deleted paths."""
-    table = _delta_table(location)
-    # full: also files that no commit references (a killed writer's), not only removed ones.
-    return table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
+    with _s3_operation("Vacuum", location):
+        table = _delta_table(location)
+        # full: also files that no commit references (a killed writer's), not only removed ones.
+        return table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
 
 
 def commit_or_discard(
