@@ -96,7 +96,7 @@ DEV_BUCKET = "fruit"
 STOP_TIMEOUT = 15.0
 # botocore's standard mode: 503 SlowDown, 500s, resets and timeouts retried with capped exponential
 # backoff and jitter, 5 attempts in all, like the product's clients (fruit_assets.storage.transient).
-BOTO_RETRIES = {"mode": "standard", "max_attempts": 5}
+BOTO_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 
 # Components of `weed mini` 4.48 that listen on TCP by default; each gets
 # -<c>.port=P and -<c>.port.grpc=P+10000 (both checked free). The admin server

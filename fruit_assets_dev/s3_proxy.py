@@ -134,7 +134,7 @@ class CountingProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _fault_for(self, method: str, target: str) -> str | None:
+    def choose_fault(self, method: str, target: str) -> str | None:
         """The fault to inject into this request (none here: see FaultProxy)."""
         return None
 
@@ -173,7 +173,7 @@ class CountingProxy:
                     self.counts[kind] += 1
                 if self.on_request is not None and self.on_request(kind, target) is False:
                     return  # dropped: the finally clause closes both sides
-                fault = self._fault_for(method, target)
+                fault = self.choose_fault(method, target)
                 if fault == "reset":
                     _reset(client)
                     return
@@ -280,7 +280,8 @@ class FaultProxy(CountingProxy):
             self._rules.append([rule, times])
         return rule
 
-    def _fault_for(self, method: str, target: str) -> str | None:
+    def choose_fault(self, method: str, target: str) -> str | None:
+        """The fault this request gets (counted as injected), or None."""
         with self._lock:
             fault = self._ruled_fault(method, target) or self._drawn_fault(method, target)
             if fault is not None:

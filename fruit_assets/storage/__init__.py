@@ -154,6 +154,9 @@ def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple) ->
         # attempt. Every S3 client's retries are described in `storage.transient`.
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         "connect_timeout": 5,
+        # A small file is then uploaded in one PUT when it is closed, not as a multipart upload (three
+        # requests): fewer round trips, and one whole-object PUT is safe to repeat after a lost answer.
+        "allow_delayed_open": True,
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

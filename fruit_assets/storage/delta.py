@@ -244,10 +244,33 @@ def write_arrow_file(location: Location, table: pa.Table, name: str | None = Non
     if location.is_local:  # S3 has no folders to create
         location.filesystem.create_dir(location.path, recursive=True)
     path = posixpath.join(location.path, name)
+    out = pa.BufferOutputStream()
+    # Spark's timestamps are microseconds, and so are Delta's.
+    pq.write_table(table, out, coerce_timestamps="us", allow_truncated_timestamps=True)
+    data = out.getvalue()
     with _s3_operation(f"Writing data file {name}", location):
-        # Spark's timestamps are microseconds, and so are Delta's.
-        pq.write_table(table, path, filesystem=location.filesystem, coerce_timestamps="us", allow_truncated_timestamps=True)
-        return DataFile(name, location.filesystem.get_file_info(path).size, table.num_rows)
+        _upload(location, path, data)
+    return DataFile(name, data.size, table.num_rows)
+
+
+def _upload(location: Location, path: str, data: pa.Buffer) -> None:
+    """Store `data` at `path`, a name no other write uses. The S3 client retries each request; a
+    large file is a multipart upload, and when the answer to its last request (complete the upload)
+    is lost, the client's retry is refused (the upload is gone: it was completed). The file is then
+    there, whole: its size says so. Otherwise the whole upload is made again, which is safe: same
+    name, same bytes."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            with location.filesystem.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        except OSError:
+            with contextlib.suppress(OSError):
+                if location.filesystem.get_file_info(path).size == data.size:
+                    return
+            if location.is_local or attempt == COMMIT_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0, COMMIT_BACKOFF_SECONDS * 2**attempt))
 
 
 def _add_action(file: DataFile):

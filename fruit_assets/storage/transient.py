@@ -80,7 +80,7 @@ def last_status(error: BaseException) -> str:
 def clean(text: str) -> str:
     """An error text fit for users: no terminal colours, and no credential from the environment."""
     text = _ANSI.sub("", text).replace("↳", "").replace("\u200b", "")
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):  # the key id is no secret, and may be a common word
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
