@@ -256,7 +256,7 @@ def write_arrow_file(location: Location, table: pa.Table, name: str | None = Non
 def _upload(location: Location, path: str, data: pa.Buffer) -> None:
     """Store `data` at `path`, a name no other write uses. The S3 client retries each request; a
     large file is a multipart upload, and when the answer to its last request (complete the upload)
-    is lost, the client's retry is refused (the upload is gone: it was completed). The file is then
+    is lost, a store may refuse the client's retry (the upload is gone: it was completed). The file is then
     there, whole: its size says so. Otherwise the whole upload is made again, which is safe: same
     name, same bytes."""
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
