@@ -27,7 +27,7 @@ from fruit_assets.storage.transient import TransientStorageError
 from fruit_assets_dev.s3_proxy import FaultProxy
 from fruit_assets_tests.support import TEST_BUCKET, io_manager, read_asset
 
-GENERATIONS = 6
+GENERATIONS = 5
 SCHEMA = pa.schema([("path", pa.string()), ("n", pa.int64())])
 
 
@@ -104,12 +104,12 @@ def test_the_proxy_injects_what_it_says(s3, proxy):
     assert [fault for fault, *_ in proxy.injected_log] == ["slowdown", "reset", "lost", "slow"]
 
 
-def test_fault_rates_are_kept_and_the_draws_follow_the_seed(s3):
+def test_fault_rates_are_kept_and_the_draws_follow_the_seed():
     requests = [("GET", f"/bucket/key-{i}") for i in range(4000)]
     random.Random(1).shuffle(requests)
 
     def draws(seed: int, order) -> dict:
-        proxy = FaultProxy(s3.port, slowdown=0.05, reset=0.03, lost=0.02, slow=0.01, seed=seed)
+        proxy = FaultProxy(9, slowdown=0.05, reset=0.03, lost=0.02, slow=0.01, seed=seed)  # not started: draws only
         return {request: proxy.choose_fault(*request) for request in order}
 
     first = draws(7, requests)
@@ -176,7 +176,7 @@ def test_a_real_conflict_still_loses_cleanly(table, proxy):
 
 def test_writes_go_through_a_few_percent_of_each_fault(proxy):
     """Versions committed through the IO manager (snapshot, data file, commit, vacuum, read back)
-    while the proxy injects each fault into 3% of the about 170 requests, and each kind at least once
+    while the proxy injects each fault into 3% of the about 140 requests, and each kind at least once
     where it hurts most (the names of data files are random, and so are the draws of their requests)."""
     storage = f"s3://{TEST_BUCKET}/faults-{uuid.uuid4().hex[:8]}"
     manager = io_manager(storage)
@@ -228,3 +228,53 @@ def test_a_fault_that_outlives_the_retries_says_what_happened(table, proxy, s3):
     message = str(caught.value)
     for expected in (f"Reading the table of {table.uri}", proxy.endpoint_url, "503 Service Unavailable", "5 attempts"):
         assert expected in message, message
+
+
+# What the clients say, as captured through the proxy (pyarrow's AWS SDK, delta-rs' object_store).
+PYARROW_SLOWDOWN = (
+    "When initiating multiple part upload for key 't1/part-3c.parquet' in bucket 'fruit-exp': AWS Error "
+    "SLOW_DOWN during CreateMultipartUpload operation: Please reduce your request rate. (Request ID: fault-proxy)"
+)
+PYARROW_RESET = (
+    "When initiating multiple part upload for key 't1/part-a5.parquet' in bucket 'fruit-exp': AWS Error "
+    "NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 56, Failure when receiving data from "
+    "the peer; Details: Recv failure: Connection reset by peer"
+)
+OBJECT_STORE_503 = (
+    "Kernel error -> Generic S3 error\n          \x1b[31m↳\x1b[0m Error performing GET http://127.0.0.1:36947/"
+    "fruit-exp/t1/_delta_log/_last_checkpoint in 188.054144ms, after 3 retries, max_retries\n           "
+    "\x1b[31m↳\x1b[0m 3, retry_timeout\n            \x1b[31m↳\x1b[0m 20s  - Server returned non-2xx status code\n"
+    "             \x1b[31m↳\x1b[0m 503 Service Unavailable\n              \x1b[31m↳\x1b[0m <?xml version=\"1.0\"?>"
+    "<Error><Code>SlowDown</Code></Error>\n"
+)
+
+
+@pytest.mark.parametrize(
+    "message, status",
+    [
+        (PYARROW_SLOWDOWN, "SLOW_DOWN (CreateMultipartUpload): Please reduce your request rate."),
+        (PYARROW_RESET, "NETWORK_CONNECTION (CreateMultipartUpload): curlCode: 56, Failure when receiving data from the peer"),
+        (OBJECT_STORE_503, "503 Service Unavailable"),
+    ],
+    ids=["pyarrow-slowdown", "pyarrow-reset", "object_store-503"],
+)
+def test_transient_faults_are_recognized_and_their_last_status_named(message, status):
+    from fruit_assets.storage.transient import is_transient, last_status
+
+    assert is_transient(OSError(message))
+    assert last_status(OSError(message)) == status
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "AWS Error ACCESS_DENIED during PutObject operation: Access Denied",
+        "No such file or directory: s3://bucket/images/r0_500.jpg",
+        "Generic S3 error: Server returned non-2xx status code: 403 Forbidden",
+    ],
+    ids=["access-denied", "a-500-in-a-name", "forbidden"],
+)
+def test_lasting_errors_are_not_taken_for_transient_ones(message):
+    from fruit_assets.storage.transient import is_transient
+
+    assert not is_transient(OSError(message))

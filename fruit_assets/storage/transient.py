@@ -38,9 +38,10 @@ DELTA_RETRY_OPTIONS = {
 
 # What the clients say about faults that are worth another try (pyarrow's AWS SDK, object_store).
 _TRANSIENT = re.compile(
-    r"\b50[0234]\b|SLOW_?DOWN|SlowDown|INTERNAL_FAILURE|SERVICE_UNAVAILABLE|NETWORK_CONNECTION|REQUEST_TIMEOUT"
-    r"|Connection reset|connection error|error sending request|Empty reply|timed? ?out|Broken pipe"
-    r"|curlCode: (?:7|28|52|55|56)\b|IncompleteMessage|connection closed",
+    r"\b50[0234] (?:Service Unavailable|Internal Server Error|Bad Gateway|Gateway Time-?out|Slow Down)"
+    r"|SLOW_?DOWN|<Code>SlowDown|INTERNAL_FAILURE|SERVICE_UNAVAILABLE|NETWORK_CONNECTION|REQUEST_TIMEOUT"
+    r"|Connection reset|connection error|error sending request|Empty reply|\btimed out\b|Broken pipe"
+    r"|curlCode: (?:7|28|52|55|56)\b|IncompleteMessage|connection closed before message completed",
     re.IGNORECASE,
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
