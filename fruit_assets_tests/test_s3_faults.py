@@ -278,3 +278,12 @@ def test_lasting_errors_are_not_taken_for_transient_ones(message):
     from fruit_assets.storage.transient import is_transient
 
     assert not is_transient(OSError(message))
+
+
+def test_a_local_spark_master_retries_failed_tasks_as_a_cluster_does():
+    from fruit_assets.resources import local_spark_config, with_task_retries
+
+    assert [with_task_retries(m) for m in ("local", "local[2]", "local[*]", "local[2,3]", "spark://host:7077")] == [
+        "local[1,4]", "local[2,4]", "local[*,4]", "local[2,3]", "spark://host:7077"
+    ]
+    assert local_spark_config("local[2]")["spark.master"] == "local[2,4]"
