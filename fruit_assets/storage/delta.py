@@ -256,19 +256,19 @@ def write_arrow_file(location: Location, table: pa.Table, name: str | None = Non
 def _upload(location: Location, path: str, data: pa.Buffer) -> None:
     """Store `data` at `path`, a name no other write uses. The S3 client retries each request; a
     large file is a multipart upload, and when the answer to its last request (complete the upload)
-    is lost, a store may refuse the client's retry (the upload is gone: it was completed). The file is then
-    there, whole: its size says so. Otherwise the whole upload is made again, which is safe: same
-    name, same bytes."""
+    is lost, a store may refuse the client's retry (the upload is gone: it was completed). The file
+    is then there, whole: its size says so. Otherwise, after a transient fault, the whole upload is
+    made again, which is safe: same name, same bytes."""
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             with location.filesystem.open_output_stream(path) as stream:
                 stream.write(data)
             return
-        except OSError:
+        except OSError as error:
             with contextlib.suppress(OSError):
                 if location.filesystem.get_file_info(path).size == data.size:
                     return
-            if location.is_local or attempt == COMMIT_ATTEMPTS:
+            if location.is_local or not is_transient(error) or attempt == COMMIT_ATTEMPTS:
                 raise
             time.sleep(random.uniform(0, COMMIT_BACKOFF_SECONDS * 2**attempt))
 
