@@ -59,7 +59,7 @@ class DeltaIOManager(ConfigurableIOManager):
             handler.expire(table, self.storage.retention_hours)
         stored = delta.snapshot(table, version)
         assert stored is not None, f"{table.uri}: version {version} was just committed"
-        context.add_output_metadata(commit_metadata(stored, base, written))
+        context.add_output_metadata(commit_metadata(stored, base, written) | retry_metadata(delta.last_commit_attempts(table)))
 
     def load_input(self, context: InputContext):
         value = load_asset(self.storage, context.asset_key, context.dagster_type.typing_type)
@@ -91,6 +91,17 @@ def commit_metadata(stored: Snapshot, base: Snapshot | None, seconds: float) -> 
         "bytes_written": sum(f.size for f in added),
         "write_seconds": round(seconds, 2),
     }
+
+
+def retry_metadata(attempts: delta.CommitAttempts | None) -> dict:
+    """What transient S3 faults cost the commit: `commit_attempts` (commit requests made, 1 without
+    faults) and `commit_answers_lost` (failed requests that the log showed had been made).
+
+    These are the retries this code makes and sees. The S3 clients' own retries of single requests
+    (pyarrow's AWS SDK, delta-rs' object_store) are not counted: neither library reports them."""
+    if attempts is None:
+        return {}
+    return {"commit_attempts": attempts.attempts, "commit_answers_lost": attempts.resolved_from_log}
 
 
 def load_asset(storage: Storage | str, asset: AssetKey | str, as_type: type = object, version: int | None = None):

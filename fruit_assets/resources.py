@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,11 @@ FORWARDED_TO_CLUSTER = (
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
 )
 DEFAULT_SPARK_MASTER = "local[*,4]"
+# Attempts per Spark task, as spark.task.maxFailures gives on a cluster: a task that fails on a
+# transient fault (an S3 error that outlived the client's retries, a Python worker killed) runs again.
+# Its files are written under new names each time, so a repeated task is safe.
+SPARK_TASK_ATTEMPTS = 4
+_PLAIN_LOCAL_MASTER = re.compile(r"^local(?:\[(\*|\d+)\])?$")
 
 
 class ImageSource(FromEnvironment, ConfigurableResource):
@@ -196,11 +202,18 @@ class LocalSpark(FromEnvironment, PySparkResource):
             log.info(f"Spark UI: {url}")
 
 
+def with_task_retries(master: str) -> str:
+    """`local` and `local[N]` give a failed task one attempt (local mode ignores spark.task.maxFailures);
+    they become `local[N,4]`, as a cluster would retry. Other masters are left as they are."""
+    match = _PLAIN_LOCAL_MASTER.match(master.strip())
+    return f"local[{match.group(1) or 1},{SPARK_TASK_ATTEMPTS}]" if match else master
+
+
 def local_spark_config(master: str | None = None, driver_memory: str = "4g") -> dict[str, str]:
     config = {
         # local[N,F]: plain local[N] never retries a failed task; F=4 attempts lets a Python worker
-        # that dies (killed, out of memory) be replaced, as on a cluster.
-        "spark.master": master or os.environ.get("FRUIT_SPARK_MASTER") or DEFAULT_SPARK_MASTER,
+        # that dies (killed, out of memory) be replaced, and a task that met an S3 fault run again.
+        "spark.master": with_task_retries(master or os.environ.get("FRUIT_SPARK_MASTER") or DEFAULT_SPARK_MASTER),
         "spark.app.name": "fruit_assets",
         "spark.driver.memory": driver_memory,
         "spark.python.worker.reuse": "true",  # keep workers, and the model each one built, across tasks

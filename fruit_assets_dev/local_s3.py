@@ -94,6 +94,9 @@ DEV_PORT = 8333
 DEV_DIR = "./data/s3"
 DEV_BUCKET = "fruit"
 STOP_TIMEOUT = 15.0
+# botocore's standard mode: 503 SlowDown, 500s, resets and timeouts retried with capped exponential
+# backoff and jitter, 5 attempts in all, like the product's clients (fruit_assets.storage.transient).
+BOTO_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 
 # Components of `weed mini` 4.48 that listen on TCP by default; each gets
 # -<c>.port=P and -<c>.port.grpc=P+10000 (both checked free). The admin server
@@ -231,6 +234,7 @@ def _make_client(endpoint_url: str | None, access_key: str | None, secret_key: s
     import boto3
     from botocore.config import Config
 
+    config_kwargs.setdefault("retries", BOTO_RETRIES)
     config = Config(s3={"addressing_style": "path"}, signature_version="s3v4", **config_kwargs)
     return boto3.client(
         "s3",
@@ -541,7 +545,9 @@ def upload_tree(local_root: str | os.PathLike, s3_uri: str, client=None) -> int:
 
         # A fresh session reads the AWS settings as they are now: boto3's default session caches the
         # credentials it first resolved, for the life of the process.
-        client = boto3.session.Session().client("s3")
+        from botocore.config import Config
+
+        client = boto3.session.Session().client("s3", config=Config(retries=BOTO_RETRIES))
     count = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()

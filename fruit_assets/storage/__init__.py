@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from fruit_assets.storage.transient import S3_MAX_ATTEMPTS
+
 DEFAULT_REGION = "eu-central-1"  # Frankfurt: the product's default, chosen for GDPR
 # pyarrow makes every S3 request on its IO thread pool (8 threads by default), and sizes the S3
 # client's connection pool from that pool when the filesystem is created (at least 25 connections).
@@ -147,10 +149,14 @@ def resolve(uri: str, setting: str = "storage URI") -> Location:
 def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple) -> pafs.S3FileSystem:
     kwargs: dict = {
         "region": region,
-        # Transient errors (throttling, 5xx, dropped connections) are retried with exponential
-        # backoff by the AWS SDK; a lasting outage still fails after the last attempt.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        # Transient errors (throttling, 5xx, dropped connections, timeouts) are retried with capped
+        # exponential backoff and jitter by the AWS SDK; a lasting outage still fails after the last
+        # attempt. Every S3 client's retries are described in `storage.transient`.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         "connect_timeout": 5,
+        # A small file is then uploaded in one PUT when it is closed, not as a multipart upload (three
+        # requests): fewer round trips, and one whole-object PUT is safe to repeat after a lost answer.
+        "allow_delayed_open": True,
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

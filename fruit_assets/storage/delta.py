@@ -9,9 +9,17 @@ they are older than the retention period. Every commit is a version that can be 
 (`DeltaTable(uri, version=N)`, polars `read_delta(uri, version=N)`) until vacuum removes its files.
 
 Commits are never retried on top of a newer version: each is made against the version its writer
-read (`Snapshot`), with delta-rs' retries off. On S3 the log entry is written with a conditional put
-(`If-None-Match`), so when two writers commit at once exactly one wins; the other gets a
+read (`Snapshot`), with delta-rs' commit retries off. On S3 the log entry is written with a conditional
+put (`If-None-Match`), so when two writers commit at once exactly one wins; the other gets a
 `TableConflictError` and nothing of it becomes visible. Never a mix, never a lost commit.
+
+S3 faults (see `storage.transient`). Every request is retried by its client when the fault is
+transient, except the conditional put of the log entry after a reset or a lost answer: it may have
+been applied. So a commit whose request fails is resolved by reading the log at the version it was
+to create, where each commit leaves its own transaction id: its id there, the commit was made; another
+writer's commit there, a real conflict; nothing there, the commit is tried again. A conflict is
+reported only when another writer's commit was seen, and data files are deleted after a failed commit
+only then: a commit that looked failed to its writer may still be in the log.
 
 delta-rs (the `deltalake` package, no JVM) writes the log. It has its own S3 client: it gets the
 endpoint and region here, and finds the credentials in the environment itself, as pyarrow and boto3
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import random
 import re
 import time
 import uuid
@@ -37,14 +46,28 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fruit_assets.storage import Location, s3_endpoint, s3_region
+from fruit_assets.storage.transient import (
+    DELTA_RETRY_OPTIONS,
+    S3_MAX_ATTEMPTS,
+    TransientStorageError,
+    gave_up,
+    is_transient,
+    last_status,
+)
 
 LOG_DIR = "_delta_log"
 COMMIT_KEY = "fruit_assets"  # our entry in a commit's commitInfo: what else the version consists of
 DEFAULT_RETENTION_HOURS = 168  # 7 days, Delta's own default for removed files
 
 
+TRANSACTION_KEY = "fruit_assets_transaction"  # a commit's own id in its commitInfo (see `commit`)
+COMMIT_ATTEMPTS = 3  # commit requests when transient faults make one fail; each request is retried by S3 too
+COMMIT_BACKOFF_SECONDS = 0.5
+
+
 class TableConflictError(RuntimeError):
-    """Another writer committed to the table since this writer read it; nothing was committed."""
+    """Another writer's commit was seen at the version this writer was to create: nothing of this
+    writer was committed."""
 
 
 @dataclass(frozen=True)
@@ -92,16 +115,27 @@ def table_uri(location: Location) -> str:
 
 
 def storage_options(location: Location) -> dict[str, str]:
-    """delta-rs settings for the location: endpoint and region (no credentials: delta-rs reads them
-    from the environment, like pyarrow and boto3)."""
+    """delta-rs settings for the location: endpoint, region and retries of transient faults (no
+    credentials: delta-rs reads them from the environment, like pyarrow and boto3)."""
     if location.is_local:
         return {}
-    options = {"AWS_REGION": s3_region(), "conditional_put": "etag"}
+    options = {"AWS_REGION": s3_region(), "conditional_put": "etag"} | DELTA_RETRY_OPTIONS
     endpoint = s3_endpoint()
     if endpoint:
         options["AWS_ENDPOINT_URL"] = endpoint
         options["AWS_ALLOW_HTTP"] = "true" if urlparse(endpoint).scheme == "http" else "false"
     return options
+
+
+@contextlib.contextmanager
+def _s3_operation(operation: str, location: Location):
+    """Turn a transient S3 fault that outlived the client's retries into an error that says so."""
+    try:
+        yield
+    except OSError as error:
+        if location.is_local or isinstance(error, TransientStorageError) or not is_transient(error):
+            raise
+        raise gave_up(operation, location.uri, s3_endpoint(), error, f"{S3_MAX_ATTEMPTS} attempts per request") from error
 
 
 def _delta_table(location: Location, version: int | None = None):
@@ -123,6 +157,11 @@ def _log_entries(location: Location, limit: int | None = None) -> list[str]:
 
 def snapshot(location: Location, version: int | None = None) -> Snapshot | None:
     """The table at `version` (default: the latest), or None if there is no table there yet."""
+    with _s3_operation("Reading the Delta log", location):
+        return _snapshot(location, version)
+
+
+def _snapshot(location: Location, version: int | None) -> Snapshot | None:
     if not is_table(location):
         return None
     table = _delta_table(location, version)
@@ -147,19 +186,25 @@ def snapshot(location: Location, version: int | None = None) -> Snapshot | None:
 
 
 def commit_info(location: Location, version: int) -> dict:
-    """Our entry in the commit of `version` ({} if the commit holds none, or its log file was cleaned).
+    """Our entry in the commit of `version` ({} if the commit holds none, or its log file was cleaned)."""
+    info = log_commit_info(location, version) or {}
+    return json.loads(info[COMMIT_KEY]) if COMMIT_KEY in info else {}
 
-    Read from the commit's own log file (`_delta_log/<version>.json`, one JSON action per line)."""
+
+def log_commit_info(location: Location, version: int) -> dict | None:
+    """The commitInfo of `version` ({} if it has none), or None if the log has no such version (never
+    made, or its log file cleaned). Read from the version's own log file, `_delta_log/<version>.json`,
+    one JSON action per line: the one request that says whether a commit whose answer was lost was made."""
     path = posixpath.join(location.path, LOG_DIR, f"{version:020d}.json")
     try:
         with location.filesystem.open_input_stream(path) as stream:
             lines = stream.read().decode("utf-8").splitlines()
     except FileNotFoundError:
-        return {}
+        return None
     for line in lines:
         action = json.loads(line) if line.strip() else {}
-        if "commitInfo" in action and COMMIT_KEY in action["commitInfo"]:
-            return json.loads(action["commitInfo"][COMMIT_KEY])
+        if "commitInfo" in action:
+            return action["commitInfo"]
     return {}
 
 
@@ -199,9 +244,33 @@ def write_arrow_file(location: Location, table: pa.Table, name: str | None = Non
     if location.is_local:  # S3 has no folders to create
         location.filesystem.create_dir(location.path, recursive=True)
     path = posixpath.join(location.path, name)
+    out = pa.BufferOutputStream()
     # Spark's timestamps are microseconds, and so are Delta's.
-    pq.write_table(table, path, filesystem=location.filesystem, coerce_timestamps="us", allow_truncated_timestamps=True)
-    return DataFile(name, location.filesystem.get_file_info(path).size, table.num_rows)
+    pq.write_table(table, out, coerce_timestamps="us", allow_truncated_timestamps=True)
+    data = out.getvalue()
+    with _s3_operation(f"Writing data file {name}", location):
+        _upload(location, path, data)
+    return DataFile(name, data.size, table.num_rows)
+
+
+def _upload(location: Location, path: str, data: pa.Buffer) -> None:
+    """Store `data` at `path`, a name no other write uses. The S3 client retries each request; a
+    large file is a multipart upload, and when the answer to its last request (complete the upload)
+    is lost, a store may refuse the client's retry (the upload is gone: it was completed). The file
+    is then there, whole: its size says so. Otherwise, after a transient fault, the whole upload is
+    made again, which is safe: same name, same bytes."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            with location.filesystem.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                if location.filesystem.get_file_info(path).size == data.size:
+                    return
+            if location.is_local or not is_transient(error) or attempt == COMMIT_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0, COMMIT_BACKOFF_SECONDS * 2**attempt))
 
 
 def _add_action(file: DataFile):
@@ -211,12 +280,32 @@ def _add_action(file: DataFile):
     return AddAction(file.path, file.size, {}, int(time.time() * 1000), True, stats)
 
 
-def _commit_properties(metadata: dict | None):
+def _commit_properties(metadata: dict | None, transaction: str):
     from deltalake import CommitProperties
 
-    custom = {COMMIT_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
-    # No retries: a commit is only valid on top of the version its writer read.
+    custom = {TRANSACTION_KEY: transaction}
+    if metadata:
+        custom[COMMIT_KEY] = json.dumps(metadata, sort_keys=True)
+    # No retries on top of a newer version: a commit is only valid on top of the version its writer
+    # read. (A commit whose answer was lost is resolved in `commit`, not by delta-rs.)
     return CommitProperties(custom_metadata=custom, max_commit_retries=0)
+
+
+@dataclass
+class CommitAttempts:
+    """How a commit went, for the run's metadata (the S3 clients do not report their own retries of
+    single requests; these are the commit's, which this module makes and sees)."""
+
+    attempts: int = 0  # commit requests made: 1 unless a transient fault made it try again
+    resolved_from_log: int = 0  # errors after which the log showed this commit had been made all the same
+
+
+_LAST_COMMIT: dict[str, CommitAttempts] = {}
+
+
+def last_commit_attempts(location: Location) -> CommitAttempts | None:
+    """How the last commit this process made to `location` went (None: it made none)."""
+    return _LAST_COMMIT.get(location.uri)
 
 
 def commit(
@@ -230,44 +319,87 @@ def commit(
 ) -> int:
     """Commit `added` (and remove `removed`, or with `replace` everything `base` holds) in one
     transaction on top of `base`, the version the writer read (None: create the table). Returns the
-    new version. Raises TableConflictError if another writer committed since `base`."""
+    new version.
+
+    The commit carries a transaction id of its own. When the commit request fails, the log at the
+    version it was to create says what happened: this id there, the commit was made (its answer was
+    lost); another writer's commit there, a conflict (`TableConflictError`); nothing there, it was
+    not made, and is tried again if the fault was transient (`TransientStorageError` when it stays)."""
+    version = 0 if base is None else base.version + 1
+    transaction = uuid.uuid4().hex
+    properties = _commit_properties(metadata, transaction)
+    report = _LAST_COMMIT[location.uri] = CommitAttempts()
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        report.attempts = attempt
+        try:
+            _request_commit(location, added, schema, base, removed, replace, properties)
+            return version
+        except Exception as error:
+            if _made_by(location, version, transaction, base, error):
+                report.resolved_from_log += 1
+                return version
+            if location.is_local or not is_transient(error):
+                raise
+            if attempt == COMMIT_ATTEMPTS:
+                raise gave_up(
+                    f"Commit of version {version}", location.uri, s3_endpoint(), error,
+                    f"{COMMIT_ATTEMPTS} commit attempts",
+                    after=f"The log showed no version {version} afterwards: the table is as it was, and the "
+                    "files written for this commit are left for vacuum. ",
+                ) from error
+            time.sleep(random.uniform(0, COMMIT_BACKOFF_SECONDS * 2**attempt))  # full jitter
+    raise AssertionError("unreachable")
+
+
+def _request_commit(location, added, schema, base, removed, replace, properties) -> None:
+    """One commit request through delta-rs: create the table, overwrite, or append and remove."""
     from deltalake import Schema as DeltaSchema
-    from deltalake.exceptions import CommitFailedError
     from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
     adds = [_add_action(f) for f in added]
-    properties = _commit_properties(metadata)
+    if base is None:
+        create_table_with_add_actions(
+            table_uri(location), DeltaSchema.from_arrow(schema), adds, mode="error",
+            storage_options=storage_options(location), commit_properties=properties,
+        )
+        return
+    table = _delta_table(location, base.version)
+    if replace:
+        # "overwrite" removes every file of `base` itself, and takes the new schema.
+        actions: list[AddAction | RemoveAction] = list(adds)
+        table.create_write_transaction(actions, mode="overwrite", schema=schema, commit_properties=properties)
+    else:
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(path, True, now) for path in removed or []]
+        table.create_write_transaction(adds + removes, mode="append", schema=schema, commit_properties=properties)
+
+
+def _made_by(location: Location, version: int, transaction: str, base: Snapshot | None, error: Exception) -> bool:
+    """After a failed commit request: True if the log's `version` is this transaction's commit (made,
+    its answer lost). Raises TableConflictError if it is another writer's; False if there is none."""
     try:
-        if base is None:
-            create_table_with_add_actions(
-                table_uri(location), DeltaSchema.from_arrow(schema), adds, mode="error",
-                storage_options=storage_options(location), commit_properties=properties,
-            )
-            return 0
-        table = _delta_table(location, base.version)
-        if replace:
-            # "overwrite" removes every file of `base` itself, and takes the new schema.
-            actions: list[AddAction | RemoveAction] = list(adds)
-            table.create_write_transaction(actions, mode="overwrite", schema=schema, commit_properties=properties)
-        else:
-            now = int(time.time() * 1000)
-            removes = [RemoveAction(path, True, now) for path in removed or []]
-            table.create_write_transaction(adds + removes, mode="append", schema=schema, commit_properties=properties)
-        return base.version + 1
-    except CommitFailedError as error:
-        raise _conflict(location, base, error) from error
-    except Exception as error:
-        if base is None and is_table(location):  # created by another writer meanwhile
-            raise _conflict(location, base, error) from error
-        raise
+        found = log_commit_info(location, version)
+    except OSError as unreadable:
+        raise gave_up(
+            f"Commit of version {version}", location.uri, s3_endpoint(), unreadable, "the S3 client's retries",
+            after=f"The commit request failed ({last_status(error)}) and the log could not be read to learn whether "
+            f"version {version} was made: run again (a made commit is kept; files of an unmade one go with vacuum). ",
+        ) from error
+    if found is None:
+        return False
+    if found.get(TRANSACTION_KEY) == transaction:
+        return True
+    raise _conflict(location, base, version, found) from error
 
 
-def _conflict(location: Location, base: Snapshot | None, error: Exception) -> TableConflictError:
+def _conflict(location: Location, base: Snapshot | None, version: int, other: dict) -> TableConflictError:
     read = "found no table" if base is None else f"read version {base.version}"
+    ours = json.loads(other.get(COMMIT_KEY, "{}"))
+    who = f"run {ours['run_id']}" if ours.get("run_id") else "another writer"
     return TableConflictError(
-        f"{location.uri}: another run committed to this Delta table after this run {read}, so this "
-        f"run committed nothing (the table holds the other run's version). Run again to build on it. "
-        f"({type(error).__name__}: {error})"
+        f"{location.uri}: another run committed to this Delta table after this run {read}: version {version} is "
+        f"{who}'s commit, so this run committed nothing (the table holds the other run's version). Run again to "
+        "build on it."
     )
 
 
@@ -291,17 +423,18 @@ def discard_prefix(location: Location, prefix: str) -> None:
 
 def read_arrow(location: Location, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
     """The rows of a version of the table (default: the latest)."""
-    table = _delta_table(location, version).to_pyarrow_table(columns=columns)
-    return table
+    with _s3_operation("Reading the table", location):
+        return _delta_table(location, version).to_pyarrow_table(columns=columns)
 
 
 def vacuum(location: Location, retention_hours: int) -> list[str]:
     """Delete data files removed from the table more than `retention_hours` ago, and files no commit
     ever added (left by failed writers) once they are that old. Versions younger than the retention
     stay readable. Returns the deleted paths."""
-    table = _delta_table(location)
-    # full: also files that no commit references (a killed writer's), not only removed ones.
-    return table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
+    with _s3_operation("Vacuum", location):
+        table = _delta_table(location)
+        # full: also files that no commit references (a killed writer's), not only removed ones.
+        return table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
 
 
 def commit_or_discard(
@@ -313,10 +446,15 @@ def commit_or_discard(
     replace: bool = False,
     removed: list[str] | None = None,
 ) -> int:
-    """`commit`, deleting the written files if the commit fails (a conflict, say)."""
+    """`commit`, deleting the written files if another writer's commit took the version.
+
+    Only then: after any other failure the files are kept, because a commit that failed for its
+    writer may still be in the log (an answer lost, a request still on its way, an interruption), and
+    deleting the files it names would break that version. Files of a commit never made are removed
+    by `vacuum` once older than the retention period."""
     try:
         return commit(location, files, schema, base, removed=removed, replace=replace, metadata=metadata)
-    except BaseException:
+    except TableConflictError:
         discard(location, files)
         raise
 
