@@ -51,30 +51,42 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {description}")
 
 
-# The groups that take longest (seconds of one worker, measured on 2 cores): they start first, so that
-# the run does not end waiting for one of them while the other workers are idle.
+# --- Parallel runs (pytest-xdist): which tests share a worker, and in what order they start ---
+# A module's tests run on one worker, so that its module fixtures (a workspace emulator, a bucket, a
+# dagster dev) start once; modules that share an expensive session fixture form one group. The longest
+# groups (seconds of one worker, measured on 2 cores) start first, so that the run does not end waiting
+# for one of them while the other workers are idle.
+SHARED_GROUPS = {"test_quiet": "demo", "test_ui": "demo"}  # both use the demo run (the `demo` fixture)
 LONGEST_FIRST = ("demo", "test_databricks_pipeline", "test_delta_tables", "test_databricks_emulator", "test_bad_input",
                  "test_incremental", "test_runtimes", "test_faults", "test_model")
 
 
-def _group(item) -> str:
-    return next(item.iter_markers("xdist_group")).args[0]
+def worker_group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+    return SHARED_GROUPS.get(module, module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_xdist_make_scheduler(config, log):
+    """Tests grouped by `worker_group`, in collection order (pytest-xdist's own `loadgroup` marks do not
+    group on pytest 9: it renames items through an attribute that pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order (by default: most tests first)
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         names = {_BY_FIXTURE[f] for f in item.fixturenames if f in _BY_FIXTURE}
         names |= {marker for module, marker in _BY_MODULE.items() if item.module.__name__.endswith(module)}
         for name in names:
             item.add_marker(name)
-        # Parallel runs (pytest-xdist, --dist loadgroup): a module's tests go to one worker, so that its
-        # module fixtures start once, unless the module names a group of its own (modules that share a
-        # session fixture such as the demo run).
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rpartition(".")[2]))
     rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a module keeps its order
+    items.sort(key=lambda item: rank.get(worker_group(item.nodeid), len(rank)))  # stable: a module keeps its order
 
 
 def shared_tmp(tmp_path_factory) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.spark, pytest.mark.xdist_group("demo")]  # with test_ui: one demo run
+pytestmark = pytest.mark.spark
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 15 * 60  # the machine may be busy

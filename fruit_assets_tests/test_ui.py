@@ -38,8 +38,6 @@ import pytest
 
 from fruit_assets_tests.test_quiet import noise
 
-pytestmark = pytest.mark.xdist_group("demo")  # with test_quiet: one demo run
-
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
