@@ -259,7 +259,11 @@ def _databricks_host() -> dict:
 
 
 def _databricks_cluster() -> dict:
-    # The step the launcher runs on the cluster: the session is the cluster's, no launcher.
+    # The step the launcher runs on the cluster: the session is the cluster's, no launcher. Before
+    # anything else, the runtime and every library the step imports are checked (one message for all).
+    from fruit_assets.preflight import cluster_preflight
+
+    cluster_preflight()
     _require_s3("FRUIT_STORAGE_URI", "databricks_cluster")
     _require_s3("FRUIT_IMAGES_URI", "databricks_cluster")
     return {"pyspark": LazyPySparkResource(spark_config={}), "step_launcher": ResourceDefinition.none_resource()}
@@ -320,6 +324,7 @@ def databricks_launcher_config() -> dict:
         raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} cannot be read: {error.strerror}") from None
     if not isinstance(settings, dict) or "run_config" not in settings:
         raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} must be a YAML mapping with at least run_config.cluster")
+    check_cluster_runtime(settings["run_config"], path)
     forwarded = {name: os.environ[name] for name in FORWARDED_TO_CLUSTER if os.environ.get(name)}
     config = {
         "databricks_host": {"env": "DATABRICKS_HOST"},
@@ -336,6 +341,18 @@ def databricks_launcher_config() -> dict:
     if "oauth_credentials" in settings:
         config.pop("databricks_token")
     return config
+
+
+def check_cluster_runtime(run_config: Any, path: str) -> None:
+    """A new cluster's `spark_version` must be a supported runtime (databricks_runtimes.py): refused here,
+    when the host reads the YAML, before any job is submitted. An existing cluster's runtime is not in
+    the file; the step checks it when it starts on the cluster (preflight.py)."""
+    from fruit_assets.databricks_runtimes import runtime_for_spark_version
+
+    cluster = run_config.get("cluster") if isinstance(run_config, dict) else None
+    new = cluster.get("new") if isinstance(cluster, dict) else None
+    if isinstance(new, dict):
+        runtime_for_spark_version(new.get("spark_version"), f"run_config.cluster.new.spark_version in {path}")
 
 
 # Modules of the package that a cluster step never runs: the demo command and its image generator.

@@ -52,7 +52,7 @@ def launcher_settings(path: Path) -> Path:
             "cluster": {
                 "new": {
                     "size": {"num_workers": 1},
-                    "spark_version": "15.4.x-scala2.12",
+                    "spark_version": "17.3.x-scala2.13",  # a supported runtime: others are refused on the host
                     "nodes": {"node_types": {"node_type_id": "i3.xlarge"}},
                 }
             },

@@ -844,6 +844,14 @@ class DatabricksEmulator:
                 continue
             env[key] = value
         env.update({var: self.python for var in FORCED_PYTHON_VARS})
+        # Databricks sets the runtime's major.minor in every cluster process ("17.3" for 17.3.x-scala2.13).
+        # The emulator does not run that runtime (its Python and libraries are this environment's); it
+        # only tells the task which runtime the spec named, as a cluster would.
+        runtime = re.match(r"^(\d+)\.(\d+)\.x-", str(cluster.get("spark_version") or ""))
+        if runtime:
+            env["DATABRICKS_RUNTIME_VERSION"] = f"{runtime.group(1)}.{runtime.group(2)}"
+        else:
+            env.pop("DATABRICKS_RUNTIME_VERSION", None)
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
         env["PYTHONUNBUFFERED"] = "1"
         env["DATABRICKS_EMULATOR_URL"] = self.url
