@@ -1,14 +1,19 @@
 """Databricks before any work: the supported runtimes (host and cluster side), the cluster step's library
-preflight, the repository's databricks.yaml (the README shows it verbatim), and a workspace without DBFS
-root. Unit-level: no Spark, no S3."""
+preflight, and the repository's databricks.yaml (the README shows it verbatim). Unit-level: no Spark, no S3."""
 
+import re
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fruit_assets import databricks_runtimes, preflight
 from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES, UnsupportedRuntimeError
 
+REPO = Path(__file__).resolve().parents[1]
+DATABRICKS_YAML = REPO / "databricks.yaml"
 OLD_RUNTIME = "13.3.x-scala2.12"
 
 
@@ -39,6 +44,23 @@ def test_the_cluster_refuses_an_unsupported_databricks_runtime_version():
     assert_names_runtime_and_supported(str(refused.value), "DATABRICKS_RUNTIME_VERSION=13.3")
 
 
+def test_the_host_refuses_the_yaml_of_an_unsupported_runtime_when_it_reads_it(tmp_path, monkeypatch):
+    from fruit_assets.resources import databricks_launcher_config
+
+    settings = yaml.safe_load(DATABRICKS_YAML.read_text())
+    settings["run_config"]["cluster"]["new"]["spark_version"] = OLD_RUNTIME
+    path = tmp_path / "databricks.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("FRUIT_DATABRICKS_CONFIG", str(path))
+    with pytest.raises(UnsupportedRuntimeError) as refused:
+        databricks_launcher_config()
+    assert_names_runtime_and_supported(str(refused.value), OLD_RUNTIME)
+    assert str(path) in str(refused.value)
+
+    monkeypatch.setenv("FRUIT_DATABRICKS_CONFIG", str(DATABRICKS_YAML))
+    assert databricks_launcher_config()["run_config"]["cluster"]["new"]["spark_version"] == "17.3.x-scala2.13"
+
+
 # ---------------------------------------------------------------- preflight
 
 
@@ -66,3 +88,56 @@ def test_preflight_passes_here_without_importing_what_it_checks():
     before = set(sys.modules)
     preflight.cluster_preflight({"DATABRICKS_RUNTIME_VERSION": "18.0"})
     assert not {"tensorflow", "onnxruntime", "tf2onnx", "deltalake"} & (set(sys.modules) - before)
+
+
+def yaml_libraries(settings: dict) -> dict[str, str]:
+    packages = [library["pypi"]["package"] for library in settings["run_config"]["libraries"]]
+    return dict(package.split("==") for package in packages)
+
+
+def runtime_with_libraries(runtime, libraries: dict[str, str]):
+    """Probes for `problems`: a cluster of this runtime (its Python libraries, from the table) with these
+    pypi libraries installed over them."""
+    shipped = {"numpy": runtime.numpy, "pandas": runtime.pandas, "pyarrow": runtime.pyarrow, "pillow": runtime.pillow,
+               "pyspark": runtime.spark, **({"deltalake": runtime.deltalake} if runtime.deltalake else {})}
+    installed = shipped | libraries
+
+    def version_of(requirement):
+        return next((installed[name] for name in requirement.distributions if name in installed), None)
+
+    return {"present": lambda module: module == "pyspark.sql.datasource" or any(
+        version_of(r) for r in preflight.requirements_for("onnxruntime") if r.module == module), "version_of": version_of}
+
+
+@pytest.mark.parametrize("runtime", SUPPORTED_RUNTIMES, ids=lambda r: r.version)
+def test_the_repository_yaml_gives_each_supported_runtime_every_library_and_dropping_one_is_named(runtime):
+    libraries = yaml_libraries(yaml.safe_load(DATABRICKS_YAML.read_text()))
+    requirements = preflight.requirements_for("onnxruntime")
+    assert preflight.problems(requirements, **runtime_with_libraries(runtime, libraries)) == []
+
+    without = {name: version for name, version in libraries.items() if name != "deltalake"}
+    found = preflight.problems(requirements, **runtime_with_libraries(runtime, without))
+    assert [problem.requirement.module for problem in found] == ["deltalake"]
+    assert '{"pypi": {"package": "deltalake==1.6.6"}}' in preflight.message(found)
+
+
+def test_the_pins_offered_are_the_tested_ones():
+    pinned = dict(re.findall(r'"([\w-]+)==([\w.]+)"', (REPO / "pyproject.toml").read_text()))
+    tomllib.loads((REPO / "pyproject.toml").read_text())  # the pattern read a valid file
+    for requirement in preflight.BASE + preflight.ONNX:
+        if requirement.pin:
+            assert pinned[requirement.distributions[0]] == requirement.pin, requirement
+    for package, version in yaml_libraries(yaml.safe_load(DATABRICKS_YAML.read_text())).items():
+        assert pinned[package] == version, package
+
+
+# ---------------------------------------------------------------- one YAML
+
+
+def test_the_readme_shows_the_repository_databricks_yaml_verbatim():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Run on Databricks (AWS)", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert block == DATABRICKS_YAML.read_text()
+    cluster = yaml.safe_load(block)["run_config"]["cluster"]["new"]
+    assert cluster["spark_version"] == databricks_runtimes.DEFAULT_RUNTIME.spark_version
