@@ -247,15 +247,36 @@ def _local_spark() -> dict:
 
 
 def _databricks_host() -> dict:
-    from dagster_databricks import databricks_pyspark_step_launcher
-
     _require_s3("FRUIT_STORAGE_URI", "databricks")
     _require_s3("FRUIT_IMAGES_URI", "databricks")
     # Lazy: the host only launches the Spark steps, it must not start a Spark session of its own.
     return {
         "pyspark": LazyPySparkResource(spark_config={}),
-        "step_launcher": databricks_pyspark_step_launcher.configured(databricks_launcher_config()),
+        "step_launcher": step_launcher().configured(databricks_launcher_config()),
     }
+
+
+def step_launcher() -> ResourceDefinition:
+    """dagster-databricks' `databricks_pyspark_step_launcher`, whose start (once per step, on the host,
+    before anything is uploaded) first checks that the workspace has the DBFS root it stages files on
+    (databricks_workspace.py): without one, the step fails saying so, instead of a bare 403 on upload."""
+    from dagster_databricks import databricks_pyspark_step_launcher
+
+    from fruit_assets.databricks_workspace import require_dbfs_root
+
+    start: Any = databricks_pyspark_step_launcher.resource_fn  # typed loosely by Dagster: (context) -> launcher
+
+    def launcher(context):
+        started = start(context)
+        client = started.databricks_runner.client.workspace_client
+        require_dbfs_root(client.dbfs, started.databricks_host, started.staging_prefix)
+        return started
+
+    return ResourceDefinition(
+        resource_fn=launcher,
+        config_schema=databricks_pyspark_step_launcher.config_schema,
+        description=databricks_pyspark_step_launcher.description,
+    )
 
 
 def _databricks_cluster() -> dict:

@@ -1,5 +1,6 @@
 """Databricks before any work: the supported runtimes (host and cluster side), the cluster step's library
-preflight, and the repository's databricks.yaml (the README shows it verbatim). Unit-level: no Spark, no S3."""
+preflight, the repository's databricks.yaml (the README shows it verbatim), and a workspace without DBFS
+root. Unit-level: no Spark, no S3; the emulator only as an HTTP server."""
 
 import re
 import sys
@@ -141,3 +142,43 @@ def test_the_readme_shows_the_repository_databricks_yaml_verbatim():
     assert block == DATABRICKS_YAML.read_text()
     cluster = yaml.safe_load(block)["run_config"]["cluster"]["new"]
     assert cluster["spark_version"] == databricks_runtimes.DEFAULT_RUNTIME.spark_version
+
+
+# ---------------------------------------------------------------- a workspace without DBFS root
+
+
+def test_a_workspace_without_dbfs_root_refuses_and_the_launcher_says_what_it_means(tmp_path, monkeypatch):
+    import dagster
+    from databricks.sdk.errors import PermissionDenied
+
+    from fruit_assets.databricks_workspace import NoDbfsRootError
+    from fruit_assets.resources import databricks_launcher_config, step_launcher
+    from fruit_assets_dev.databricks_emulator import DatabricksEmulator
+
+    with DatabricksEmulator(tmp_path / "workspace", dbfs_root=False) as workspace:
+        with pytest.raises(PermissionDenied, match="Public DBFS root is disabled. Access is denied on path: /x"):
+            workspace.workspace_client().dbfs.create("/x", overwrite=True)
+
+        monkeypatch.setenv("DATABRICKS_HOST", workspace.url)
+        monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
+        monkeypatch.setenv("FRUIT_DATABRICKS_CONFIG", str(DATABRICKS_YAML))
+        launcher = step_launcher().configured(databricks_launcher_config())
+        with pytest.raises(dagster.DagsterResourceFunctionError) as failed:
+            with dagster.build_resources({"step_launcher": launcher}):
+                pass
+        error = failed.value.__cause__
+        assert isinstance(error, NoDbfsRootError)
+        text = str(error)
+        assert f"The Databricks workspace {workspace.url} has no DBFS root" in text
+        assert "Public DBFS root is disabled" in text and "dbfs:/dagster_staging/fruit_assets" in text
+        assert "disable_legacy_dbfs" in text and "Config:" not in text and workspace.token not in text
+        # One call, before anything is uploaded or submitted.
+        assert [(r.path, r.status) for r in workspace.request_log] == [("/api/2.0/dbfs/create", 403),
+                                                                        ("/api/2.0/dbfs/get-status", 403)]
+
+    with DatabricksEmulator(tmp_path / "with_root") as workspace:  # a workspace with its DBFS root: no error
+        monkeypatch.setenv("DATABRICKS_HOST", workspace.url)
+        monkeypatch.setenv("DATABRICKS_TOKEN", workspace.token)
+        with dagster.build_resources({"step_launcher": step_launcher().configured(databricks_launcher_config())}):
+            pass
+        assert [(r.path, r.status) for r in workspace.request_log] == [("/api/2.0/dbfs/get-status", 404)]

@@ -41,6 +41,10 @@ Endpoints (anything else answers 404 ``ENDPOINT_NOT_FOUND`` naming the method an
   ``/emulator/runs/<run_id>`` (one run with its log tails), which is where ``run_page_url`` points. The
   token is required there too (``curl -H "Authorization: Bearer $DATABRICKS_TOKEN" ...``).
 
+``DatabricksEmulator(..., dbfs_root=False)`` (``--no-dbfs-root``) is a workspace without DBFS root, as
+new accounts are provisioned: every DBFS API call answers 403 ``PERMISSION_DENIED`` "Public DBFS root is
+disabled. Access is denied on path: ...".
+
 A missing token answers 401 ``UNAUTHENTICATED``, a wrong one 403 ``PERMISSION_DENIED``; databricks-sdk
 raises ``Unauthenticated`` / ``PermissionDenied``.
 
