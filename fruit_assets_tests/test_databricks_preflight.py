@@ -85,6 +85,23 @@ def test_preflight_lists_every_missing_or_incompatible_library_with_its_librarie
     assert "numpy" not in text and "tf2onnx" not in text  # only the problems
 
 
+def test_the_cluster_deployment_runs_the_preflight_before_building_anything(monkeypatch):
+    """What a step does first on the cluster (FRUIT_DEPLOYMENT=databricks_cluster, set by the launcher):
+    building its resources runs the preflight, so an import-time failure with the whole message, which the
+    launcher brings back as the remote traceback."""
+    from fruit_assets.resources import build_resources
+
+    monkeypatch.setenv("FRUIT_STORAGE_URI", "s3://bucket/assets")
+    monkeypatch.setenv("FRUIT_IMAGES_URI", "s3://bucket/images")
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(preflight.PreflightError, match=re.escape('{"pypi": {"package": "onnxruntime==1.32.0"}}')):
+        build_resources("databricks_cluster")
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "13.3")
+    with pytest.raises(UnsupportedRuntimeError, match="DATABRICKS_RUNTIME_VERSION=13.3"):
+        build_resources("databricks_cluster")
+
+
 def test_preflight_passes_here_without_importing_what_it_checks():
     before = set(sys.modules)
     preflight.cluster_preflight({"DATABRICKS_RUNTIME_VERSION": "18.0"})
