@@ -247,19 +247,44 @@ def _local_spark() -> dict:
 
 
 def _databricks_host() -> dict:
-    from dagster_databricks import databricks_pyspark_step_launcher
-
     _require_s3("FRUIT_STORAGE_URI", "databricks")
     _require_s3("FRUIT_IMAGES_URI", "databricks")
     # Lazy: the host only launches the Spark steps, it must not start a Spark session of its own.
     return {
         "pyspark": LazyPySparkResource(spark_config={}),
-        "step_launcher": databricks_pyspark_step_launcher.configured(databricks_launcher_config()),
+        "step_launcher": step_launcher().configured(databricks_launcher_config()),
     }
 
 
+def step_launcher() -> ResourceDefinition:
+    """dagster-databricks' `databricks_pyspark_step_launcher`, whose start (once per step, on the host,
+    before anything is uploaded) first checks that the workspace has the DBFS root it stages files on
+    (databricks_workspace.py): without one, the step fails saying so, instead of a bare 403 on upload."""
+    from dagster_databricks import databricks_pyspark_step_launcher
+
+    from fruit_assets.databricks_workspace import require_dbfs_root
+
+    start: Any = databricks_pyspark_step_launcher.resource_fn  # typed loosely by Dagster: (context) -> launcher
+
+    def launcher(context):
+        started = start(context)
+        client = started.databricks_runner.client.workspace_client
+        require_dbfs_root(client.dbfs, started.databricks_host, started.staging_prefix)
+        return started
+
+    return ResourceDefinition(
+        resource_fn=launcher,
+        config_schema=databricks_pyspark_step_launcher.config_schema,
+        description=databricks_pyspark_step_launcher.description,
+    )
+
+
 def _databricks_cluster() -> dict:
-    # The step the launcher runs on the cluster: the session is the cluster's, no launcher.
+    # The step the launcher runs on the cluster: the session is the cluster's, no launcher. Before
+    # anything else, the runtime and every library the step imports are checked (one message for all).
+    from fruit_assets.preflight import cluster_preflight
+
+    cluster_preflight()
     _require_s3("FRUIT_STORAGE_URI", "databricks_cluster")
     _require_s3("FRUIT_IMAGES_URI", "databricks_cluster")
     return {"pyspark": LazyPySparkResource(spark_config={}), "step_launcher": ResourceDefinition.none_resource()}
@@ -320,6 +345,7 @@ def databricks_launcher_config() -> dict:
         raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} cannot be read: {error.strerror}") from None
     if not isinstance(settings, dict) or "run_config" not in settings:
         raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} must be a YAML mapping with at least run_config.cluster")
+    check_cluster_runtime(settings["run_config"], path)
     forwarded = {name: os.environ[name] for name in FORWARDED_TO_CLUSTER if os.environ.get(name)}
     config = {
         "databricks_host": {"env": "DATABRICKS_HOST"},
@@ -336,6 +362,18 @@ def databricks_launcher_config() -> dict:
     if "oauth_credentials" in settings:
         config.pop("databricks_token")
     return config
+
+
+def check_cluster_runtime(run_config: Any, path: str) -> None:
+    """A new cluster's `spark_version` must be a supported runtime (databricks_runtimes.py): refused here,
+    when the host reads the YAML, before any job is submitted. An existing cluster's runtime is not in
+    the file; the step checks it when it starts on the cluster (preflight.py)."""
+    from fruit_assets.databricks_runtimes import runtime_for_spark_version
+
+    cluster = run_config.get("cluster") if isinstance(run_config, dict) else None
+    new = cluster.get("new") if isinstance(cluster, dict) else None
+    if isinstance(new, dict):
+        runtime_for_spark_version(new.get("spark_version"), f"run_config.cluster.new.spark_version in {path}")
 
 
 # Modules of the package that a cluster step never runs: the demo command and its image generator.

@@ -28,11 +28,11 @@ SPARK_ASSETS = ("image_features", "pca_model", "reduced_features")
 def emulator(s3, tmp_path_factory):
     from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
-    # The secret scope holds the S3 keys, as a real workspace would; the launcher's storage config
-    # reads them on the cluster.
+    # The secret scope holds the S3 keys, as a real workspace would, under the names databricks.yaml
+    # gives (its `storage.s3`); the launcher's storage config reads them on the cluster.
     with DatabricksEmulator(
         str(tmp_path_factory.mktemp("workspace")),
-        secrets={"storage": {"access_key": s3.access_key, "secret_key": s3.secret_key}},
+        secrets={"fruit-assets": {"aws-access-key-id": s3.access_key, "aws-secret-access-key": s3.secret_key}},
         spark_master="local[2,4]",
     ) as workspace:
         yield workspace
@@ -45,32 +45,17 @@ def bucket(s3, demo_images):
     return prefix
 
 
-def launcher_settings(path: Path) -> Path:
-    settings = {
-        "run_config": {
-            "run_name": "fruit_assets",
-            "cluster": {
-                "new": {
-                    "size": {"num_workers": 1},
-                    "spark_version": "15.4.x-scala2.12",
-                    "nodes": {"node_types": {"node_type_id": "i3.xlarge"}},
-                }
-            },
-            "libraries": [{"pypi": {"package": "tensorflow-cpu==2.21.0"}}, {"pypi": {"package": "onnxruntime==1.32.0"}},
-                          {"pypi": {"package": "tf2onnx==1.17.0"}}, {"pypi": {"package": "pillow"}}],
-        },
-        "storage": {"s3": {"secret_scope": "storage", "access_key_key": "access_key", "secret_key_key": "secret_key"}},
-        "poll_interval_sec": 0.5,
-    }
-    path.write_text(yaml.safe_dump(settings))
-    return path
+# The repository's databricks.yaml, which the README shows: the tests run that very file. Only the
+# host and token (DATABRICKS_HOST, DATABRICKS_TOKEN) and the S3 paths (FRUIT_*_URI) are the tests' own;
+# the emulator serves the secret scope the file names, and ignores its node types and instance profile.
+DATABRICKS_YAML = REPO / "databricks.yaml"
 
 
 def dagster_env(emulator, bucket, home: Path, tmp_path: Path, **overrides) -> dict:
     home.mkdir(exist_ok=True)
     return os.environ | {
         "FRUIT_DEPLOYMENT": "databricks",
-        "FRUIT_DATABRICKS_CONFIG": str(launcher_settings(tmp_path / "databricks.yaml")),
+        "FRUIT_DATABRICKS_CONFIG": str(DATABRICKS_YAML),
         "DATABRICKS_HOST": emulator.url,
         "DATABRICKS_TOKEN": emulator.token,
         "FRUIT_IMAGES_URI": f"{bucket}/images",
@@ -189,3 +174,18 @@ def test_a_wrong_token_is_a_clear_error(emulator, bucket, tmp_path):
     )
     assert "PERMISSION_DENIED" in text or "Invalid access token" in text or "403" in text, text[-3000:]
     assert "not-the-token" not in text and emulator.token not in output
+
+
+def test_an_unsupported_runtime_fails_before_anything_reaches_the_workspace(emulator, bucket, tmp_path):
+    settings = yaml.safe_load(DATABRICKS_YAML.read_text())
+    settings["run_config"]["cluster"]["new"]["spark_version"] = "13.3.x-scala2.12"
+    path = tmp_path / "databricks.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    requests_before = len(emulator.request_log)
+    env = dagster_env(emulator, bucket, tmp_path / "home", tmp_path, FRUIT_DATABRICKS_CONFIG=str(path))
+    process = materialize_cli(env, "image_features")
+    output = finish(process, timeout=300)
+    assert process.returncode != 0
+    assert "Databricks runtime '13.3.x-scala2.12' is not supported" in output, output[-3000:]
+    assert "17.3 LTS (spark_version 17.3.x-scala2.13), 18 LTS (spark_version 18.0.x-scala2.13)" in output
+    assert len(emulator.request_log) == requests_before  # no upload, no submitted job

@@ -11,7 +11,7 @@ TOP = r"(?:fruit_assets(?:_dev|_tests)?|benchmarks|docs|\.ci)"
 # extension, not preceded by another path (~/.cache/fruit_assets/models, /dbfs/fruit_assets/...), nor a
 # tag key such as fruit_assets/trigger.
 IN_TEXT = re.compile(rf"(?<![\w/.~-])({TOP}/[\w./-]*\.(?:py|png|md|yaml|yml|toml|properties|npy|json)|{TOP}/)(?![\w/])")
-TOP_FILES = ("workspace.yaml", "pyproject.toml", "BENCHMARKS.md", ".ci/run")
+TOP_FILES = ("workspace.yaml", "pyproject.toml", "BENCHMARKS.md", ".ci/run", "databricks.yaml")
 
 
 def layout_paths(text: str) -> list[str]:

@@ -41,12 +41,18 @@ Endpoints (anything else answers 404 ``ENDPOINT_NOT_FOUND`` naming the method an
   ``/emulator/runs/<run_id>`` (one run with its log tails), which is where ``run_page_url`` points. The
   token is required there too (``curl -H "Authorization: Bearer $DATABRICKS_TOKEN" ...``).
 
+``DatabricksEmulator(..., dbfs_root=False)`` (``--no-dbfs-root``) is a workspace without DBFS root, as
+new accounts are provisioned: every DBFS API call answers 403 ``PERMISSION_DENIED`` "Public DBFS root is
+disabled. Access is denied on path: ...".
+
 A missing token answers 401 ``UNAUTHENTICATED``, a wrong one 403 ``PERMISSION_DENIED``; databricks-sdk
 raises ``Unauthenticated`` / ``PermissionDenied``.
 
 How a task runs (``runner.py``): in a new process group, with this interpreter, the emulator's
 environment plus ``env`` plus the cluster's ``spark_env_vars`` (``PYSPARK_PYTHON`` is always this
-interpreter; ``SPARK_LOCAL_IP=127.0.0.1``; ``DATABRICKS_EMULATOR_URL`` is set), a local SparkSession
+interpreter; ``SPARK_LOCAL_IP=127.0.0.1``; ``DATABRICKS_EMULATOR_URL`` is set; ``DATABRICKS_RUNTIME_VERSION``
+is the major.minor of the spec's ``spark_version``, as Databricks sets it, though the task runs this
+environment's Python and libraries, not that runtime's), a local SparkSession
 (``spark_master``, default ``local[2]``, UI off; the cluster's ``spark_conf`` except ``spark.master``), and
 the Databricks globals ``spark``, ``sc`` and ``dbutils`` (``secrets`` and ``fs``). Libraries are logged as
 "would install" and not installed. The run is PENDING until Spark is up, then RUNNING, then TERMINATED

@@ -2,7 +2,7 @@
 
     python -m fruit_assets_dev.databricks_emulator --root ./data/databricks [--port 8765] \\
         [--token T | --token-env VAR] [--secret SCOPE/KEY=ENV_VAR ...] [--spark-master local[2]] \\
-        [--env NAME=VALUE ...]
+        [--env NAME=VALUE ...] [--no-dbfs-root]
 
 Secret values are read from environment variables (``--secret storage/access_key=AWS_ACCESS_KEY_ID``),
 never from the command line. It prints the ``export DATABRICKS_HOST=... DATABRICKS_TOKEN=...`` lines for
@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> tuple[argpa
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment variable for every task"
     )
+    parser.add_argument(
+        "--no-dbfs-root", action="store_true",
+        help="emulate a workspace without DBFS root (as new accounts are): the DBFS API answers 403 PERMISSION_DENIED",
+    )
     parser.add_argument("--log-level", default="INFO", help="emulator log level (default INFO; DEBUG logs each request)")
     args = parser.parse_args(argv)
 
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     env = dict(item.split("=", 1) for item in args.env)
     emulator = DatabricksEmulator(
-        args.root, token=token, secrets=secrets, host=args.host, port=args.port, spark_master=args.spark_master, env=env
+        args.root, token=token, secrets=secrets, host=args.host, port=args.port, spark_master=args.spark_master, env=env,
+        dbfs_root=not args.no_dbfs_root,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -193,6 +193,10 @@ class DatabricksEmulator:
             ``cluster_log_conf``...). Any other ``existing_cluster_id`` is accepted and recorded as a
             cluster with an empty spec.
         python: interpreter of the task processes (default: this one).
+        dbfs_root: False emulates a workspace without DBFS root (new accounts are provisioned so, and
+            workspaces may disable it): every DBFS API call answers 403 PERMISSION_DENIED "Public DBFS
+            root is disabled. Access is denied on path: ...", as users report such workspaces answer
+            (see ``fruit_assets/databricks_workspace.py`` for the sources).
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class DatabricksEmulator:
         clusters: dict[str, dict] | None = None,
         python: str = sys.executable,
         kill_grace_seconds: float = 5.0,
+        dbfs_root: bool = True,
     ):
         self.root = Path(root).resolve()
         self.token = token or pysecrets.token_urlsafe(24)
@@ -217,6 +222,7 @@ class DatabricksEmulator:
         self.env = dict(env or {})
         self.python = python
         self.kill_grace_seconds = kill_grace_seconds
+        self.dbfs_root = dbfs_root
         self.dbfs = DbfsRoot(self.root / "dbfs")
         self._lock = threading.RLock()
         self._state_changed = threading.Condition(self._lock)
@@ -352,6 +358,19 @@ class DatabricksEmulator:
             raise ApiError(401, "UNAUTHENTICATED", "Credential was not sent or was of an unsupported type for this API.")
         if not hmac.compare_digest(credential.strip().encode(), self.token.encode()):
             raise ApiError(403, "PERMISSION_DENIED", "Invalid access token.")
+
+    def _refuse_without_dbfs_root(self, path: str, raw: bytes, query: dict) -> None:
+        """In ``dbfs_root=False`` mode, the DBFS API refuses every call, naming the path it was given."""
+        if self.dbfs_root or not path.startswith("/api/2.0/dbfs/"):
+            return
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError:
+            body = {}
+        target = (body if isinstance(body, dict) else {}).get("path") or query.get("path") or ""
+        if not target and isinstance(body, dict):
+            target = body.get("source_path") or ""
+        raise ApiError(403, "PERMISSION_DENIED", f"Public DBFS root is disabled. Access is denied on path: {target}")
 
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
@@ -844,6 +863,14 @@ class DatabricksEmulator:
                 continue
             env[key] = value
         env.update({var: self.python for var in FORCED_PYTHON_VARS})
+        # Databricks sets the runtime's major.minor in every cluster process ("17.3" for 17.3.x-scala2.13).
+        # The emulator does not run that runtime (its Python and libraries are this environment's); it
+        # only tells the task which runtime the spec named, as a cluster would.
+        runtime = re.match(r"^(\d+)\.(\d+)\.x-", str(cluster.get("spark_version") or ""))
+        if runtime:
+            env["DATABRICKS_RUNTIME_VERSION"] = f"{runtime.group(1)}.{runtime.group(2)}"
+        else:
+            env.pop("DATABRICKS_RUNTIME_VERSION", None)
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
         env["PYTHONUNBUFFERED"] = "1"
         env["DATABRICKS_EMULATOR_URL"] = self.url
@@ -1219,6 +1246,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.emulator._authorized(self.headers.get("Authorization"))
             handler, args = self.emulator._route(self.command, path)
             query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+            self.emulator._refuse_without_dbfs_root(path, raw, query)
             try:
                 body = json.loads(raw) if raw.strip() else {}
             except json.JSONDecodeError:
