@@ -361,7 +361,17 @@ def databricks_launcher_config() -> dict:
     }
     if "oauth_credentials" in settings:
         config.pop("databricks_token")
+    poll = os.environ.get(POLL_SETTING, "").strip()
+    if poll:  # one setting over the file's: the tests poll their local emulator often
+        try:
+            config["poll_interval_sec"] = float(poll)
+        except ValueError:
+            raise ValueError(f"{POLL_SETTING}={poll!r} must be a number of seconds") from None
     return config
+
+
+# How often the host reads a cluster step's state and events, over the file's `poll_interval_sec`.
+POLL_SETTING = "FRUIT_DATABRICKS_POLL_SECONDS"
 
 
 def check_cluster_runtime(run_config: Any, path: str) -> None:

@@ -62,6 +62,7 @@ def dagster_env(emulator, bucket, home: Path, tmp_path: Path, **overrides) -> di
         "FRUIT_STORAGE_URI": f"{bucket}/assets",
         "FRUIT_MODEL_WEIGHTS": "random:0",
         "DAGSTER_HOME": str(home),
+        "FRUIT_DATABRICKS_POLL_SECONDS": "0.5",  # the test setting over the file's 2 s: a local emulator
     } | overrides
 
 

@@ -65,6 +65,18 @@ def test_the_host_refuses_the_yaml_of_an_unsupported_runtime_when_it_reads_it(tm
 # ---------------------------------------------------------------- preflight
 
 
+def test_the_poll_interval_setting_overrides_the_files_and_a_bad_value_names_it(monkeypatch):
+    from fruit_assets.resources import POLL_SETTING, databricks_launcher_config
+
+    monkeypatch.setenv("FRUIT_DATABRICKS_CONFIG", str(DATABRICKS_YAML))
+    assert databricks_launcher_config()["poll_interval_sec"] == 2  # the file's
+    monkeypatch.setenv(POLL_SETTING, "0.5")
+    assert databricks_launcher_config()["poll_interval_sec"] == 0.5
+    monkeypatch.setenv(POLL_SETTING, "often")
+    with pytest.raises(ValueError, match=f"{POLL_SETTING}='often' must be a number of seconds"):
+        databricks_launcher_config()
+
+
 def test_preflight_lists_every_missing_or_incompatible_library_with_its_libraries_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # blocked: "not installed"
     fake = {"deltalake": "1.1.4", "pandas": "3.0.1"}  # too old; too new (pyspark 4 has no pandas 3)
