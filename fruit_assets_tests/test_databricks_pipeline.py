@@ -144,8 +144,10 @@ def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emula
 
 def test_cancelling_the_dagster_run_cancels_the_remote_run(emulator, bucket, tmp_path):
     home = tmp_path / "home"
-    # Other weights: nothing to reuse, so the remote step is busy long enough to be cancelled.
-    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_WEIGHTS="random:99", FRUIT_STORAGE_URI=f"{bucket}/cancelled")
+    # A storage of its own: nothing to reuse, so the remote step featurizes every image and is busy long
+    # enough to be cancelled. Weights the other tests use too (random:1): the run's model cache has them,
+    # so no seed of its own costs a TensorFlow build and an ONNX conversion.
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_WEIGHTS="random:1", FRUIT_STORAGE_URI=f"{bucket}/cancelled")
     known = {run.run_id for run in emulator.runs}
     process = materialize_cli(env, "raw_images,image_features", start_new_session=True)
     deadline = time.monotonic() + 600
