@@ -1,8 +1,11 @@
 """TensorFlow's notices that TF_CPP_MIN_LOG_LEVEL does not reach are dropped from the driver's stderr, and
 nothing else is (quiet.without_tensorflow_notices)."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r"""
 import os, sys
@@ -29,3 +32,24 @@ def test_tensorflow_notices_are_dropped_and_every_other_line_kept():
 def test_verbose_keeps_the_notices():
     lines = run(PATH="/usr/bin", FRUIT_VERBOSE="1").splitlines()
     assert len(lines) == 5 and any("oneDNN custom operations are on" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_the_demos_first_model_build_prints_no_tensorflow_notice(tmp_path):
+    """What the README's demo does first, offline: try to build the ImageNet model (Keras builds it, then
+    fails to download the weights). On a CPU where oneDNN is on (AVX-512), TensorFlow printed its notice
+    there, twice, whatever TF_CPP_MIN_LOG_LEVEL said."""
+    script = (
+        "from fruit_assets import quiet; quiet.configure_environment()\n"
+        "from fruit_assets.ml.model import WeightsSource, WeightsUnavailableError, build_feature_extractor\n"
+        "try:\n    build_feature_extractor(WeightsSource('imagenet'))\nexcept WeightsUnavailableError:\n    pass\n"
+        "import keras, numpy\n"
+        "keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))(numpy.zeros((1, 96, 96, 3)))\n"
+        "print('built')\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TF_")}
+    env["KERAS_HOME"] = str(tmp_path)  # no cached ImageNet weights
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
+    notices = [line for line in done.stderr.splitlines() if "oneDNN custom operations" in line or "absl::InitializeLog" in line]
+    assert not notices, done.stderr

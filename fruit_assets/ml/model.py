@@ -117,6 +117,13 @@ def parse_weights_setting(value: str, setting_name: str = WEIGHTS_SETTING) -> We
 
 def build_feature_extractor(source: WeightsSource) -> keras.Model:
     """(n, 224, 224, 3) preprocessed float32 -> (n, 1280) float32 features."""
+    from fruit_assets.quiet import without_tensorflow_notices
+
+    with without_tensorflow_notices():  # the process's first Keras build prints them (quiet.py)
+        return _build_feature_extractor(source)
+
+
+def _build_feature_extractor(source: WeightsSource) -> keras.Model:
     if source.kind == "imagenet":
         return _imagenet_model()
     if source.kind == "file":
@@ -145,8 +152,11 @@ def weights_fingerprint(weights: list[np.ndarray]) -> str:
 
 def feature_extractor_from_weights(weights: list[np.ndarray]) -> keras.Model:
     """Worker side: rebuild the feature extractor from broadcast arrays. Never downloads anything."""
-    model = _no_top_model(weights=None)
-    model.set_weights(weights)
+    from fruit_assets.quiet import without_tensorflow_notices
+
+    with without_tensorflow_notices():  # the process's first Keras build prints them (quiet.py)
+        model = _no_top_model(weights=None)
+        model.set_weights(weights)
     return model
 
 
