@@ -16,8 +16,8 @@ Each known-harmless start-up message is turned off where it is made, never by hi
   by default (seen on an AMD EPYC with AVX-512; an AVX2-only EPYC prints nothing). It comes from a second
   copy of TensorFlow's logging inside `_pywrap_profiler_plugin.so`, which `TF_CPP_MIN_LOG_LEVEL` does not
   reach (measured: printed at every level, and by a plain Keras model too). `without_tensorflow_notices`
-  drops exactly those two lines around every Keras build of the feature extractor and the ONNX
-  conversion (ml/); the Spark workers' copies reach us through the JVM's stderr, where `spark_session`
+  drops exactly those two lines around every Keras build of the feature extractor (ml/model.py),
+  where the process's first build prints them; the Spark workers' copies reach us through the JVM's stderr, where `spark_session`
   drops them too.
 - The JVM's "WARNING: Using incubator modules: jdk.incubator.vector": Spark's launcher always adds that
   module and the JDK has no switch for the line, so `spark_session` drops exactly that line from

@@ -173,13 +173,11 @@ def _read_cached(path: Path, sidecar: Path) -> tuple[bytes, dict] | None:
 
 def _convert_and_check(weights: list[np.ndarray]) -> tuple[bytes, float]:
     """(ONNX bytes, largest |ONNX - Keras| on the check batch) of the model with these weights."""
-    from fruit_assets import quiet
     from fruit_assets.ml.model import feature_extractor_from_weights
 
-    with quiet.without_tensorflow_notices():  # the process's first model run prints them
-        model = feature_extractor_from_weights(weights)
-        data = _convert(model)
-        return data, _check_against_keras(data, model)
+    model = feature_extractor_from_weights(weights)  # drops TensorFlow's notices, which the first build prints
+    data = _convert(model)
+    return data, _check_against_keras(data, model)
 
 
 def _convert(model) -> bytes:
