@@ -9,7 +9,7 @@ backoff and jitter, configured here in one place:
   object_store does not repeat a request that may have been applied unless it is idempotent: the
   conditional PUT of a commit's log entry is not, and is resolved in `delta.commit` instead;
 - boto3 (the developer tools in `fruit_assets_dev`): botocore's standard mode;
-- Spark tasks: `local[N,F]` (`resources.local_master`).
+- Spark tasks: `local[N,F]` (`resources.with_task_retries`).
 Only requests that are safe to repeat are repeated: a whole-object PUT or GET, a DELETE, a listing.
 
 When a fault outlives its retries, `TransientStorageError` says which operation failed, against which
