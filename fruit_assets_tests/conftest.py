@@ -27,7 +27,19 @@ for name in list(os.environ):
 # AVX-512). The JIT does not change results. Users' JVMs keep the defaults; so does the demo run of the
 # tests, which checks what a user sees (the java launcher prints a "Picked up" note for this variable).
 TEST_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-os.environ["JDK_JAVA_OPTIONS"] = TEST_JAVA_OPTIONS
+# A whole-suite run also gives them a class-data-sharing archive of Spark's classes (`jvm_archive`), which
+# the run's first process builds in the background and names here for the parallel workers it starts.
+JVM_ARCHIVE_VARIABLE = "PYTEST_FRUIT_JVM_CLASS_ARCHIVE"
+
+
+def _test_java_options() -> str:
+    from fruit_assets_tests import jvm_archive
+
+    archive = os.environ.get(JVM_ARCHIVE_VARIABLE)
+    return f"{TEST_JAVA_OPTIONS} {jvm_archive.java_options(Path(archive))}" if archive else TEST_JAVA_OPTIONS
+
+
+os.environ["JDK_JAVA_OPTIONS"] = _test_java_options()
 
 from fruit_assets_tests.support import TEST_BUCKET, TEST_WEIGHTS, local_resources, materialize_all  # noqa: E402 - after the clean-up above
 
@@ -49,6 +61,44 @@ _BY_MODULE = {"test_databricks_emulator": "databricks", "test_databricks_pipelin
 def pytest_configure(config):
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts the workers, which inherit the environment
+def pytest_sessionstart(session):
+    """A run of the whole suite starts its slow set-ups in the background at once: Chromium's install
+    (for the UI tests) and the JVM class archive (for every JVM after it)."""
+    config = session.config
+    if hasattr(config, "workerinput") or not _whole_suite(config):
+        return
+    shared = config._tmp_path_factory.getbasetemp()
+    if "ui" not in (config.option.markexpr or ""):
+        start_chromium_install(shared)
+    _start_jvm_archive(shared / "spark_classes.jsa")
+
+
+def _whole_suite(config) -> bool:
+    tests = str(Path(config.rootpath, "fruit_assets_tests"))
+    return all(str(Path(arg).resolve()) == tests for arg in config.args)
+
+
+_background: list = []
+
+
+def _start_jvm_archive(archive: Path) -> None:
+    import threading
+
+    from fruit_assets_tests import jvm_archive
+
+    os.environ[JVM_ARCHIVE_VARIABLE] = str(archive)
+    os.environ["JDK_JAVA_OPTIONS"] = _test_java_options()
+    build = threading.Thread(target=jvm_archive.build, args=(archive, TEST_JAVA_OPTIONS), name="jvm-class-archive", daemon=True)
+    build.start()
+    _background.append(build)
+
+
+def pytest_sessionfinish(session):
+    for thread in _background:
+        thread.join(timeout=300)
 
 
 # --- Parallel runs (pytest-xdist): which tests share a worker, and in what order they start ---
@@ -195,10 +245,28 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
+def start_chromium_install(shared: Path) -> None:
+    """A run of the whole suite on a machine without Chromium (CI) starts installing it at once, in the
+    background, holding the install lock: apt-get mostly waits for downloads, which the UI tests would
+    otherwise wait for in the middle of the run. The `chromium` fixture waits for the lock."""
+    import fcntl
+
+    if os.path.exists(CHROMIUM) or shutil.which("apt-get") is None or os.geteuid() != 0:
+        return
+    with open(shared / "chromium.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the child inherits the locked file: held until apt-get ends
+        script = f"apt-get update -qq && apt-get install -y -qq {CHROMIUM_PACKAGE}"
+        with open(shared / "chromium-install.log", "w") as log:
+            subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), pass_fds=(lock.fileno(),),
+                             start_new_session=True)
+
+
 @pytest.fixture(scope="session")
 def chromium(tmp_path_factory) -> str:
     """Debian's Chromium, installed with apt-get when missing (needs root, as on CI). One parallel worker
-    installs it while any other that needs it waits (apt-get refuses to run twice at once)."""
+    installs it while any other that needs it waits (apt-get refuses to run twice at once); a whole-suite
+    run has already started installing it (`start_chromium_install`) and holds the lock until it is done."""
     import fcntl
 
     with open(shared_tmp(tmp_path_factory) / "chromium.lock", "a") as lock:
