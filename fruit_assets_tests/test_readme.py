@@ -50,3 +50,10 @@ def test_the_readme_test_command_is_what_ci_runs():
     commands = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
     assert len(commands) == 2 and commands[1].endswith(".venv/bin/pytest")
     assert commands[1] in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_readme_installs_with_the_uv_that_pyproject_pins():
+    pinned = re.search(r'"uv==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    commands = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    for command in commands:
+        assert f"pip install -q uv=={pinned} && .venv/bin/uv pip install" in command, command
