@@ -80,24 +80,27 @@ def test_without_run_config_every_setting_comes_from_the_environment(environment
     assert (seen["retention_hours"], seen["io_manager_retention_hours"]) == (24, 24)
 
 
+# Where each bad value surfaces: the model's settings when the code location loads (build_resources
+# resolves them), the storage's when the run starts (it is configured at launch and fails resource
+# initialisation).
 @pytest.mark.parametrize(
-    ("variable", "value"),
+    ("variable", "value", "surfaces"),
     [
-        ("FRUIT_MODEL_BATCH_SIZE", "many"),
-        ("FRUIT_MODEL_BATCH_SIZE", "0"),
-        ("FRUIT_MAX_SKIPPED_FRACTION", "2"),
-        ("FRUIT_RETENTION_HOURS", "-1"),
-        ("FRUIT_FEATURIZE_PARTITIONS", "1.5"),
+        ("FRUIT_MODEL_BATCH_SIZE", "many", "at load"),
+        ("FRUIT_MODEL_BATCH_SIZE", "0", "at load"),
+        ("FRUIT_MAX_SKIPPED_FRACTION", "2", "at load"),
+        ("FRUIT_RETENTION_HOURS", "-1", "at run start"),
+        ("FRUIT_FEATURIZE_PARTITIONS", "1.5", "at load"),
     ],
 )
-def test_a_bad_variable_value_gives_an_error_naming_the_variable(monkeypatch, variable, value):
-    """When the code location loads (build_resources) or, for `storage` (configured at launch), when
-    the run starts: either way the error says which variable and what it expects."""
+def test_a_bad_variable_value_gives_an_error_naming_the_variable(monkeypatch, variable, value, surfaces):
+    """The error says which variable and what it expects, where the value is read."""
     monkeypatch.setenv(variable, value)
-    try:
+    expected = f"{variable}='{value}' is not (a whole number|a number from 0 to 1)"
+    if surfaces == "at load":
+        with pytest.raises(ValueError, match=expected):
+            build_resources("local")
+    else:
         result = _materialize({}, raise_on_error=False)
         assert not result.success
-        message = failure_text(result)
-    except ValueError as error:
-        message = str(error)
-    assert re.search(f"{variable}='{value}' is not (a whole number|a number from 0 to 1)", message), message
+        assert re.search(expected, failure_text(result)), failure_text(result)
