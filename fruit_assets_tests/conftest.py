@@ -53,9 +53,8 @@ MARKERS = {
     "slow": "builds TensorFlow models or converts them: seconds to minutes",
 }
 _BY_FIXTURE = {"spark": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
-_BY_MODULE = {"test_databricks_emulator": "databricks", "test_databricks_pipeline": "databricks", "test_ui": "ui",
-              "test_model": "slow", "test_runtimes": "slow", "test_faults": "spark",
-              "test_local_s3": "s3"}
+# Modules that need more than their fixtures show mark themselves (`pytestmark`), so that a renamed
+# module keeps its marks.
 
 
 def pytest_configure(config):
@@ -131,9 +130,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        names = {_BY_FIXTURE[f] for f in item.fixturenames if f in _BY_FIXTURE}
-        names |= {marker for module, marker in _BY_MODULE.items() if item.module.__name__.endswith(module)}
-        for name in names:
+        for name in {_BY_FIXTURE[f] for f in item.fixturenames if f in _BY_FIXTURE}:
             item.add_marker(name)
     rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(worker_group(item.nodeid), len(rank)))  # stable: a module keeps its order

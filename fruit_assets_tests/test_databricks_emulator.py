@@ -35,7 +35,7 @@ SECRETS = {
 RUN_TIMEOUT = 600  # seconds; generous: other test suites share the two cores
 
 # databricks_pyspark_step_launcher is "superseded" (by Dagster Pipes) and says so on every use.
-pytestmark = pytest.mark.filterwarnings("ignore:StepLauncher is superseded")
+pytestmark = [pytest.mark.databricks, pytest.mark.filterwarnings("ignore:StepLauncher is superseded")]
 
 
 @pytest.fixture(scope="module")

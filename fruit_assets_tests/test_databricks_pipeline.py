@@ -19,6 +19,8 @@ from dagster import DagsterEventType, DagsterInstance
 from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset
 
+pytestmark = pytest.mark.databricks  # runs steps through the local Databricks workspace emulator
+
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 SPARK_ASSETS = ("image_features", "pca_model", "reduced_features")

@@ -12,6 +12,8 @@ from fruit_assets.demo_data import generate_demo_set
 from fruit_assets_dev.local_s3 import start_local_s3
 from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
 
+pytestmark = pytest.mark.spark  # runs local Spark in Dagster runs
+
 
 def _parents() -> dict[int, int]:
     """pid -> parent pid for every process (a JVM forks from many threads, so /proc/PID/children,

@@ -26,6 +26,8 @@ from botocore.exceptions import ClientError
 from fruit_assets_dev import local_s3
 from fruit_assets_dev.local_s3 import LocalS3, find_weed, main, start_local_s3, upload_tree
 
+pytestmark = pytest.mark.s3  # starts SeaweedFS servers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "fruit-test"
 

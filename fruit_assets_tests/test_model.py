@@ -31,6 +31,8 @@ from fruit_assets.ml.model import (
 )
 from fruit_assets_tests.weights_files import save_legacy_h5
 
+pytestmark = pytest.mark.slow  # builds TensorFlow models or converts them
+
 
 def weights_hash(weights):
     digest = hashlib.sha256()

@@ -15,6 +15,8 @@ import pytest
 
 from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
 
+pytestmark = pytest.mark.slow  # builds TensorFlow models or converts them
+
 FEATURIZE = ["raw_images", "image_features"]
 GUARD = Path(__file__).resolve().parent / "worker_guard"
 TENSORFLOW_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx"}

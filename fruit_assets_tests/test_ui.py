@@ -38,6 +38,8 @@ import pytest
 
 from fruit_assets_tests.test_quiet import noise
 
+pytestmark = pytest.mark.ui  # drives the Dagster UI in headless Chromium
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
