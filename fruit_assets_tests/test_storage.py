@@ -1,5 +1,6 @@
 """Storage URIs, the Delta IO manager and the image catalog, on real files."""
 
+import json
 import os
 
 import pandas as pd
@@ -166,3 +167,27 @@ def test_catalog_of_a_missing_folder_is_empty(tmp_path):
     assert catalog.empty and listing.ignored == 0 and listing.ignored_examples == ()
     assert list(catalog.columns) == ["path", "label", "size_bytes", "modified_at"]
     assert pa.Table.from_pandas(catalog).num_rows == 0
+
+
+def test_each_versions_commit_info_is_its_own_where_delta_rs_history_is_not(tmp_path):
+    """delta.commit_info reads the version's own log file. deltalake's `history()` of a table loaded at
+    an earlier version gives the latest commits' infos under that version's numbers (1.6.6): when this
+    test's second half fails, delta-rs was fixed and `log_commit_info` can use `history()`."""
+    from deltalake import DeltaTable
+
+    from fruit_assets.storage import delta
+
+    location = storage.resolve(str(tmp_path / "table"))
+    schema = pa.schema([("n", pa.int64())])
+    base = None
+    for n in range(4):
+        written = delta.write_arrow_file(location, pa.table({"n": [n]}, schema=schema))
+        delta.commit(location, [written], schema, base, metadata={"n": n})
+        base = delta.snapshot(location)
+    assert [delta.commit_info(location, version)["n"] for version in range(4)] == [0, 1, 2, 3]
+    assert delta.snapshot(location, 1).commit["n"] == 1
+    assert delta.is_table(location) and not delta.is_table(location.child("none"))
+
+    custom = delta.COMMIT_KEY
+    history = DeltaTable(str(tmp_path / "table"), version=0).history(1)
+    assert (history[0]["version"], json.loads(history[0][custom])["n"]) == (0, 3)  # version 0, version 3's info

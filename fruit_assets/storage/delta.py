@@ -145,6 +145,10 @@ def _delta_table(location: Location, version: int | None = None):
 
 
 def is_table(location: Location) -> bool:
+    # Through pyarrow's S3 client, whose retries and timeouts storage/transient.py sets for faults. Not
+    # `DeltaTable.is_deltatable`: its listing goes through delta-rs' own client, which waited 60 s on a
+    # request whose answer the fault proxy dropped: 7 tests of test_s3_faults, test_storage and
+    # test_s3_pipeline failed with it (tried 2026-12-06).
     info = location.filesystem.get_file_info(posixpath.join(location.path, LOG_DIR))
     return info.type == pafs.FileType.Directory or (not location.is_local and bool(_log_entries(location, limit=1)))
 
@@ -194,7 +198,12 @@ def commit_info(location: Location, version: int) -> dict:
 def log_commit_info(location: Location, version: int) -> dict | None:
     """The commitInfo of `version` ({} if it has none), or None if the log has no such version (never
     made, or its log file cleaned). Read from the version's own log file, `_delta_log/<version>.json`,
-    one JSON action per line: the one request that says whether a commit whose answer was lost was made."""
+    one JSON action per line: the one request that says whether a commit whose answer was lost was made.
+
+    Not `DeltaTable.history()`: in deltalake 1.6.6, the history of a table loaded at an earlier version
+    ignores `limit` and gives the latest commits' infos under that version's numbers (version 0 of a
+    4-version table reads as the commitInfo of version 3; test_storage shows it). The latest version's
+    history is right, but a lost answer must be checked at the very version the commit was to create."""
     path = posixpath.join(location.path, LOG_DIR, f"{version:020d}.json")
     try:
         with location.filesystem.open_input_stream(path) as stream:
