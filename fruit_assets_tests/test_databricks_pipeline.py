@@ -17,7 +17,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance
 
 from fruit_assets_dev.local_s3 import upload_tree
-from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset
+from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset, write_import_guard
 
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -25,15 +25,28 @@ SPARK_ASSETS = ("image_features", "pca_model", "reduced_features")
 
 
 @pytest.fixture(scope="module")
-def emulator(s3, tmp_path_factory):
+def guarded_imports(tmp_path_factory) -> Path:
+    """The file where the cluster's import guard records every attempt to import TensorFlow, tf2onnx,
+    onnx or Keras (none is in databricks.yaml's libraries: the host converts the model and stages it)."""
+    folder = tmp_path_factory.mktemp("cluster_guard")
+    write_import_guard(folder / "site", folder / "imports.txt")
+    return folder / "imports.txt"
+
+
+@pytest.fixture(scope="module")
+def emulator(s3, tmp_path_factory, guarded_imports):
     from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
     # The secret scope holds the S3 keys, as a real workspace would, under the names databricks.yaml
-    # gives (its `storage.s3`); the launcher's storage config reads them on the cluster.
+    # gives (its `storage.s3`); the launcher's storage config reads them on the cluster. Every task, its
+    # Spark driver and Python workers alike, finds the import guard first on its path: a cluster without
+    # TensorFlow, tf2onnx and onnx, as databricks.yaml's libraries make it.
+    guard = guarded_imports.parent / "site"
     with DatabricksEmulator(
         str(tmp_path_factory.mktemp("workspace")),
         secrets={"fruit-assets": {"aws-access-key-id": s3.access_key, "aws-secret-access-key": s3.secret_key}},
         spark_master="local[2,4]",
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")]))},
     ) as workspace:
         yield workspace
 
@@ -84,7 +97,7 @@ def last_run_events(home: Path):
         return run, [record.event_log_entry for record in instance.get_records_for_run(run.run_id, limit=100_000).records]
 
 
-def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path):
+def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path, guarded_imports):
     submits_before = len(emulator.requests_to(r"/jobs/runs/submit$"))
     home = tmp_path / "home"
     process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path))
@@ -107,7 +120,13 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     metadata = {k: v.value for k, v in materialized["image_features"].dagster_event.materialization.metadata.items()}
     assert (metadata["rows"], metadata["featurized"], metadata["weights_source"]) == (72, 72, "random:0")
     assert metadata["runtime"] == "onnxruntime"  # the default runtime on the cluster too
+    # The host converted the model and staged it in S3; the cluster read it and imported no TensorFlow,
+    # tf2onnx, onnx or Keras: its guard recorded no attempt (and would have failed the step).
+    staged = f"{bucket}/assets/_models/mobilenet_v2_features_{metadata['weights_fingerprint']}_"
+    assert str(metadata["onnx_model_file"]).startswith(staged) and metadata["onnx_model_prepared_on"] == "host"
+    assert not guarded_imports.exists(), guarded_imports.read_text()
     messages = [e.user_message for e in events]
+    assert any(f"staged at {staged}" in m for m in messages)
     assert any("72 of 72 images have features" in m for m in messages)
     checks = [
         e.dagster_event.event_specific_data
