@@ -4,6 +4,7 @@ against the local workspace emulator, with the data in SeaweedFS. Dagster runs a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def last_run_events(home: Path):
 
 def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path, guarded_imports):
     submits_before = len(emulator.requests_to(r"/jobs/runs/submit$"))
+    guarded_before = guarded_imports.read_text() if guarded_imports.exists() else ""
     home = tmp_path / "home"
     process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path))
     output = finish(process)
@@ -124,7 +126,7 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     # tf2onnx, onnx or Keras: its guard recorded no attempt (and would have failed the step).
     staged = f"{bucket}/assets/_models/mobilenet_v2_features_{metadata['weights_fingerprint']}_"
     assert str(metadata["onnx_model_file"]).startswith(staged) and metadata["onnx_model_prepared_on"] == "host"
-    assert not guarded_imports.exists(), guarded_imports.read_text()
+    assert (guarded_imports.read_text() if guarded_imports.exists() else "") == guarded_before
     messages = [e.user_message for e in events]
     assert any(f"staged at {staged}" in m for m in messages)
     assert any("72 of 72 images have features" in m for m in messages)
@@ -211,3 +213,23 @@ def test_an_unsupported_runtime_fails_before_anything_reaches_the_workspace(emul
     assert "Databricks runtime '13.3.x-scala2.12' is not supported" in output, output[-3000:]
     assert "17.3 LTS (spark_version 17.3.x-scala2.13), 18 LTS (spark_version 18.0.x-scala2.13)" in output
     assert len(emulator.request_log) == requests_before  # no upload, no submitted job
+
+
+def test_the_cluster_guard_bites_runtime_tensorflow_needs_tensorflow_on_the_cluster(emulator, bucket, tmp_path, guarded_imports):
+    """The control of the guard above: with runtime tensorflow nothing is staged and the executors rebuild
+    the Keras model, so on a cluster without TensorFlow the step fails, and the guard saw the attempt."""
+    home = tmp_path / "home"
+    # A storage of its own: nothing to reuse, so the executors must run the model.
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_RUNTIME="tensorflow", FRUIT_STORAGE_URI=f"{bucket}/tensorflow")
+    process = materialize_cli(env, "raw_images,image_features")
+    finish(process)
+    assert process.returncode != 0
+    _, events = last_run_events(home)
+    text = "\n".join(
+        e.dagster_event.step_failure_data.error.to_string()
+        for e in events
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE
+    )
+    # The first of them the cluster reaches for (Keras, to build the model) fails, and the guard saw it.
+    assert re.search(r"(tensorflow|keras) is not installed on this cluster \(fruit_assets test guard\)", text), text[-3000:]
+    assert {"tensorflow", "keras"} & set(guarded_imports.read_text().split())
