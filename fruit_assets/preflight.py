@@ -18,8 +18,11 @@ Minimum versions, and why (tested pins: pyproject.toml; the `pin` of each entry 
   `CommitProperties(max_commit_retries=...)`, storage/delta.py) is tested with 1.6.6 only; 18 LTS's
   preinstalled 1.1.4 is not known to have it, so the YAML installs 1.6.6 over it.
 - onnxruntime 1.31: the oldest build the README documents (onnxruntime-gpu 1.31.1); tested with 1.32.0.
-- tensorflow 2.21, tf2onnx 1.17, onnx 1.23: the driver still builds the Keras model and converts it to
-  ONNX (issue 22, item 3, would move that to the host); only these versions are tested together.
+  With the default runtime that is all the model needs on the cluster: the host, where Dagster runs,
+  builds the Keras model, converts it to ONNX and stages it in storage (databricks_launcher.py), so a
+  cluster step imports no TensorFlow, tf2onnx or onnx, and none is checked or offered.
+- tensorflow 2.21: only with `runtime: tensorflow` (FRUIT_MODEL_RUNTIME), where the driver resolves the
+  weights and the executors rebuild the Keras model; the version tested.
 - pyspark: the Python data sources (`pyspark.sql.datasource`, Spark 4) that storage/spark_io.py uses;
   no library line fixes that, only a supported runtime.
 """
@@ -77,13 +80,16 @@ BASE = (
     Requirement("PIL", ("pillow",), "9.1", "13.0.0", "decodes the images"),
     Requirement("matplotlib", ("matplotlib",), "3.5", "3.11.2", "the PCA's explained-variance plot"),
     Requirement("deltalake", ("deltalake",), "1.6", "1.6.6", "commits every Delta table"),
-    Requirement("tensorflow", ("tensorflow-cpu", "tensorflow", "tensorflow-gpu"), "2.21", "2.21.0",
-                "the driver builds the Keras model"),
 )
+# runtime onnxruntime (the default): the host stages the converted model; the cluster only runs it.
 ONNX = (
-    Requirement("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), "1.31", "1.32.0", "the executors run the model"),
-    Requirement("tf2onnx", ("tf2onnx",), "1.17", "1.17.0", "the driver converts the model to ONNX"),
-    Requirement("onnx", ("onnx",), "1.23", "1.23.2", "the driver converts the model to ONNX"),
+    Requirement("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), "1.31", "1.32.0",
+                "the executors run the ONNX model the host staged"),
+)
+# runtime tensorflow: the driver resolves the weights, the executors rebuild the Keras model.
+TENSORFLOW = (
+    Requirement("tensorflow", ("tensorflow-cpu", "tensorflow", "tensorflow-gpu"), "2.21", "2.21.0",
+                "runtime tensorflow: the driver and the executors build the Keras model"),
 )
 
 
@@ -93,7 +99,7 @@ class PreflightError(RuntimeError):
 
 def requirements_for(model_runtime: str) -> tuple[Requirement, ...]:
     """What a step needs with this inference runtime (FRUIT_MODEL_RUNTIME: onnxruntime or tensorflow)."""
-    return BASE + (ONNX if model_runtime.strip().lower() != "tensorflow" else ())
+    return BASE + (TENSORFLOW if model_runtime.strip().lower() == "tensorflow" else ONNX)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

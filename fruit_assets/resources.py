@@ -30,7 +30,7 @@ from pydantic import Field
 
 from fruit_assets import catalog, quiet, storage
 from fruit_assets.io_manager import DeltaIOManager
-from fruit_assets.ml.featurize import FeaturizeSettings, check_runtime
+from fruit_assets.ml.featurize import FeaturizeSettings, PreparedModel, check_runtime, prepare_feature_extractor
 from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: used by the demo and the tests
     FromEnvironment,
     Setting,
@@ -153,16 +153,34 @@ class FeatureModel(FromEnvironment, ConfigurableResource):
             onnx_providers=tuple(self.onnx_providers),
         )
 
+    def uses_staged_model(self) -> bool:
+        """Whether this step reads the ONNX model the host staged (on a Databricks cluster, runtime
+        onnxruntime) instead of resolving the weights and converting the model itself."""
+        return on_cluster() and self.featurize_settings().runtime == "onnxruntime"
+
+    def feature_extractor(self) -> PreparedModel:
+        """The model to featurize with: on a Databricks cluster (runtime onnxruntime), the one the host
+        staged (ml/staged_model.py: no TensorFlow here); everywhere else, resolved and converted here."""
+        if self.uses_staged_model():
+            from fruit_assets.ml.staged_model import load_staged_from_environment
+
+            return load_staged_from_environment()
+        return prepare_feature_extractor(self.weights_source(), self.featurize_settings())
+
     def setup_for_execution(self, context) -> None:
         self.log_settings(context)
-        # An unusable FRUIT_MODEL_WEIGHTS or runtime setting fails the step before any work.
-        self.weights_source()
+        # An unusable FRUIT_MODEL_WEIGHTS or runtime setting fails the step before any work. On a
+        # cluster with the staged ONNX model the weights are the host's business (a weights file is a
+        # path on the host), and only ONNX Runtime is needed.
         settings = self.featurize_settings()
         check_runtime(settings.runtime)
+        staged = self.uses_staged_model()
+        if not staged:
+            self.weights_source()
         if settings.runtime == "onnxruntime":
             from fruit_assets.ml.onnx_model import check_providers, require_packages
 
-            require_packages()
+            require_packages(runtime_only=staged)
             check_providers(settings.onnx_providers)
 
 
@@ -246,6 +264,11 @@ def _local_spark() -> dict:
     return {"pyspark": LocalSpark(), "step_launcher": ResourceDefinition.none_resource()}
 
 
+def on_cluster() -> bool:
+    """Whether this process is a step the launcher runs on a Databricks cluster (it sets FRUIT_DEPLOYMENT)."""
+    return os.environ.get("FRUIT_DEPLOYMENT", "").strip().lower() == "databricks_cluster"
+
+
 def _databricks_host() -> dict:
     _require_s3("FRUIT_STORAGE_URI", "databricks")
     _require_s3("FRUIT_IMAGES_URI", "databricks")
@@ -257,17 +280,19 @@ def _databricks_host() -> dict:
 
 
 def step_launcher() -> ResourceDefinition:
-    """dagster-databricks' `databricks_pyspark_step_launcher`, whose start (once per step, on the host,
-    before anything is uploaded) first checks that the workspace has the DBFS root it stages files on
+    """dagster-databricks' `databricks_pyspark_step_launcher`, which stages the feature model on the host
+    before it launches a step that featurizes (databricks_launcher.py), and whose start (once per step, on
+    the host, before anything is uploaded) first checks that the workspace has the DBFS root it stages files on
     (databricks_workspace.py): without one, the step fails saying so, instead of a bare 403 on upload."""
     from dagster_databricks import databricks_pyspark_step_launcher
 
+    from fruit_assets.databricks_launcher import StagingStepLauncher
     from fruit_assets.databricks_workspace import require_dbfs_root
 
-    start: Any = databricks_pyspark_step_launcher.resource_fn  # typed loosely by Dagster: (context) -> launcher
-
     def launcher(context):
-        started = start(context)
+        # dagster-databricks' own launcher (its resource function constructs it from the same config),
+        # which stages the ONNX model on the host before each launch (databricks_launcher.py).
+        started = StagingStepLauncher(**context.resource_config)
         client = started.databricks_runner.client.workspace_client
         require_dbfs_root(client.dbfs, started.databricks_host, started.staging_prefix)
         return started

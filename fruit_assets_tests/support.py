@@ -3,6 +3,7 @@ readers of the stored assets as users read them."""
 
 import os
 import shutil
+from pathlib import Path
 
 from dagster import materialize
 
@@ -85,3 +86,22 @@ def by_image(frame):
     """Index rows by <Label>/<file>, the part of the path that local and S3 runs share."""
     keyed = frame.assign(image=frame.path.str.split("/").str[-2:].str.join("/"))
     return keyed.set_index("image").sort_index()
+
+
+# Modules a Databricks cluster step must not import: the host converts the model (databricks_launcher.py).
+GUARDED_MODULES = ("tensorflow", "tf2onnx", "onnx", "keras")
+
+
+def write_import_guard(folder: Path, record: Path) -> Path:
+    """A folder to put first on PYTHONPATH: importing any of GUARDED_MODULES appends its name and the
+    process id to `record`, then fails as on a cluster that does not have it."""
+    for name in GUARDED_MODULES:
+        package = folder / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(
+            f"with open({str(record)!r}, 'a') as _record:\n"
+            f"    import os as _os\n"
+            f"    _record.write(f'{name} {{_os.getpid()}}\\n')\n"
+            f"raise ImportError('{name} is not installed on this cluster (fruit_assets test guard)')\n"
+        )
+    return folder

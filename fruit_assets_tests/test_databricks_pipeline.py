@@ -4,6 +4,7 @@ against the local workspace emulator, with the data in SeaweedFS. Dagster runs a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance
 
 from fruit_assets_dev.local_s3 import upload_tree
-from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset
+from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset, write_import_guard
 
 pytestmark = pytest.mark.databricks  # runs steps through the local Databricks workspace emulator
 
@@ -27,15 +28,28 @@ SPARK_ASSETS = ("image_features", "pca_model", "reduced_features")
 
 
 @pytest.fixture(scope="module")
-def emulator(s3, tmp_path_factory):
+def guarded_imports(tmp_path_factory) -> Path:
+    """The file where the cluster's import guard records every attempt to import TensorFlow, tf2onnx,
+    onnx or Keras (none is in databricks.yaml's libraries: the host converts the model and stages it)."""
+    folder = tmp_path_factory.mktemp("cluster_guard")
+    write_import_guard(folder / "site", folder / "imports.txt")
+    return folder / "imports.txt"
+
+
+@pytest.fixture(scope="module")
+def emulator(s3, tmp_path_factory, guarded_imports):
     from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
     # The secret scope holds the S3 keys, as a real workspace would, under the names databricks.yaml
-    # gives (its `storage.s3`); the launcher's storage config reads them on the cluster.
+    # gives (its `storage.s3`); the launcher's storage config reads them on the cluster. Every task, its
+    # Spark driver and Python workers alike, finds the import guard first on its path: a cluster without
+    # TensorFlow, tf2onnx and onnx, as databricks.yaml's libraries make it.
+    guard = guarded_imports.parent / "site"
     with DatabricksEmulator(
         str(tmp_path_factory.mktemp("workspace")),
         secrets={"fruit-assets": {"aws-access-key-id": s3.access_key, "aws-secret-access-key": s3.secret_key}},
         spark_master="local[2,4]",
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")]))},
     ) as workspace:
         yield workspace
 
@@ -86,8 +100,9 @@ def last_run_events(home: Path):
         return run, [record.event_log_entry for record in instance.get_records_for_run(run.run_id, limit=100_000).records]
 
 
-def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path):
+def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path, guarded_imports):
     submits_before = len(emulator.requests_to(r"/jobs/runs/submit$"))
+    guarded_before = guarded_imports.read_text() if guarded_imports.exists() else ""
     home = tmp_path / "home"
     process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path))
     output = finish(process)
@@ -109,7 +124,13 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     metadata = {k: v.value for k, v in materialized["image_features"].dagster_event.materialization.metadata.items()}
     assert (metadata["rows"], metadata["featurized"], metadata["weights_source"]) == (72, 72, "random:0")
     assert metadata["runtime"] == "onnxruntime"  # the default runtime on the cluster too
+    # The host converted the model and staged it in S3; the cluster read it and imported no TensorFlow,
+    # tf2onnx, onnx or Keras: its guard recorded no attempt (and would have failed the step).
+    staged = f"{bucket}/assets/_models/mobilenet_v2_features_{metadata['weights_fingerprint']}_"
+    assert str(metadata["onnx_model_file"]).startswith(staged) and metadata["onnx_model_prepared_on"] == "host"
+    assert (guarded_imports.read_text() if guarded_imports.exists() else "") == guarded_before
     messages = [e.user_message for e in events]
+    assert any(f"staged at {staged}" in m for m in messages)
     assert any("72 of 72 images have features" in m for m in messages)
     checks = [
         e.dagster_event.event_specific_data
@@ -194,3 +215,23 @@ def test_an_unsupported_runtime_fails_before_anything_reaches_the_workspace(emul
     assert "Databricks runtime '13.3.x-scala2.12' is not supported" in output, output[-3000:]
     assert "17.3 LTS (spark_version 17.3.x-scala2.13), 18 LTS (spark_version 18.0.x-scala2.13)" in output
     assert len(emulator.request_log) == requests_before  # no upload, no submitted job
+
+
+def test_the_cluster_guard_bites_runtime_tensorflow_needs_tensorflow_on_the_cluster(emulator, bucket, tmp_path, guarded_imports):
+    """The control of the guard above: with runtime tensorflow nothing is staged and the executors rebuild
+    the Keras model, so on a cluster without TensorFlow the step fails, and the guard saw the attempt."""
+    home = tmp_path / "home"
+    # A storage of its own: nothing to reuse, so the executors must run the model.
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_RUNTIME="tensorflow", FRUIT_STORAGE_URI=f"{bucket}/tensorflow")
+    process = materialize_cli(env, "raw_images,image_features")
+    finish(process)
+    assert process.returncode != 0
+    _, events = last_run_events(home)
+    text = "\n".join(
+        e.dagster_event.step_failure_data.error.to_string()
+        for e in events
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE
+    )
+    # The first of them the cluster reaches for (Keras, to build the model) fails, and the guard saw it.
+    assert re.search(r"(tensorflow|keras) is not installed on this cluster \(fruit_assets test guard\)", text), text[-3000:]
+    assert {"tensorflow", "keras"} & set(guarded_imports.read_text().split())

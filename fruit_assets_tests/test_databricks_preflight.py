@@ -139,22 +139,36 @@ def runtime_with_libraries(runtime, libraries: dict[str, str]):
         version_of(r) for r in preflight.requirements_for("onnxruntime") if r.module == module), "version_of": version_of}
 
 
+@pytest.mark.parametrize("dropped", ["deltalake", "onnxruntime"])
 @pytest.mark.parametrize("runtime", SUPPORTED_RUNTIMES, ids=lambda r: r.version)
-def test_the_repository_yaml_gives_each_supported_runtime_every_library_and_dropping_one_is_named(runtime):
+def test_the_repository_yaml_gives_each_supported_runtime_every_library_and_dropping_one_is_named(runtime, dropped):
     libraries = yaml_libraries(yaml.safe_load(DATABRICKS_YAML.read_text()))
     requirements = preflight.requirements_for("onnxruntime")
     assert preflight.problems(requirements, **runtime_with_libraries(runtime, libraries)) == []
 
-    without = {name: version for name, version in libraries.items() if name != "deltalake"}
+    without = {name: version for name, version in libraries.items() if name != dropped}
     found = preflight.problems(requirements, **runtime_with_libraries(runtime, without))
-    assert [problem.requirement.module for problem in found] == ["deltalake"]
-    assert '{"pypi": {"package": "deltalake==1.6.6"}}' in preflight.message(found)
+    assert [problem.requirement.module for problem in found] == [dropped]
+    text = preflight.message(found)
+    assert f"  - {dropped}: " in text and f'{{"pypi": {{"package": "{dropped}==' in text
+
+
+def test_the_cluster_needs_no_tensorflow_tf2onnx_or_onnx_unless_it_runs_tensorflow():
+    """The host converts the model and stages it (databricks_launcher.py): with the default runtime a cluster
+    step checks, and the YAML installs, none of the converter's packages."""
+    converter = {"tensorflow", "tf2onnx", "onnx", "keras"}
+    assert not converter & {r.module for r in preflight.requirements_for("onnxruntime")}
+    libraries = yaml_libraries(yaml.safe_load(DATABRICKS_YAML.read_text()))
+    assert not {"tensorflow", "tensorflow-cpu", "tf2onnx", "onnx", "keras"} & set(libraries)
+    assert "onnxruntime" in libraries
+    assert "tensorflow" in {r.module for r in preflight.requirements_for("tensorflow")}
+    assert "onnxruntime" not in {r.module for r in preflight.requirements_for("tensorflow")}
 
 
 def test_the_pins_offered_are_the_tested_ones():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pinned = dict(dependency.split("==") for dependency in project["dependencies"])
-    for requirement in preflight.BASE + preflight.ONNX:
+    for requirement in preflight.BASE + preflight.ONNX + preflight.TENSORFLOW:
         if requirement.pin:
             assert pinned[requirement.distributions[0]] == requirement.pin, requirement
     for package, version in yaml_libraries(yaml.safe_load(DATABRICKS_YAML.read_text())).items():

@@ -17,7 +17,7 @@ from dagster_pyspark import PySparkResource
 
 from fruit_assets.assets.metadata import table
 from fruit_assets.incremental import FeaturizeResult, featurize_incremental
-from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, featurize_here, prepare_feature_extractor
+from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, featurize_here
 from fruit_assets.ml.model import FEATURE_DIM
 from fruit_assets.resources import FeatureModel
 from fruit_assets.settings import resolved
@@ -52,7 +52,8 @@ def image_features(
     to featurize (an upload, usually) run on the driver, with the same runtime settings: a Spark job
     would cost more than they do."""
     spark, settings = pyspark.spark_session, feature_model.featurize_settings()
-    model = prepare_feature_extractor(feature_model.weights_source(), settings)
+    # Resolved and converted here, or on a Databricks cluster the model the host staged (resources.py).
+    model = feature_model.feature_extractor()
     if not model.meaningful:
         context.log.warning(f"featurizing with {model.metadata['weights_source']}: {model.metadata.get('weights_note', '')}")
 
