@@ -15,6 +15,11 @@ The emulator does the same in a virtual environment:
    uv, like pip, keeps an installed package that satisfies the request and upgrades one that does not;
 4. ``uv pip check``: conflicts are logged, as pip's "dependency conflicts" warning would be.
 
+pyspark is published as a source package only, and uv 0.13 rebuilt it from source for every
+environment (35-60 s each on 2 cores); its wheel is built once per pyspark version with pip (whose cache
+keeps built wheels) into a wheelhouse, ``~/.cache/fruit_assets/emulator-wheels`` (or
+$FRUIT_EMULATOR_WHEELS), which every install then finds first (``--find-links``).
+
 Each environment is cached under the cache root by a key of its runtime's packages, its Python and its
 sorted libraries: built once under a file lock (parallel test workers may ask for the same one at the
 same time), in a temporary folder that is renamed into place when complete (``--relocatable``: the
@@ -114,9 +119,11 @@ def pypi_requirements(libraries: list) -> tuple[tuple[str, ...], list[str]]:
 class EnvironmentCache:
     """Emulated runtime environments under `root`, built on demand and kept (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, uv: str | None = None):
+    def __init__(self, root: str | os.PathLike, uv: str | None = None, wheels: str | os.PathLike | None = None):
         self.root = Path(root).resolve()
         self.uv = uv
+        default = os.environ.get("FRUIT_EMULATOR_WHEELS") or os.path.expanduser("~/.cache/fruit_assets/emulator-wheels")
+        self.wheels = Path(wheels or default)
         self._pythons: dict[str, str] = {}
 
     def _python(self, runtime: Runtime) -> str:
@@ -151,6 +158,24 @@ class EnvironmentCache:
             raise LibraryInstallError(f"{what} failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-4000:]}")
         return done.stdout + done.stderr
 
+    def pyspark_wheel(self, version: str, log=lambda message: None) -> None:
+        """pyspark's wheel in the wheelhouse, built once (pip wheel) under a lock."""
+        self.wheels.mkdir(parents=True, exist_ok=True)
+        with open(self.wheels / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if glob.glob(str(self.wheels / f"pyspark-{version}-*.whl")):
+                return
+            log(f"building the wheel of pyspark {version} (published as a source package only)")
+            partial = self.wheels / f".partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                self._run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(partial),
+                           f"pyspark=={version}"], f"building pyspark {version}")
+                for wheel in partial.glob("*.whl"):
+                    os.replace(wheel, self.wheels / wheel.name)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+
     def _build(self, runtime: Runtime, requirements: tuple[str, ...], folder: Path, log) -> None:
         uv = self.uv or find_uv()
         temporary = self.root / f".{folder.name}.{os.getpid()}.partial"
@@ -161,11 +186,14 @@ class EnvironmentCache:
             self._run([uv, "venv", "--quiet", "--relocatable", "--python", python, str(temporary)], "creating the runtime's Python")
             pins = [f"{name}=={version}" for name, version in sorted(runtime.python_packages().items())]
             log(f"installing the {runtime.name} runtime's packages: {' '.join(pins)}")
-            self._run([uv, "pip", "install", "--quiet", "-p", str(temporary / "bin" / "python"), *pins],
+            if self.uv is None:  # a real uv: give it pyspark's wheel
+                self.pyspark_wheel(runtime.spark, log)
+            links = ["--find-links", str(self.wheels)] if self.wheels.is_dir() else []
+            self._run([uv, "pip", "install", "--quiet", *links, "-p", str(temporary / "bin" / "python"), *pins],
                       f"installing the {runtime.name} runtime's packages")
             if requirements:
                 log(f"installing the cluster's libraries over them: {' '.join(requirements)}")
-                self._run([uv, "pip", "install", "--quiet", "-p", str(temporary / "bin" / "python"), *requirements],
+                self._run([uv, "pip", "install", "--quiet", *links, "-p", str(temporary / "bin" / "python"), *requirements],
                           "installing the cluster's libraries " + " ".join(requirements))
             check = subprocess.run([uv, "pip", "check", "-p", str(temporary / "bin" / "python")],
                                    capture_output=True, text=True, timeout=600)
