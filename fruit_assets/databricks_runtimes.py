@@ -16,6 +16,18 @@ Library versions are those of the release notes' "System environment" / "Install
 `spark_version` keys are the API's (`GET /api/2.1/clusters/spark-versions`): "17.3.x-scala2.13" and
 "18.0.x-scala2.13" are the keys public cluster specs use for these two. On the cluster, Databricks sets
 DATABRICKS_RUNTIME_VERSION to the runtime's major.minor ("17.3"); "18" and "18.0" are taken as the same.
+
+`preinstalled` holds more of the runtime's own Python packages, for the workspace emulator, which builds
+each runtime's Python from this table (`Runtime.python_packages`; fruit_assets_dev/databricks_emulator/
+environments.py): the table is kept here only, so the product and the emulator cannot drift apart.
+- protobuf, boto3, databricks-sdk: the release notes, as above (the BRIEF's table of 2026-12-06).
+- 18 LTS grpcio 1.67.0 and requests 2.32.3 (protobuf 5.29.4, databricks-sdk 0.67.0, numpy, pandas and
+  pyarrow agree with the table): Databricks' requirements file of the 18.x base image (client.5.x),
+  https://docs.databricks.com/aws/en/assets/files/requirements-8e972929dcac249709ddd4214f2e1b2a.txt
+- NOT FOUND in the sources searched: grpcio and requests of 17.3 LTS, and pyyaml of both. 17.3 is given
+  18's grpcio and requests (both runtimes ship the same protobuf 5.29.4, which pins grpcio's generation),
+  and pyyaml 6.0.2 for both: assumptions, to be checked against the release notes' "Installed Python
+  libraries" of each runtime.
 """
 
 from __future__ import annotations
@@ -42,6 +54,19 @@ class Runtime:
     pyarrow: str
     pillow: str
     deltalake: str | None  # preinstalled deltalake, if any
+    preinstalled: tuple[tuple[str, str], ...] = ()  # more of its Python packages (distribution, version)
+
+    @property
+    def python_minor(self) -> str:
+        """"3.12" for "3.12.3": the Python the emulator must run it on."""
+        return ".".join(self.python.split(".")[:2])
+
+    def python_packages(self) -> dict[str, str]:
+        """Every Python package of the runtime pinned here (pip distribution name -> version), pyspark
+        included: what the emulator installs before the cluster's libraries."""
+        packages = {"pyspark": self.spark, "numpy": self.numpy, "pandas": self.pandas, "pyarrow": self.pyarrow,
+                    "pillow": self.pillow, **({"deltalake": self.deltalake} if self.deltalake else {})}
+        return packages | dict(self.preinstalled)
 
     @property
     def major_minor(self) -> tuple[int, int]:
@@ -50,9 +75,13 @@ class Runtime:
 
 SUPPORTED_RUNTIMES: tuple[Runtime, ...] = (
     Runtime("17.3 LTS", "17.3.x-scala2.13", "17.3", spark="4.0.0", python="3.12.3", numpy="2.1.3",
-            pandas="2.2.3", pyarrow="19.0.1", pillow="11.1.0", deltalake=None),
+            pandas="2.2.3", pyarrow="19.0.1", pillow="11.1.0", deltalake=None,
+            preinstalled=(("protobuf", "5.29.4"), ("boto3", "1.36.2"), ("databricks-sdk", "0.49.0"),
+                          ("grpcio", "1.67.0"), ("requests", "2.32.3"), ("pyyaml", "6.0.2"))),
     Runtime("18 LTS", "18.0.x-scala2.13", "18.0", spark="4.1.0", python="3.12", numpy="2.1.3",
-            pandas="2.2.3", pyarrow="21.0.0", pillow="11.1.0", deltalake="1.1.4"),
+            pandas="2.2.3", pyarrow="21.0.0", pillow="11.1.0", deltalake="1.1.4",
+            preinstalled=(("protobuf", "5.29.4"), ("boto3", "1.40.45"), ("databricks-sdk", "0.67.0"),
+                          ("grpcio", "1.67.0"), ("requests", "2.32.3"), ("pyyaml", "6.0.2"))),
 )
 DEFAULT_RUNTIME = SUPPORTED_RUNTIMES[0]  # the one databricks.yaml names
 

@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -312,7 +313,37 @@ def _databricks_cluster() -> dict:
     cluster_preflight()
     _require_s3("FRUIT_STORAGE_URI", "databricks_cluster")
     _require_s3("FRUIT_IMAGES_URI", "databricks_cluster")
+    ship_package_to_executors()
     return {"pyspark": LazyPySparkResource(spark_config={}), "step_launcher": ResourceDefinition.none_resource()}
+
+
+def ship_package_to_executors() -> str | None:
+    """Give the cluster's Spark executors this package: the step launcher puts it on the driver only
+    (databricks_step_main extracts code.zip into a temporary folder and calls `site.addsitedir`), so
+    every Spark Python worker that unpickles a function of the package (the featurization UDF, the PCA's
+    statistics) would fail with `ModuleNotFoundError: No module named 'fruit_assets'`. Found when the
+    workspace emulator began to run the runtime's own Python (issue 22), whose workers no longer saw
+    the checkout. The package, as the driver has it, is zipped (named by its content, so a second step
+    on the same all-purpose cluster adds the same file) and `addPyFile`d: Spark copies it to every
+    executor and puts it on its Python workers' path. Nothing happens without an active Spark session."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is None:
+        return None
+    package = Path(__file__).resolve().parent
+    files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    digest = hashlib.sha256(b"".join(str(p.relative_to(package)).encode() + p.read_bytes() for p in files)).hexdigest()[:12]
+    archive = Path(tempfile.gettempdir()) / f"fruit_assets_executors_{digest}" / "fruit_assets.zip"
+    if not archive.exists():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        partial = archive.with_name(f".fruit_assets.{os.getpid()}.zip")
+        with zipfile.ZipFile(partial, "w") as zipped:
+            for path in files:
+                zipped.write(path, str(Path("fruit_assets") / path.relative_to(package)))
+        os.replace(partial, archive)
+    session.sparkContext.addPyFile(str(archive))
+    return str(archive)
 
 
 # The deployment switch: what differs between deployments is how Spark runs. Functions, because

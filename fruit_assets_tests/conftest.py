@@ -156,6 +156,16 @@ def model_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def emulated_runtimes(tmp_path_factory) -> Path:
+    """Where the Databricks emulator keeps the emulated runtimes' Python environments: one folder per pytest
+    run, shared by its workers, so each (runtime, libraries) environment is built once per run (the
+    emulator builds each under a file lock). uv's own cache (~/.cache/uv) makes a rebuild cheap."""
+    folder = shared_tmp(tmp_path_factory) / "databricks_environments"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """One real S3 server (SeaweedFS) per test session, on free loopback ports, with a bucket.
 

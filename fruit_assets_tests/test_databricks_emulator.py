@@ -3,13 +3,16 @@ and dagster-databricks' ``databricks_pyspark_step_launcher`` materializing a tin
 
 Everything is real: an HTTP server on 127.0.0.1, task processes with their own local Spark (each one
 starts a JVM: 10-20 s on this machine, more when it is busy), Dagster runs on a test instance. The
-three Jobs runs are submitted together, so their JVMs start side by side.
+three Jobs runs are submitted together, so their JVMs start side by side. They run in the emulator's
+local mode (this venv); the step launcher's runs run on the emulated 18 LTS runtime (its Python 3.12,
+pyspark 4.1.0 and packages, the launcher's libraries installed over them: `runtime_emulator`).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import zipfile
 from datetime import timedelta
@@ -26,7 +30,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES, runtime_for_spark_version
 from fruit_assets_dev.databricks_emulator import DatabricksEmulator
+from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache
 
 SECRETS = {
     "storage": {"access_key": "AKIA-EMULATED-KEY", "secret_key": "emulated-secret-value-123"},
@@ -47,6 +53,21 @@ def emulator(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(emulator):
     return emulator.workspace_client()
+
+
+RUNTIME_18 = runtime_for_spark_version("18.0.x-scala2.13")
+
+
+@pytest.fixture(scope="module")
+def runtime_emulator(tmp_path_factory, emulated_runtimes):
+    """A workspace whose tasks run on the emulated runtimes; environments are kept for the whole pytest
+    run, shared by its workers (test_databricks_pipeline uses the same folder)."""
+    with DatabricksEmulator(
+        tmp_path_factory.mktemp("databricks_runtimes"), secrets=SECRETS,
+        environments=emulated_runtimes,
+        clusters={"0101-000000-emulated": {"spark_version": RUNTIME_18.spark_version}},
+    ) as emu:
+        yield emu
 
 
 # ----------------------------------------------------------------------------------------------- DBFS
@@ -162,7 +183,7 @@ def submitted_runs(client):
                         parameters=["/dbfs/jobs/input/words.txt", "dbfs:/jobs/input/words.txt"],
                     ),
                     new_cluster=compute.ClusterSpec(
-                        spark_version="15.4.x-scala2.12",
+                        spark_version="17.3.x-scala2.13",
                         node_type_id="i3.xlarge",
                         num_workers=1,
                         spark_env_vars={"GREETING_ENV": "from-spark-env-vars"},
@@ -356,7 +377,7 @@ def launcher_config(emulator, tiny_package, cluster, **overrides) -> dict:
 NEW_CLUSTER = {
     "new": {
         "size": {"num_workers": 1},
-        "spark_version": "15.4.x-scala2.12",
+        "spark_version": RUNTIME_18.spark_version,
         "nodes": {"node_types": {"node_type_id": "i3.xlarge"}},
         "spark_env_vars": {"CLUSTER_ENV": "from-new-cluster"},
         "cluster_log_conf": {"dbfs": {"destination": "dbfs:/cluster-logs"}},
@@ -368,7 +389,8 @@ def _messages(instance, run_id) -> list[str]:
     return [entry.user_message or "" for entry in instance.all_logs(run_id)]
 
 
-def test_step_launcher_materializes_an_asset_on_the_emulator(emulator, tiny_package, monkeypatch):
+def test_step_launcher_materializes_an_asset_on_the_emulated_18_lts_runtime(runtime_emulator, tiny_package, monkeypatch):
+    emulator = runtime_emulator
     import dagster
     from dagster import execute_job, instance_for_test, reconstructable
     from fruit_dbx_tiny.definitions import tiny_job
@@ -404,6 +426,14 @@ def test_step_launcher_materializes_an_asset_on_the_emulator(emulator, tiny_pack
     assert (run.life_cycle_state, run.result_state) == ("TERMINATED", "SUCCESS")
     assert run.spark_python_task["python_file"].endswith("/tiny_numbers/databricks_step_main.py")
     assert f'{{"pypi": {{"package": "dagster=={dagster.__version__}"}}}}' in run.would_install
+    # The step ran on 18 LTS's Python and packages, its libraries installed over them, as pip on a cluster
+    # does: the unpinned "pyarrow" library is satisfied by the runtime's 21.0.0 and stays.
+    runtime = json.loads(run.runtime_path.read_text())
+    assert runtime["python"].startswith("3.12."), runtime
+    assert (runtime["pyspark"], runtime["numpy"], runtime["pandas"]) == ("4.1.0", "2.1.3", "2.2.3"), runtime
+    assert (runtime["pyarrow"], runtime["deltalake"], runtime["onnxruntime"]) == ("21.0.0", "1.1.4", None), runtime
+    assert runtime["databricks_runtime_version"] == "18.0" and runtime["executable"] != sys.executable
+    assert "installed library" in run.stderr_path.read_text()
     assert len(emulator.requests_to(r"/jobs/runs/submit$")) == submits_before + 1
     assert emulator.requests_to(r"/jobs/runs/get$")
     assert len(emulator.requests_to(r"/dbfs/create$")) >= 4  # main file, code.zip, step run ref, config
@@ -415,7 +445,8 @@ def test_step_launcher_materializes_an_asset_on_the_emulator(emulator, tiny_pack
     }
 
 
-def test_remote_asset_exception_fails_the_dagster_step(emulator, tiny_package, monkeypatch):
+def test_remote_asset_exception_fails_the_dagster_step(runtime_emulator, tiny_package, monkeypatch):
+    emulator = runtime_emulator
     from dagster import execute_job, instance_for_test, reconstructable
     from fruit_dbx_tiny.definitions import tiny_failing_job
 
@@ -444,6 +475,73 @@ def test_remote_asset_exception_fails_the_dagster_step(emulator, tiny_package, m
     [run] = [r for r in emulator.runs if r.existing_cluster_id == "0101-000000-emulated"]
     assert (run.life_cycle_state, run.result_state) == ("TERMINATED", "SUCCESS")
     assert emulator.permissions("jobs", run.job_id) == [{"group_name": "data-team", "permission_level": "CAN_VIEW"}]
+    assert json.loads(run.runtime_path.read_text())["pyspark"] == "4.1.0"  # the registered cluster's runtime
+
+
+# ------------------------------------------------------------------------------------- emulated runtimes
+
+
+def test_a_spark_version_outside_the_table_is_refused_as_the_api_refuses_it(client, emulator):
+    """Databricks answers 400 INVALID_PARAMETER_VALUE to a spark_version it does not run; the emulator
+    runs only the supported runtimes (fruit_assets/databricks_runtimes.py), and lists them."""
+    body = {"run_name": "old runtime", "tasks": [{
+        "task_key": "t", "spark_python_task": {"python_file": "dbfs:/jobs/x.py"},
+        "new_cluster": {"spark_version": "13.3.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}}]}
+    runs_before = len(emulator.runs)
+    answer = requests.post(f"{emulator.url}/api/2.2/jobs/runs/submit", json=body, timeout=30,
+                           headers={"Authorization": f"Bearer {emulator.token}"})
+    assert answer.status_code == 400
+    assert answer.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    message = answer.json()["message"]
+    assert "'13.3.x-scala2.12'" in message
+    for runtime in SUPPORTED_RUNTIMES:
+        assert f"{runtime.name} (spark_version {runtime.spark_version})" in message
+    assert len(emulator.runs) == runs_before  # nothing was started
+
+
+FAKE_UV = """#!/bin/sh
+# A stand-in for uv that records its calls: "venv ... DIR" makes DIR/bin/python, the rest succeed.
+echo "$@" >> "$FAKE_UV_LOG"
+if [ "$1" = venv ]; then
+    for last; do :; done
+    mkdir -p "$last/bin" && ln -s "$(command -v python3)" "$last/bin/python"
+    sleep 1
+fi
+exit 0
+"""
+
+
+def test_an_environment_is_built_once_when_two_workers_ask_for_it_at_once(tmp_path, monkeypatch):
+    """Two pytest-xdist workers may ask for the same environment at the same moment: one builds it (under
+    the cache's file lock, in a temporary folder renamed into place), the other waits and uses it."""
+    uv = tmp_path / "uv"
+    uv.write_text(FAKE_UV)
+    uv.chmod(0o755)
+    monkeypatch.setenv("FAKE_UV_LOG", str(tmp_path / "calls"))
+    monkeypatch.setenv("FRUIT_EMULATOR_PYTHON_3_12", sys.executable)  # not run: the fake uv ignores it
+    cache = EnvironmentCache(tmp_path / "cache", uv=str(uv))
+    cache._pythons["3.12"] = sys.executable
+    results = []
+
+    def ask():
+        results.append(cache.environment(RUNTIME_18, ("onnxruntime==1.32.0",)))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 2 and results[0].folder == results[1].folder
+    assert sorted(r.build_seconds is None for r in results) == [False, True]  # built once, then found
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum(call.startswith("venv") for call in calls) == 1
+    pins = next(call for call in calls if call.startswith("pip install") and "pyspark==" in call)
+    for name, version in RUNTIME_18.python_packages().items():  # the product's table, and only it
+        assert f"{name}=={version}" in pins
+    assert any(call.startswith("pip install") and call.endswith("onnxruntime==1.32.0") for call in calls)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []  # no partial left
+    other = cache.environment(RUNTIME_18, ("onnxruntime==1.31.0",))
+    assert other.folder != results[0].folder and other.build_seconds is not None
 
 
 # -------------------------------------------------------------------------------------------------- CLI

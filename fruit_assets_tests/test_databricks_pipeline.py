@@ -1,6 +1,11 @@
 """FRUIT_DEPLOYMENT=databricks: the Spark assets materialized by the real databricks_pyspark_step_launcher,
 against the local workspace emulator, with the data in SeaweedFS. Dagster runs as users run it: the
-`dagster asset materialize` command, in its own process."""
+`dagster asset materialize` command, in its own process.
+
+The emulator runs each step on the emulated runtime its YAML names (its Python 3.12, its pyspark and
+packages, the YAML's libraries pip-installed over them): the graph on 17.3 LTS (the repository's YAML),
+a single-asset step on 18 LTS (a copy of it), so that both supported runtimes run here. Each run's
+`runtime.json` says what the step process ran."""
 
 import json
 import os
@@ -37,7 +42,7 @@ def guarded_imports(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def emulator(s3, tmp_path_factory, guarded_imports):
+def emulator(s3, tmp_path_factory, guarded_imports, emulated_runtimes):
     from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 
     # The secret scope holds the S3 keys, as a real workspace would, under the names databricks.yaml
@@ -49,7 +54,8 @@ def emulator(s3, tmp_path_factory, guarded_imports):
         str(tmp_path_factory.mktemp("workspace")),
         secrets={"fruit-assets": {"aws-access-key-id": s3.access_key, "aws-secret-access-key": s3.secret_key}},
         spark_master="local[2,4]",
-        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")]))},
+        env={"PYTHONPATH": str(guard)},  # before the emulator's own entry (the runner's package)
+        environments=emulated_runtimes,
     ) as workspace:
         yield workspace
 
@@ -65,6 +71,26 @@ def bucket(s3, demo_images):
 # host and token (DATABRICKS_HOST, DATABRICKS_TOKEN) and the S3 paths (FRUIT_*_URI) are the tests' own;
 # the emulator serves the secret scope the file names, and ignores its node types and instance profile.
 DATABRICKS_YAML = REPO / "databricks.yaml"
+
+
+def yaml_copy(tmp_path: Path, spark_version: str | None = None, drop: str | None = None) -> Path:
+    """The repository's YAML with another runtime, or without one library."""
+    settings = yaml.safe_load(DATABRICKS_YAML.read_text())
+    if spark_version:
+        settings["run_config"]["cluster"]["new"]["spark_version"] = spark_version
+    if drop:
+        libraries = settings["run_config"]["libraries"]
+        kept = [lib for lib in libraries if not lib["pypi"]["package"].startswith(f"{drop}==")]
+        assert len(kept) == len(libraries) - 1, drop
+        settings["run_config"]["libraries"] = kept
+    path = tmp_path / "databricks.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def runtime_of(run) -> dict:
+    """What the run's step process ran (runtime.json, written by the emulator's task runner)."""
+    return json.loads(run.runtime_path.read_text())
 
 
 def dagster_env(emulator, bucket, home: Path, tmp_path: Path, **overrides) -> dict:
@@ -112,6 +138,12 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     submitted = emulator.requests_to(r"/jobs/runs/submit$")[submits_before:]
     assert len(submitted) == len(SPARK_ASSETS)
     assert [run.result_state for run in emulator.runs[-3:]] == ["SUCCESS"] * 3
+    # On the runtime the YAML names, 17.3 LTS: its Python and pyspark; the YAML's libraries over its packages.
+    for remote in emulator.runs[-3:]:
+        runtime = runtime_of(remote)
+        assert runtime["python"].startswith("3.12.") and runtime["pyspark"] == "4.0.0", runtime
+        assert (runtime["onnxruntime"], runtime["deltalake"], runtime["pyarrow"]) == ("1.32.0", "1.6.6", "26.0.1"), runtime
+        assert runtime["runtime"] == "17.3 LTS" and runtime["executable"] != sys.executable
 
     # The remote steps' events came back into the Dagster run: materializations with metadata, logs.
     run, events = last_run_events(home)
@@ -144,20 +176,37 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
         "pca_model_is_an_exact_decomposition",
     }
 
-    # Same outputs as the local run on the same images.
+    # Same outputs as the local run on the same images (this venv: Python 3.11, pyspark 4.3): the features
+    # within 1e-5, the PCA (its components and explained variance) within 1e-6.
     _, local_storage = demo_run
-    for name, column in [("image_features", "features"), ("reduced_features", "pca_features")]:
-        remote, local = by_image(read_asset(f"{bucket}/assets", name)), by_image(read_asset(local_storage, name))
-        assert list(remote.index) == list(local.index)
-        # Components have a canonical sign, so the projections agree with their signs.
-        np.testing.assert_allclose(np.stack(remote[column]), np.stack(local[column]), rtol=1e-4, atol=1e-4)
+    remote, local = (by_image(read_asset(storage, "image_features")) for storage in (f"{bucket}/assets", local_storage))
+    assert list(remote.index) == list(local.index)
+    np.testing.assert_allclose(np.stack(remote.features), np.stack(local.features), rtol=0, atol=1e-5)
+    remote_pca, local_pca = (read_asset(storage, "pca_model").sort_values("component")
+                             for storage in (f"{bucket}/assets", local_storage))
+    assert list(remote_pca.component) == list(local_pca.component)
+    # Components have a canonical sign, so they agree with their signs.
+    np.testing.assert_allclose(np.stack(remote_pca.loadings), np.stack(local_pca.loadings), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(remote_pca.explained_variance, local_pca.explained_variance, rtol=0, atol=1e-6)
+    remote, local = (by_image(read_asset(storage, "reduced_features")) for storage in (f"{bucket}/assets", local_storage))
+    assert list(remote.index) == list(local.index)
+    np.testing.assert_allclose(np.stack(remote.pca_features), np.stack(local.pca_features), rtol=1e-5, atol=1e-5)
 
 
-def test_a_failure_on_the_cluster_fails_the_step_with_the_remote_traceback(emulator, bucket, tmp_path):
+def test_a_failure_on_the_cluster_of_18_lts_fails_the_step_with_the_remote_traceback(emulator, bucket, tmp_path):
+    """The single-asset step that runs on 18 LTS (the graph runs on 17.3): the YAML's libraries install
+    there too (deltalake 1.6.6 over its 1.1.4), the preflight passes and the asset's code runs."""
     home = tmp_path / "home"
-    process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path), "pca_model", {"ops": {"pca_model": {"config": {"k": 500}}}})
-    finish(process)
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_DATABRICKS_CONFIG=str(yaml_copy(tmp_path, "18.0.x-scala2.13")))
+    known = {run.run_id for run in emulator.runs}
+    process = materialize_cli(env, "pca_model", {"ops": {"pca_model": {"config": {"k": 500}}}})
+    output = finish(process)
     assert process.returncode != 0
+    [remote] = [run for run in emulator.runs if run.run_id not in known]
+    runtime = runtime_of(remote)
+    assert runtime["python"].startswith("3.12.") and runtime["pyspark"] == "4.1.0", runtime
+    assert (runtime["runtime"], runtime["deltalake"], runtime["onnxruntime"]) == ("18 LTS", "1.6.6", "1.32.0"), runtime
+    assert "PreflightError" not in output
     _, events = last_run_events(home)
     [failure] = [e.dagster_event for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE]
     error = failure.step_failure_data.error
@@ -202,11 +251,24 @@ def test_a_wrong_token_is_a_clear_error(emulator, bucket, tmp_path):
     assert "not-the-token" not in text and emulator.token not in output
 
 
+def test_without_onnxruntime_in_the_libraries_the_step_fails_naming_it(emulator, bucket, tmp_path):
+    """On the emulated runtime the library is really absent (17.3 LTS does not ship it): the step's
+    preflight fails before any Spark work, with the library and the line that fixes it."""
+    home = tmp_path / "home"
+    env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_DATABRICKS_CONFIG=str(yaml_copy(tmp_path, drop="onnxruntime")),
+                      FRUIT_STORAGE_URI=f"{bucket}/without-onnxruntime")
+    known = {run.run_id for run in emulator.runs}
+    process = materialize_cli(env, "raw_images,image_features")
+    output = finish(process, timeout=600)
+    assert process.returncode != 0
+    [remote] = [run for run in emulator.runs if run.run_id not in known]
+    assert runtime_of(remote)["onnxruntime"] is None
+    assert "onnxruntime: not installed" in output, output[-3000:]
+    assert '{"pypi": {"package": "onnxruntime==1.32.0"}}' in output
+
+
 def test_an_unsupported_runtime_fails_before_anything_reaches_the_workspace(emulator, bucket, tmp_path):
-    settings = yaml.safe_load(DATABRICKS_YAML.read_text())
-    settings["run_config"]["cluster"]["new"]["spark_version"] = "13.3.x-scala2.12"
-    path = tmp_path / "databricks.yaml"
-    path.write_text(yaml.safe_dump(settings))
+    path = yaml_copy(tmp_path, "13.3.x-scala2.12")
     requests_before = len(emulator.request_log)
     env = dagster_env(emulator, bucket, tmp_path / "home", tmp_path, FRUIT_DATABRICKS_CONFIG=str(path))
     process = materialize_cli(env, "image_features")

@@ -18,6 +18,7 @@ No Dagster here.
 
 from __future__ import annotations
 
+import inspect
 import json
 import posixpath
 import shutil
@@ -69,9 +70,19 @@ def register(spark: SparkSession) -> None:
 # to the `nullable` schema.
 
 
+def spark_to_arrow_schema(schema) -> pa.Schema:
+    """pyspark's `to_arrow_schema` with timestamps in UTC, on every supported pyspark: 4.3 takes
+    `timezone="UTC"`, while 4.0.0 (Databricks 17.3 LTS) and 4.1.0 (18 LTS) have no such argument and
+    give UTC timestamps by default (`timestamp_utc=True`). Found by running the steps on the emulated
+    runtimes (issue 22): every Spark step failed at its first write with "unexpected keyword argument"."""
+    if "timezone" in inspect.signature(to_arrow_schema).parameters:
+        return to_arrow_schema(schema, timezone="UTC")
+    return to_arrow_schema(schema)
+
+
 def arrow_schema(frame: DataFrame) -> pa.Schema:
     """The Arrow schema of a Spark DataFrame's rows, as stored in a table."""
-    return nullable(to_arrow_schema(frame.schema, timezone="UTC"))
+    return nullable(spark_to_arrow_schema(frame.schema))
 
 
 def read_table(
@@ -137,7 +148,7 @@ class _Reader(DataSourceReader):
         if partition.value is None:  # Spark's one partition of a source that listed none
             return
         location = resolve(self.uri).child(partition.value)
-        target = nullable(to_arrow_schema(self.schema, timezone="UTC"))
+        target = nullable(spark_to_arrow_schema(self.schema))
         data_columns = [name for name in target.names if name != self.file_column]
         data_schema = pa.schema([target.field(name) for name in data_columns])
         with location.filesystem.open_input_file(location.path) as source:

@@ -48,14 +48,27 @@ disabled. Access is denied on path: ...".
 A missing token answers 401 ``UNAUTHENTICATED``, a wrong one 403 ``PERMISSION_DENIED``; databricks-sdk
 raises ``Unauthenticated`` / ``PermissionDenied``.
 
-How a task runs (``runner.py``): in a new process group, with this interpreter, the emulator's
-environment plus ``env`` plus the cluster's ``spark_env_vars`` (``PYSPARK_PYTHON`` is always this
-interpreter; ``SPARK_LOCAL_IP=127.0.0.1``; ``DATABRICKS_EMULATOR_URL`` is set; ``DATABRICKS_RUNTIME_VERSION``
-is the major.minor of the spec's ``spark_version``, as Databricks sets it, though the task runs this
-environment's Python and libraries, not that runtime's), a local SparkSession
-(``spark_master``, default ``local[2]``, UI off; the cluster's ``spark_conf`` except ``spark.master``), and
-the Databricks globals ``spark``, ``sc`` and ``dbutils`` (``secrets`` and ``fs``). Libraries are logged as
-"would install" and not installed. The run is PENDING until Spark is up, then RUNNING, then TERMINATED
+Runtimes (``environments.py``). A ``new_cluster`` must name a supported ``spark_version`` (the table of
+``fruit_assets/databricks_runtimes.py``: 17.3 LTS, 18 LTS); any other is refused at submit with 400
+``INVALID_PARAMETER_VALUE`` and the list, as the API refuses a runtime it does not know. An existing
+cluster runs the ``spark_version`` of its spec in ``clusters``. With ``environments=DIR`` (the command
+line's default: ``<root>/environments``), each task runs in that runtime's Python 3.12 with its packages
+pinned (pyspark, numpy, pandas, pyarrow, pillow, deltalake on 18 LTS, protobuf, grpcio, requests, pyyaml,
+boto3, databricks-sdk), the run's ``pypi`` libraries pip-installed (uv) over them: an environment per
+runtime and libraries, built once while the run is PENDING ("Installing libraries"); a library that
+fails to install ends the run INTERNAL_ERROR / FAILED with the installer's message. Without it (local
+mode), tasks run the emulator's Python and its packages, and libraries are only logged "would install".
+
+How a task runs (``runner.py``): in a new process group, with the runtime environment's Python (local
+mode: this interpreter), the emulator's environment plus ``env`` plus the cluster's ``spark_env_vars``
+(``PYSPARK_PYTHON`` is always the task's Python; on an emulated runtime ``PYTHONPATH`` holds only
+``fruit_assets_dev``, for the runner, and ``SPARK_HOME`` is dropped, so Spark is the runtime's pyspark;
+``SPARK_LOCAL_IP=127.0.0.1``; ``DATABRICKS_EMULATOR_URL`` is set; ``DATABRICKS_RUNTIME_VERSION`` is the
+runtime's major.minor, as Databricks sets it). The runner first writes ``<root>/runs/<run_id>/runtime.json``
+(the versions of python, pyspark, numpy, pandas, pyarrow, deltalake and onnxruntime that it sees), then
+starts a local SparkSession (``spark_master``, default ``local[2]``, UI off; the cluster's ``spark_conf``
+except ``spark.master``), and gives the script the Databricks globals ``spark``, ``sc`` and ``dbutils``
+(``secrets`` and ``fs``). The run is PENDING until Spark is up, then RUNNING, then TERMINATED
 with SUCCESS (exit 0), FAILED (the traceback tail in ``state_message``, ``error``/``error_trace`` in
 get-output), CANCELED (runs/cancel: the process group gets SIGTERM, then SIGKILL) or TIMEDOUT; a task that
 dies before Spark is up ends INTERNAL_ERROR / FAILED. (SKIPPED, Databricks' "a previous run of the same

@@ -2,7 +2,7 @@
 
     python -m fruit_assets_dev.databricks_emulator --root ./data/databricks [--port 8765] \\
         [--token T | --token-env VAR] [--secret SCOPE/KEY=ENV_VAR ...] [--spark-master local[2]] \\
-        [--env NAME=VALUE ...] [--no-dbfs-root]
+        [--env NAME=VALUE ...] [--no-dbfs-root] [--environments DIR | --local]
 
 Secret values are read from environment variables (``--secret storage/access_key=AWS_ACCESS_KEY_ID``),
 never from the command line. It prints the ``export DATABRICKS_HOST=... DATABRICKS_TOKEN=...`` lines for
@@ -54,6 +54,15 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> tuple[argpa
         "--no-dbfs-root", action="store_true",
         help="emulate a workspace without DBFS root (as new accounts are): the DBFS API answers 403 PERMISSION_DENIED",
     )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--environments", metavar="DIR",
+        help="where to build and keep the emulated runtimes' Python environments (default: ROOT/environments)",
+    )
+    modes.add_argument(
+        "--local", action="store_true",
+        help="run every task in this Python and its libraries instead of the runtime its spark_version names",
+    )
     parser.add_argument("--log-level", default="INFO", help="emulator log level (default INFO; DEBUG logs each request)")
     args = parser.parse_args(argv)
 
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     emulator = DatabricksEmulator(
         args.root, token=token, secrets=secrets, host=args.host, port=args.port, spark_master=args.spark_master, env=env,
         dbfs_root=not args.no_dbfs_root,
+        environments=None if args.local else (args.environments or os.path.join(args.root, "environments")),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

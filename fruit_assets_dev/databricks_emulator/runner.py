@@ -5,7 +5,12 @@ group, with the task's environment, and writes a JSON spec to its stdin (so secr
 on a command line, in the environment or on disk). The runner then does what a Databricks driver does
 for a Python task:
 
-1. logs the task's libraries as "would install" (nothing is installed: the local environment is used);
+1. writes ``runtime.json`` (the spec's ``runtime_file``, in the run's folder): the Python and library
+   versions this process sees (python, pyspark, numpy, pandas, pyarrow, deltalake, onnxruntime; null when
+   missing), from the installed distributions' metadata, without importing them. On an emulated runtime
+   this process runs that runtime's environment, with the task's libraries already installed (the
+   emulator built it); in local mode it runs the emulator's Python and the libraries are only logged
+   ("would install");
 2. starts a local SparkSession (the emulator's ``spark_master``, UI off, bound to 127.0.0.1) with the
    cluster's ``spark_conf``;
 3. runs the Python file as ``__main__`` with ``sys.argv = [file, *parameters]`` and the Databricks globals
@@ -204,6 +209,30 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="die-with-emulator", daemon=True).start()
 
 
+RUNTIME_PACKAGES = ("pyspark", "numpy", "pandas", "pyarrow", "deltalake", "onnxruntime")
+
+
+def write_runtime(path: str, spec: dict) -> dict:
+    """What this process runs: the versions a step would import, from the distributions' metadata."""
+    import importlib.metadata
+    import platform
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    found = {"python": platform.python_version(), **{name: version(name) for name in RUNTIME_PACKAGES},
+             "executable": sys.executable, "runtime": spec.get("runtime"),
+             "databricks_runtime_version": os.environ.get("DATABRICKS_RUNTIME_VERSION")}
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
+        json.dump(found, handle, indent=1)
+    os.replace(partial, path)
+    return found
+
+
 def _spark_session(spec: dict):
     from pyspark.sql import SparkSession
 
@@ -232,8 +261,14 @@ def main() -> int:
 
     for note in spec.get("notes", []):
         log(note)
+    if spec.get("runtime_file"):
+        found = write_runtime(spec["runtime_file"], spec)
+        log("runtime: " + ", ".join(f"{name} {found[name]}" for name in ("python", *RUNTIME_PACKAGES)))
     for library in spec.get("libraries", []):
-        log(f"would install library {json.dumps(library, sort_keys=True)} (not installed: the local environment is used)")
+        if spec.get("installed"):
+            log(f"installed library {json.dumps(library, sort_keys=True)} (emulated {spec.get('runtime')} runtime)")
+        else:
+            log(f"would install library {json.dumps(library, sort_keys=True)} (not installed: the local environment is used)")
 
     python_file = spec["python_file"]
     if not os.path.isfile(python_file):

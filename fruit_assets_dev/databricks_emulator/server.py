@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fruit_assets_dev.databricks_emulator.dbfs import DbfsPathError, DbfsRoot, from_fuse, is_fuse_path, normalize
+from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache, LibraryInstallError, pypi_requirements
 
 logger = logging.getLogger("fruit_assets_dev.databricks_emulator")
 
@@ -54,9 +55,24 @@ TASK_KINDS = (
     "condition_task",
     "for_each_task",
 )
-# Python workers must run with the emulator's interpreter, whatever a cluster spec says
-# (Databricks specs often carry PYSPARK_PYTHON=/databricks/python3/bin/python3).
+# Python workers must run with the task's interpreter (the emulated runtime's, or in local mode the
+# emulator's), whatever a cluster spec says (specs often carry PYSPARK_PYTHON=/databricks/python3/bin/python3).
 FORCED_PYTHON_VARS = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
+REPOSITORY = Path(__file__).resolve().parents[2]  # holds fruit_assets_dev (not installed: beside the package)
+
+
+def _runtime_for(spark_version: Any, what: str):
+    """The supported runtime a cluster's spark_version names, or the API's 400 INVALID_PARAMETER_VALUE with
+    the list (Databricks refuses a spark_version it does not know the same way). The table is the
+    product's (fruit_assets/databricks_runtimes.py), imported here only: the task runner, which imports
+    this package inside an emulated runtime, has no fruit_assets."""
+    from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES, supported_list
+
+    for runtime in SUPPORTED_RUNTIMES:
+        if spark_version == runtime.spark_version:
+            return runtime
+    raise _invalid(f"Invalid spark version {spark_version!r} ({what}): the Databricks emulator runs only "
+                   f"{supported_list()}.")
 
 
 class ApiError(Exception):
@@ -119,6 +135,12 @@ class EmulatedRun:
     would_install: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     idempotency_token: str | None = None
+    runtime: Any = None  # the databricks_runtimes.Runtime its cluster runs (None: an unchecked existing cluster)
+    environment: Any = None  # environments.Environment it ran in (None: local mode)
+
+    @property
+    def runtime_path(self) -> Path:
+        return self.run_dir / "runtime.json"
 
     @property
     def terminated(self) -> bool:
@@ -192,7 +214,12 @@ class DatabricksEmulator:
         clusters: existing all-purpose clusters, ``{cluster_id: spec}`` (``spark_conf``, ``spark_env_vars``,
             ``cluster_log_conf``...). Any other ``existing_cluster_id`` is accepted and recorded as a
             cluster with an empty spec.
-        python: interpreter of the task processes (default: this one).
+        python: interpreter of the task processes in local mode (default: this one).
+        environments: where to build and keep the emulated runtimes' Python environments (see
+            ``environments.py``): each task then runs in the Python of the runtime its cluster's
+            ``spark_version`` names, with the run's ``pypi`` libraries installed over the runtime's
+            packages. None (the default): local mode, every task runs ``python`` with its libraries
+            only logged ("would install"), for tests of the REST API and quick dry runs.
         dbfs_root: False emulates a workspace without DBFS root (new accounts are provisioned so, and
             workspaces may disable it): every DBFS API call answers 403 PERMISSION_DENIED "Public DBFS
             root is disabled. Access is denied on path: ...", as users report such workspaces answer
@@ -213,6 +240,7 @@ class DatabricksEmulator:
         python: str = sys.executable,
         kill_grace_seconds: float = 5.0,
         dbfs_root: bool = True,
+        environments: str | os.PathLike | None = None,
     ):
         self.root = Path(root).resolve()
         self.token = token or pysecrets.token_urlsafe(24)
@@ -223,6 +251,7 @@ class DatabricksEmulator:
         self.python = python
         self.kill_grace_seconds = kill_grace_seconds
         self.dbfs_root = dbfs_root
+        self.environments = EnvironmentCache(environments) if environments is not None else None
         self.dbfs = DbfsRoot(self.root / "dbfs")
         self._lock = threading.RLock()
         self._state_changed = threading.Condition(self._lock)
@@ -648,6 +677,12 @@ class DatabricksEmulator:
                 "(job clusters and serverless compute are not emulated)."
             )
         libraries = task.get("libraries") or []
+        if new_cluster is not None:
+            runtime = _runtime_for(new_cluster.get("spark_version"), "new_cluster.spark_version")
+        else:
+            with self._lock:
+                known = self._clusters.get(existing, {}).get("spark_version")
+            runtime = _runtime_for(known, f"cluster {existing}") if known or self.environments else None
         timeout = body.get("timeout_seconds") or task.get("timeout_seconds") or 0
         token = body.get("idempotency_token")
         local_file = self.dbfs.local(python_file)
@@ -678,6 +713,7 @@ class DatabricksEmulator:
                 submit_body=body,
                 run_dir=self.root / "runs" / str(run_id),
                 idempotency_token=token,
+                runtime=runtime,
             )
             run.would_install = [json.dumps(lib, sort_keys=True) for lib in libraries]
             if legacy:
@@ -853,30 +889,74 @@ class DatabricksEmulator:
             return run.new_cluster
         return self._clusters.get(run.existing_cluster_id, {})
 
+    def _task_python(self, run: EmulatedRun) -> str:
+        return str(run.environment.python) if run.environment is not None else self.python
+
     def _task_env(self, run: EmulatedRun, cluster: dict) -> dict[str, str]:
+        python = self._task_python(run)
         env = dict(os.environ)
+        if run.environment is not None:
+            # The runtime's Python only: nothing of the emulator's environment may leak into it (a
+            # PYTHONPATH holding this checkout would hand the task the package the launcher ships).
+            for name in ("PYTHONPATH", "VIRTUAL_ENV", "SPARK_HOME", "PYTHONHOME", "CONDA_PREFIX"):
+                env.pop(name, None)
+            env["VIRTUAL_ENV"] = str(run.environment.folder)
+            env["PATH"] = os.pathsep.join([str(run.environment.folder / "bin"), env.get("PATH", "")])
         env.update(self.env)
         for key, value in (cluster.get("spark_env_vars") or {}).items():
             value = _expand(str(value), env)
-            if key in FORCED_PYTHON_VARS and value != self.python:
-                run.notes.append(f"spark_env_vars {key}={value} ignored: Python workers run {self.python}")
+            if key in FORCED_PYTHON_VARS and value != python:
+                run.notes.append(f"spark_env_vars {key}={value} ignored: Python workers run {python}")
                 continue
             env[key] = value
-        env.update({var: self.python for var in FORCED_PYTHON_VARS})
+        env.update({var: python for var in FORCED_PYTHON_VARS})
         # Databricks sets the runtime's major.minor in every cluster process ("17.3" for 17.3.x-scala2.13).
-        # The emulator does not run that runtime (its Python and libraries are this environment's); it
-        # only tells the task which runtime the spec named, as a cluster would.
-        runtime = re.match(r"^(\d+)\.(\d+)\.x-", str(cluster.get("spark_version") or ""))
-        if runtime:
-            env["DATABRICKS_RUNTIME_VERSION"] = f"{runtime.group(1)}.{runtime.group(2)}"
+        if run.runtime is not None:
+            env["DATABRICKS_RUNTIME_VERSION"] = run.runtime.version
         else:
             env.pop("DATABRICKS_RUNTIME_VERSION", None)
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
         env["PYTHONUNBUFFERED"] = "1"
         env["DATABRICKS_EMULATOR_URL"] = self.url
         # The task runner is part of fruit_assets_dev, which is not installed: it lives beside the package.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+        if run.environment is not None and self.environments is not None:
+            # Only what the emulator was given (`env`, e.g. a test's import guard) and the runner's package.
+            given = self.env.get("PYTHONPATH")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [given, str(self.environments.emulator_path(REPOSITORY))]))
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
         return env
+
+    def _install_libraries(self, run: EmulatedRun, cluster: dict) -> bool:
+        """Build (or find) the run's environment: its runtime's Python and packages, then its pypi libraries.
+        False when that failed: the run has then ended, as a cluster whose libraries fail to install ends it."""
+        assert self.environments is not None and run.runtime is not None
+        requirements, notes = pypi_requirements(run.libraries)
+        run.notes.extend(notes)
+        self._set_state(run, state_message=f"Installing libraries on the emulated {run.runtime.name} runtime")
+        build_log = run.run_dir / "library_install.log"
+
+        def log(message: str) -> None:
+            with open(build_log, "a") as handle:
+                handle.write(message + "\n")
+
+        try:
+            environment = self.environments.environment(run.runtime, requirements, log=log)
+        except LibraryInstallError as e:
+            detail = self.redact(str(e))
+            log(detail)
+            self._set_state(
+                run, life_cycle_state="INTERNAL_ERROR", result_state="FAILED",
+                state_message=f"Library installation failed for the run's libraries on {run.runtime.name}: {detail}"[:STATE_MESSAGE_CHARS],
+                termination_code="LIBRARY_INSTALLATION_ERROR", termination_type="CLIENT_ERROR", end_time=_now_ms(),
+            )
+            return False
+        run.environment = environment
+        where = f"built in {environment.build_seconds:.0f} s" if environment.build_seconds is not None else "cached"
+        run.notes.append(f"emulated {run.runtime.name} runtime ({where}): {environment.folder}")
+        if environment.conflicts:
+            run.notes.append(f"the libraries left dependency conflicts (as pip would warn): {environment.conflicts}")
+        return True
 
     def _set_state(self, run: EmulatedRun, **changes) -> None:
         with self._state_changed:
@@ -904,6 +984,10 @@ class DatabricksEmulator:
         (run.run_dir / "driver").mkdir(exist_ok=True)
         with self._lock:
             cluster = dict(self._cluster_spec(run))
+        installing = self.environments is not None and run.runtime is not None and not run.cancel_requested
+        if installing and not self._install_libraries(run, cluster):
+            return
+        with self._lock:
             env = self._task_env(run, cluster)
             if run.cancel_requested:
                 self._finish(run, cluster, returncode=None, stopped=True)
@@ -924,11 +1008,14 @@ class DatabricksEmulator:
             "notes": run.notes,
             "ready_file": str(run.ready_path),
             "error_file": str(run.error_path),
+            "runtime_file": str(run.runtime_path),
+            "runtime": run.runtime.name if run.runtime is not None else None,
+            "installed": run.environment is not None,
             "secrets": self._secrets,
         }
         with open(run.stdout_path, "wb") as out, open(run.stderr_path, "wb") as err:
             process = subprocess.Popen(
-                [self.python, "-m", "fruit_assets_dev.databricks_emulator.runner"],
+                [self._task_python(run), "-m", "fruit_assets_dev.databricks_emulator.runner"],
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=err,
@@ -1107,7 +1194,8 @@ class DatabricksEmulator:
         return {"cluster_id": cluster_id, "library_statuses": self._library_statuses(cluster_id)}
 
     def _library_statuses(self, cluster_id: str) -> list:
-        note = "Databricks emulator: not installed, the local environment is used"
+        note = ("Databricks emulator: installed in the emulated runtime's environment" if self.environments is not None
+                else "Databricks emulator: not installed, the local environment is used")
         return [
             {"library": lib, "status": "INSTALLED", "messages": [note], "is_library_for_all_clusters": False}
             for lib in self._libraries_of(cluster_id)
