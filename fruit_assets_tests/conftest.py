@@ -73,6 +73,8 @@ def pytest_sessionstart(session):
     if "ui" not in (config.option.markexpr or ""):
         start_chromium_install(shared)
     _start_jvm_archive(shared / "spark_classes.jsa")
+    if "databricks" not in (config.option.markexpr or ""):
+        _start_in_background(_build_emulated_runtimes, shared / EMULATED_RUNTIMES, "emulated-runtimes")
 
 
 def _whole_suite(config) -> bool:
@@ -81,18 +83,44 @@ def _whole_suite(config) -> bool:
 
 
 _background: list = []
+EMULATED_RUNTIMES = "databricks_environments"  # in the run's shared folder (the `emulated_runtimes` fixture)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _start_jvm_archive(archive: Path) -> None:
-    import threading
-
     from fruit_assets_tests import jvm_archive
 
     os.environ[JVM_ARCHIVE_VARIABLE] = str(archive)
     os.environ["JDK_JAVA_OPTIONS"] = _test_java_options()
-    build = threading.Thread(target=jvm_archive.build, args=(archive, TEST_JAVA_OPTIONS), name="jvm-class-archive", daemon=True)
-    build.start()
-    _background.append(build)
+    _start_in_background(jvm_archive.build, archive, TEST_JAVA_OPTIONS, name="jvm-class-archive")
+
+
+def _start_in_background(target, *args, name: str) -> None:
+    import threading
+
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    _background.append(thread)
+
+
+def _build_emulated_runtimes(root: Path) -> None:
+    """The emulated Databricks runtimes that databricks.yaml's runs need (test_databricks_pipeline), built
+    while the other tests run: each needs pyspark's source package built into a wheel and downloads
+    (about 70 s from empty caches), which the first Databricks test would otherwise wait for. The
+    libraries are those the step launcher submits: the YAML's, and databricks-sdk, which
+    dagster-databricks adds at the host's version (DatabricksJobRunner.submit_run)."""
+    from importlib.metadata import version
+
+    import yaml
+
+    from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES
+    from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache, pypi_requirements
+
+    libraries = yaml.safe_load((REPO / "databricks.yaml").read_text())["run_config"]["libraries"]
+    requirements, _ = pypi_requirements([*libraries, {"pypi": {"package": f"databricks-sdk=={version('databricks-sdk')}"}}])
+    cache = EnvironmentCache(root)
+    for runtime in SUPPORTED_RUNTIMES:
+        cache.environment(runtime, requirements)
 
 
 def pytest_sessionfinish(session):
@@ -160,7 +188,7 @@ def emulated_runtimes(tmp_path_factory) -> Path:
     """Where the Databricks emulator keeps the emulated runtimes' Python environments: one folder per pytest
     run, shared by its workers, so each (runtime, libraries) environment is built once per run (the
     emulator builds each under a file lock). uv's own cache (~/.cache/uv) makes a rebuild cheap."""
-    folder = shared_tmp(tmp_path_factory) / "databricks_environments"
+    folder = shared_tmp(tmp_path_factory) / EMULATED_RUNTIMES
     folder.mkdir(exist_ok=True)
     return folder
 
