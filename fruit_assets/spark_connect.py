@@ -58,7 +58,8 @@ def default_parallelism(spark) -> int:
         return int(match.group(1) or 1)
     from pyspark.sql import functions as F
 
-    [row] = spark.range(0, 1 << 16).select(F.max(F.spark_partition_id()).alias("last")).collect()
+    partitions = spark.range(0, 1 << 16).select(F.spark_partition_id().alias("partition"))
+    [row] = partitions.agg(F.max("partition").alias("last")).collect()
     return int(row["last"]) + 1
 
 
