@@ -52,7 +52,7 @@ MARKERS = {
     "ui": "drives the Dagster UI in headless Chromium",
     "slow": "builds TensorFlow models or converts them: seconds to minutes",
 }
-_BY_FIXTURE = {"spark": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
+_BY_FIXTURE = {"spark": "spark", "spark_connect": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
 _BY_MODULE = {"test_databricks_emulator": "databricks", "test_databricks_pipeline": "databricks", "test_ui": "ui",
               "test_model": "slow", "test_runtimes": "slow", "test_faults": "spark",
               "test_local_s3": "s3"}
