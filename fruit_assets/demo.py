@@ -148,6 +148,8 @@ def warm_up(resources: dict) -> None:
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
+    from fruit_assets.spark_connect import default_parallelism
+
     spark = resources["pyspark"].session()
     runtime = resources["feature_model"].runtime.strip().lower()
     module = {"onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}.get(runtime)
@@ -164,7 +166,7 @@ def warm_up(resources: dict) -> None:
     # A scalar-iterator pandas UDF, as featurization's, so that the JVM's side of it is warm too. Its
     # type hints given as objects: this module's annotations are strings.
     ready.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.Series]}
-    cores = spark.sparkContext.defaultParallelism
+    cores = default_parallelism(spark)
     warm = pandas_udf(ready, "long")  # type: ignore[call-overload]  # pyspark's overloads miss this form
     spark.range(cores, numPartitions=cores).select(warm("id")).collect()
 

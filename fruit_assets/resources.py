@@ -43,6 +43,7 @@ from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: 
     resolved,
     whole,
 )
+from fruit_assets.spark_connect import ui_url
 from fruit_assets.storage.resource import Storage
 
 # Settings the step needs on the cluster too (never credentials: those come from a secret scope
@@ -215,7 +216,7 @@ class LocalSpark(FromEnvironment, PySparkResource):
     def setup_for_execution(self, context) -> None:
         self.log_settings(context)
         session = self._spark_session = self.session()
-        url = session.sparkContext.uiWebUrl
+        url = ui_url(session)  # None on Spark Connect
         log = getattr(context, "log", None)
         if url and log is not None:
             log.info(f"Spark UI: {url}")

@@ -3,6 +3,10 @@
 Spark's status tracker counts finished tasks per job group; the action's work (here: images) is
 estimated from the fraction of finished tasks, so the estimate is as fine as the partitioning. No
 Dagster here: the caller passes a `report(done, total, seconds)` callback.
+
+Spark Connect (serverless, standard access mode) has neither job groups nor a status tracker (both
+belong to the `SparkContext`): there the body's actions run under a job tag (`spark.addTag`, which
+`spark.interruptTag` can cancel), and no progress is reported (`PROGRESS_ON_CONNECT` says so once).
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
+
+from fruit_assets.spark_connect import is_connect
+
+PROGRESS_ON_CONNECT = (
+    "progress is not reported on Spark Connect (serverless, standard access mode): it has no status tracker; "
+    "the actions run under the job tag {tag}"
+)
 
 
 def _task_counts(spark: SparkSession, group: str) -> tuple[int, int] | None:
@@ -40,11 +51,24 @@ def _task_counts(spark: SparkSession, group: str) -> tuple[int, int] | None:
 
 @contextmanager
 def reporting_progress(
-    spark: SparkSession, work: int, report: Callable[[int, int, float], None], every_seconds: float = 10.0
+    spark: SparkSession,
+    work: int,
+    report: Callable[[int, int, float], None],
+    every_seconds: float = 10.0,
+    note: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """Run the body's Spark actions in a job group; every `every_seconds`, call
-    `report(estimated units of work done, work, seconds so far)` until the body ends."""
+    `report(estimated units of work done, work, seconds so far)` until the body ends.
+
+    On Spark Connect: the body's actions run under a job tag, nothing is reported, and `note` (if
+    given) is told why, once."""
     group = f"fruit-progress-{uuid.uuid4().hex[:8]}"
+    if is_connect(spark):
+        with _tagged(spark, group):
+            if note is not None:
+                note(PROGRESS_ON_CONNECT.format(tag=group))
+            yield
+        return
     spark.sparkContext.setJobGroup(group, "fruit_assets", interruptOnCancel=True)
     stop = threading.Event()
     started = time.perf_counter()
@@ -68,3 +92,13 @@ def reporting_progress(
         stop.set()
         thread.join(timeout=every_seconds + 1)
         spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]  # None unsets it
+
+
+@contextmanager
+def _tagged(spark, tag: str) -> Iterator[None]:
+    """The body's actions under a Spark Connect job tag (this thread's), removed afterwards."""
+    spark.addTag(tag)
+    try:
+        yield
+    finally:
+        spark.removeTag(tag)

@@ -52,7 +52,7 @@ MARKERS = {
     "ui": "drives the Dagster UI in headless Chromium",
     "slow": "builds TensorFlow models or converts them: seconds to minutes",
 }
-_BY_FIXTURE = {"spark": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
+_BY_FIXTURE = {"spark": "spark", "spark_connect": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
 # Modules that need more than their fixtures show mark themselves (`pytestmark`), so that a renamed
 # module keeps its marks.
 

@@ -66,7 +66,7 @@ def image_features(
         def log(done: int, total: int, seconds: float) -> None:
             context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
 
-        return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS)
+        return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS, note=context.log.info)
 
     def featurize_on_driver(rows):
         return featurize_here(rows, model.payload, settings)
@@ -114,6 +114,13 @@ def features_metadata(result: FeaturizeResult, model: PreparedModel, batch_size:
     # Of featurize_seconds, about this long went to the workers building their model (in parallel).
     worker_setup = round(min(workers_setup.per_worker(), seconds), 2) if workers_setup else 0.0
     running = seconds - worker_setup
+    if workers_setup is None or workers_setup.measured:
+        workers = {
+            "worker_model_setup_seconds": worker_setup,  # per worker that built its model (0: all kept theirs)
+            "workers_built_model": workers_setup.built() if workers_setup else 0,
+        }
+    else:  # Spark Connect: no accumulators
+        workers = {"worker_model_setup_note": workers_setup.NOT_MEASURED}
     return {
         "rows": result.rows,
         "featurized": result.featurized,
@@ -133,8 +140,7 @@ def features_metadata(result: FeaturizeResult, model: PreparedModel, batch_size:
         "plan_seconds": result.seconds["plan"],
         "featurize_seconds": seconds,
         "throughput_images_per_s": round(result.featurized / seconds, 2) if result.featurized and seconds else 0.0,
-        "worker_model_setup_seconds": worker_setup,  # per worker that built its model (0: all kept theirs)
-        "workers_built_model": workers_setup.workers.value if workers_setup else 0,
+        **workers,
         # The model running, once the workers have it: what the rate is on a larger set.
         "throughput_after_model_setup_images_per_s": round(result.featurized / running, 2) if result.featurized and running > 0 else 0.0,
     }

@@ -2,15 +2,15 @@
 
 A scalar-iterator pandas UDF: Spark hands each Python worker an iterator of Arrow batches of paths, so
 the model is set up once per worker, not once per batch. The driver prepares the model once
-(`prepare_model`) and broadcasts it, so workers never download or convert anything; each worker
+(`prepare_model`) and ships it in the UDF's closure, so workers never download or convert anything; each worker
 process keeps the model it built in `_MODELS` for the tasks that follow (Python worker reuse is on by
 default).
 
 Two runtimes (`FeaturizeSettings.runtime`), both exact fp32 and equal to Keras' model(x) within 1e-4:
 - `onnxruntime` (default): the driver converts the Keras model to ONNX once (cached on disk by the
-  weights' fingerprint, `onnx_model.py`) and broadcasts the file; workers run it with ONNX Runtime
+  weights' fingerprint, `onnx_model.py`) and ships the file; workers run it with ONNX Runtime
   and never import TensorFlow. Faster and far lighter (BENCHMARKS.md).
-- `tensorflow`: the driver broadcasts the weight arrays; workers rebuild the Keras model and run it as
+- `tensorflow`: the driver ships the weight arrays; workers rebuild the Keras model and run it as
   a frozen TensorFlow graph (`model.tensorflow_inference_function`).
 
 Images are read by the workers themselves, through pyarrow (local folder or S3), never collected to the
@@ -20,6 +20,10 @@ the reason in `error`, and the caller decides what to do with it.
 Speed (measured in BENCHMARKS.md, `python -m benchmarks.featurize`): one worker per core with one
 intra-op thread each (two processes scale, intra-op threads barely do), and the files of the next
 batches read by background threads while the model runs (hides storage latency).
+
+The same code runs on classic Spark and on Spark Connect (serverless, standard access mode), which
+has no broadcast variables and no accumulators: the model travels in the UDF's closure on both, and
+only the workers' model set-up time (`WorkerModelSetup`, accumulators) is classic-only.
 
 No Dagster here.
 """
@@ -40,6 +44,7 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
 from fruit_assets.ml.images import decode_image, preprocess
+from fruit_assets.spark_connect import default_parallelism, is_connect
 from fruit_assets.storage import read_bytes
 
 RESULT_TYPE = StructType(
@@ -106,9 +111,9 @@ def prepare_model(weights: list[np.ndarray], fingerprint: str, settings: Featuri
 
 @dataclass(frozen=True)
 class PreparedModel:
-    """The feature extractor, ready to broadcast: resolved on the driver once per run."""
+    """The feature extractor, ready to ship to the workers: resolved on the driver once per run."""
 
-    payload: object  # what the workers get by broadcast (see prepare_model)
+    payload: object  # what the workers get, in the UDF's closure (see prepare_model)
     fingerprint: str  # of the weights: the workers' model cache key, and what reuse is keyed on
     metadata: dict  # weights source and runtime, JSON-able, recorded with the features
     seconds: float  # to resolve the weights and prepare the runtime
@@ -142,7 +147,7 @@ def _version(*distributions: str) -> str:
 
 
 def _build_inference(payload, settings: FeaturizeSettings) -> Callable[[np.ndarray], np.ndarray]:
-    """Worker side: the inference function of the broadcast model. Only the tensorflow runtime
+    """Worker side: the inference function of the shipped model. Only the tensorflow runtime
     imports TensorFlow."""
     if settings.runtime == "onnxruntime":
         from fruit_assets.ml.onnx_model import onnx_inference_function
@@ -158,19 +163,34 @@ def _build_inference(payload, settings: FeaturizeSettings) -> Callable[[np.ndarr
 
 
 class WorkerModelSetup:
-    """How long the Spark Python workers took to build their model from the broadcast (deserialize it,
-    make the runtime's session, and its first call, which allocates and prepares the kernels; the images
-    of that first batch are counted as set-up too), summed over the workers that built one: Spark
-    accumulators, read on the driver once the features are computed. A worker that kept its model from
-    an earlier task adds nothing. Featurization time minus this is the model running."""
+    """How long the Spark Python workers took to build their model (deserialize it, make the runtime's
+    session, and its first call, which allocates and prepares the kernels; the images of that first
+    batch are counted as set-up too), summed over the workers that built one: Spark accumulators, read
+    on the driver once the features are computed. A worker that kept its model from an earlier task adds
+    nothing. Featurization time minus this is the model running.
+
+    Classic Spark only: Spark Connect has no accumulators, and there `measured` is False, the sums stay
+    0 and `NOT_MEASURED` says why."""
+
+    NOT_MEASURED = (
+        "not measured on Spark Connect (serverless, standard access mode): it has no accumulators to add "
+        "up the workers' times; featurize_seconds includes the workers' model set-up"
+    )
 
     def __init__(self, spark: SparkSession):
-        self.seconds = spark.sparkContext.accumulator(0.0)
-        self.workers = spark.sparkContext.accumulator(0)
+        self.measured = not is_connect(spark)
+        self.seconds = spark.sparkContext.accumulator(0.0) if self.measured else None
+        self.workers = spark.sparkContext.accumulator(0) if self.measured else None
+
+    def built(self) -> int:
+        """How many workers built their model (0 where not measured)."""
+        return self.workers.value if self.workers is not None else 0
 
     def per_worker(self) -> float:
         """Mean seconds per worker that built its model: about the wall time, as they build in parallel."""
-        return self.seconds.value / self.workers.value if self.workers.value else 0.0
+        if self.seconds is None or not self.built():
+            return 0.0
+        return self.seconds.value / self.built()
 
 
 def _has_model(model_key: str, settings: FeaturizeSettings) -> bool:
@@ -196,13 +216,13 @@ def _first_call_timed(infer, started: float, seconds) -> Callable[[np.ndarray], 
     return timed
 
 
-def _model(model_key: str, model_broadcast, settings: FeaturizeSettings) -> Callable[[np.ndarray], np.ndarray]:
+def _model(model_key: str, model_payload, settings: FeaturizeSettings) -> Callable[[np.ndarray], np.ndarray]:
     """The inference function of this worker's model (built on first use, then kept)."""
     key = (model_key, settings)
     infer = _MODELS.get(key)
     if infer is None:
         _MODELS.clear()  # a worker serves one model at a time; free the previous one first
-        infer = _build_inference(model_broadcast.value, settings)
+        infer = _build_inference(model_payload, settings)
         _MODELS[key] = infer
     return infer
 
@@ -325,15 +345,17 @@ def featurize(
     it (the weights' fingerprint) in the workers' model cache. `model_setup`, if given, adds up the
     workers' model building time."""
     check_runtime(settings.runtime)
-    spark = images.sparkSession
-    model_broadcast = spark.sparkContext.broadcast(model_payload)
+    # The model reaches the workers in the UDF's closure, which Spark ships with the plan (classic Spark
+    # broadcasts a pickled UDF over 1 MB itself; Spark Connect sends it to the server with the plan): no
+    # broadcast variable, which Spark Connect does not have. Measured on classic Spark against
+    # `sc.broadcast` in BENCHMARKS.md ("The model's way to the workers").
     setup_seconds, setup_workers = (model_setup.seconds, model_setup.workers) if model_setup else (None, None)
 
     @pandas_udf(RESULT_TYPE)  # type: ignore[call-overload]  # pyspark's overloads miss the iterator form with a return type
     def mobilenet_features(paths: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         building = not _has_model(model_key, settings)
         started = time.perf_counter()
-        infer = _model(model_key, model_broadcast, settings)
+        infer = _model(model_key, model_payload, settings)
         if building and setup_seconds is not None and setup_workers is not None:
             infer = _first_call_timed(infer, started, setup_seconds)
             setup_workers.add(1)
@@ -363,4 +385,4 @@ def featurize_here(images: pd.DataFrame, model_payload, settings: FeaturizeSetti
 
 def default_partitions(spark: SparkSession, rows: int) -> int:
     """Enough partitions to keep every core busy, never more than there are rows."""
-    return max(1, min(rows, spark.sparkContext.defaultParallelism))
+    return max(1, min(rows, default_parallelism(spark)))

@@ -5,7 +5,9 @@ cumulative, loadings), readable by any Delta reader. Two folders beside the rows
 version, and its commit names them (`Snapshot.commit`), so every version loads its own:
 - `_statistics/<id>/statistics.parquet`: the row count, feature sums and Gram matrix the PCA was
   computed from, and where those came from (`provenance`), for the next run's incremental update;
-- `_spark_model/<id>/`: the same model as a Spark ML `PCAModel`, for `PCAModel.load`.
+- `_spark_model/<id>/`: the same model as a Spark ML `PCAModel`, for `PCAModel.load`. Not on Spark
+  Connect (serverless, standard access mode), where a `PCAModel` cannot be built from given components
+  (that needs the JVM): such a version's commit says so (`spark_model_note`) instead of naming a folder.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, components_table, to_spark_model
+from fruit_assets.spark_connect import is_connect
 from fruit_assets.storage import Location, delta
 from fruit_assets.storage.delta import Snapshot
 
 SPARK_MODEL_DIR = "_spark_model"
 STATISTICS_DIR = "_statistics"
+NO_SPARK_MODEL_ON_CONNECT = (
+    "no Spark ML PCAModel: this version was written on Spark Connect (serverless or standard access mode), "
+    "where one cannot be built from the components; the components table holds the same model "
+    "(materialize pca_model on a classic cluster or locally for a PCAModel)"
+)
 
 
 def _active_spark():
@@ -51,9 +59,13 @@ class PcaHandler:
         statistics = pa.Table.from_pandas(statistics_table(result.statistics), preserve_index=False)
         delta.write_arrow_file(table.child(STATISTICS_DIR, side), statistics, "statistics.parquet")
         spark = _active_spark()
-        model = to_spark_model(spark, result.components, result.explained_variance)
-        spark_io.save_spark_model(spark, model, table.child(SPARK_MODEL_DIR, side))
-        names = {"spark_model": f"{SPARK_MODEL_DIR}/{side}", "statistics": f"{STATISTICS_DIR}/{side}", "provenance": result.provenance}
+        names = {"statistics": f"{STATISTICS_DIR}/{side}", "provenance": result.provenance}
+        if is_connect(spark):
+            names |= {"spark_model": None, "spark_model_note": NO_SPARK_MODEL_ON_CONNECT}
+        else:
+            model = to_spark_model(spark, result.components, result.explained_variance)
+            spark_io.save_spark_model(spark, model, table.child(SPARK_MODEL_DIR, side))
+            names["spark_model"] = f"{SPARK_MODEL_DIR}/{side}"
         rows = pa.Table.from_pandas(components_table(result), preserve_index=False)
         return delta.commit_arrow(table, rows, base, commit | names)
 
@@ -72,6 +84,8 @@ class PcaHandler:
 def side_folder(snapshot: Snapshot, kind: str) -> str:
     """The folder of `kind` ("spark_model", "statistics") that the version's commit names."""
     folder = snapshot.commit.get(kind)
+    if not folder and snapshot.commit.get(f"{kind}_note"):
+        raise FileNotFoundError(f"{snapshot.location.uri} version {snapshot.version}: {snapshot.commit[f'{kind}_note']}")
     if not folder:
         raise FileNotFoundError(
             f"{snapshot.location.uri} version {snapshot.version} has no {kind.replace('_', ' ')}: it was "
@@ -102,6 +116,11 @@ def pca_result_of(snapshot: Snapshot) -> PcaResult:
         statistics=statistics,
         provenance=snapshot.commit.get("provenance", {}),
     )
+
+
+def has_spark_model(snapshot: Snapshot) -> bool:
+    """Whether the version has a Spark ML model (every version but those written on Spark Connect)."""
+    return bool(snapshot.commit.get("spark_model")) or not snapshot.commit.get("spark_model_note")
 
 
 def stored_spark_components(snapshot: Snapshot) -> np.ndarray:

@@ -37,6 +37,7 @@ from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StringType, StructField, StructType
 
+from fruit_assets.spark_connect import is_local
 from fruit_assets.storage import Location, delta, resolve
 from fruit_assets.storage.delta import DataFile, Snapshot, nullable
 
@@ -267,7 +268,7 @@ def _spark_scratch(spark: SparkSession):
     """A temporary folder that Spark (driver and executors) and this Python process both see, as
     (path for Spark, path for Python). With a local master every process is on this machine: a temp
     dir. On a cluster (Databricks), executors cannot see the driver's disk: a DBFS folder."""
-    if not (spark.sparkContext.master or "").startswith("local"):
+    if not is_local(spark):
         name = f"tmp/fruit_assets/{uuid.uuid4().hex}"
         try:
             yield f"dbfs:/{name}", f"/dbfs/{name}"
