@@ -74,7 +74,7 @@ def pytest_sessionstart(session):
         start_chromium_install(shared)
     _start_jvm_archive(shared / "spark_classes.jsa")
     if "databricks" not in (config.option.markexpr or ""):
-        _start_in_background(_build_emulated_runtimes, shared / EMULATED_RUNTIMES, "emulated-runtimes")
+        _start_in_background(_build_emulated_runtimes, shared / EMULATED_RUNTIMES, name="emulated-runtimes")
 
 
 def _whole_suite(config) -> bool:
