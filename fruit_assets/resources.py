@@ -176,6 +176,12 @@ class FeatureModel(FromEnvironment, ConfigurableResource):
         # path on the host), and only ONNX Runtime is needed.
         settings = self.featurize_settings()
         check_runtime(settings.runtime)
+        if on_cluster():
+            # The libraries of the runtime this resource resolved (cluster_preflight only sees the
+            # cluster's FRUIT_MODEL_RUNTIME, which the host's setting does not reach).
+            from fruit_assets.preflight import check_libraries
+
+            check_libraries(settings.runtime)
         staged = self.uses_staged_model()
         if not staged:
             self.weights_source()

@@ -93,15 +93,23 @@ GUARDED_MODULES = ("tensorflow", "tf2onnx", "onnx", "keras")
 
 
 def write_import_guard(folder: Path, record: Path) -> Path:
-    """A folder to put first on PYTHONPATH: importing any of GUARDED_MODULES appends its name and the
-    process id to `record`, then fails as on a cluster that does not have it."""
-    for name in GUARDED_MODULES:
-        package = folder / name
-        package.mkdir(parents=True, exist_ok=True)
-        (package / "__init__.py").write_text(
-            f"with open({str(record)!r}, 'a') as _record:\n"
-            f"    import os as _os\n"
-            f"    _record.write(f'{name} {{_os.getpid()}}\\n')\n"
-            f"raise ImportError('{name} is not installed on this cluster (fruit_assets test guard)')\n"
-        )
+    """A folder to put first on PYTHONPATH, modelling a cluster without GUARDED_MODULES: its
+    `sitecustomize` (which Python imports at start-up from the path) puts a finder first on the import
+    path that, for any of them, appends the name and the process id to `record` and raises ImportError,
+    for an import as for `importlib.util.find_spec` (the preflight's probe). Spark's Python workers get
+    the driver's PYTHONPATH, so they are guarded too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"GUARDED = {set(GUARDED_MODULES)!r}\n"
+        "class _Guard:\n"
+        "    @staticmethod\n"
+        "    def find_spec(name, path=None, target=None):\n"
+        "        if name.split('.')[0] not in GUARDED:\n"
+        "            return None\n"
+        f"        with open({str(record)!r}, 'a') as record:\n"
+        "            record.write(f'{name} {os.getpid()}\\n')\n"
+        "        raise ModuleNotFoundError(f'{name} is not installed on this cluster (fruit_assets test guard)', name=name)\n"
+        "sys.meta_path.insert(0, _Guard)\n"
+    )
     return folder
