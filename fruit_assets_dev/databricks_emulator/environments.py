@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the task runner imports this package inside the emulated runtime, without fruit_assets
     from fruit_assets.databricks_runtimes import Runtime
 
-FORMAT = 1  # bump when the way environments are built changes: old cache entries are then ignored
+FORMAT = 2  # bump when the way environments are built changes: old cache entries are then ignored
 
 
 class LibraryInstallError(RuntimeError):
@@ -188,12 +188,16 @@ class EnvironmentCache:
             log(f"installing the {runtime.name} runtime's packages: {' '.join(pins)}")
             if self.uv is None:  # a real uv: give it pyspark's wheel
                 self.pyspark_wheel(runtime.spark, log)
-            links = ["--find-links", str(self.wheels)] if self.wheels.is_dir() else []
-            self._run([uv, "pip", "install", "--quiet", *links, "-p", str(temporary / "bin" / "python"), *pins],
+            options = ["--find-links", str(self.wheels)] if self.wheels.is_dir() else []
+            # Bytecode compiled once here, as pip does by default: uv does not, and with
+            # PYTHONDONTWRITEBYTECODE set (as on these machines) every task and Python worker would
+            # otherwise compile dagster, pandas, pyarrow... from source again at each start.
+            options.append("--compile-bytecode")
+            self._run([uv, "pip", "install", "--quiet", *options, "-p", str(temporary / "bin" / "python"), *pins],
                       f"installing the {runtime.name} runtime's packages")
             if requirements:
                 log(f"installing the cluster's libraries over them: {' '.join(requirements)}")
-                self._run([uv, "pip", "install", "--quiet", *links, "-p", str(temporary / "bin" / "python"), *requirements],
+                self._run([uv, "pip", "install", "--quiet", *options, "-p", str(temporary / "bin" / "python"), *requirements],
                           "installing the cluster's libraries " + " ".join(requirements))
             check = subprocess.run([uv, "pip", "check", "-p", str(temporary / "bin" / "python")],
                                    capture_output=True, text=True, timeout=600)
