@@ -119,6 +119,16 @@ def finish(process: subprocess.Popen, timeout: float = 900) -> str:
     return output
 
 
+def step_failures(home: Path) -> str:
+    """The errors of the last run's failed steps, as Dagster recorded them."""
+    _, events = last_run_events(home)
+    return "\n".join(
+        e.dagster_event.step_failure_data.error.to_string()
+        for e in events
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE
+    )
+
+
 def last_run_events(home: Path):
     with DagsterInstance.from_config(str(home)) as instance:
         [run] = instance.get_runs(limit=1)
@@ -240,12 +250,7 @@ def test_a_wrong_token_is_a_clear_error(emulator, bucket, tmp_path):
     process = materialize_cli(dagster_env(emulator, bucket, home, tmp_path, DATABRICKS_TOKEN="not-the-token"), "image_features")
     output = finish(process, timeout=300)
     assert process.returncode != 0
-    _, events = last_run_events(home)
-    text = "\n".join(
-        e.dagster_event.step_failure_data.error.to_string()
-        for e in events
-        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE
-    )
+    text = step_failures(home)
     assert "PermissionDenied: Invalid access token." in text, text[-3000:]  # the workspace's 403, as the SDK names it
     assert "not-the-token" not in text and emulator.token not in output
 
@@ -279,20 +284,15 @@ def test_an_unsupported_runtime_fails_before_anything_reaches_the_workspace(emul
 
 
 def test_the_cluster_guard_bites_runtime_tensorflow_needs_tensorflow_on_the_cluster(emulator, bucket, tmp_path, guarded_imports):
-    """The control of the guard above: with runtime tensorflow nothing is staged and the executors rebuild
-    the Keras model, so on a cluster without TensorFlow the step fails, and the guard saw the attempt."""
+    """The control of the guard above: runtime tensorflow stages nothing and needs TensorFlow on the cluster,
+    so on a cluster without it the step's preflight fails, and the guard saw its probe."""
     home = tmp_path / "home"
     # A storage of its own: nothing to reuse, so the executors must run the model.
     env = dagster_env(emulator, bucket, home, tmp_path, FRUIT_MODEL_RUNTIME="tensorflow", FRUIT_STORAGE_URI=f"{bucket}/tensorflow")
     process = materialize_cli(env, "raw_images,image_features")
     finish(process)
     assert process.returncode != 0
-    _, events = last_run_events(home)
-    text = "\n".join(
-        e.dagster_event.step_failure_data.error.to_string()
-        for e in events
-        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE
-    )
+    text = step_failures(home)
     # The step's preflight, for the runtime the resource resolved, names TensorFlow and the line that
     # adds it, before any Spark work; its probe is what the guard saw.
     assert "tensorflow-cpu: not installed" in text and '{"pypi": {"package": "tensorflow-cpu==2.21.0"}}' in text, text[-3000:]
