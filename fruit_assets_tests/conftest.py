@@ -65,7 +65,9 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts the workers, which inherit the environment
 def pytest_sessionstart(session):
     """A run of the whole suite starts its slow set-ups in the background at once: Chromium's install
-    (for the UI tests) and the JVM class archive (for every JVM after it)."""
+    (for the UI tests), the JVM class archive (for every JVM after it) and the emulated Databricks
+    runtimes. A run that names modules or a marker expression naming them builds what it needs when
+    it needs it."""
     config = session.config
     if hasattr(config, "workerinput") or not _whole_suite(config):
         return
