@@ -69,13 +69,14 @@ def pytest_sessionstart(session):
     runtimes. A run that names modules or a marker expression naming them builds what it needs when
     it needs it."""
     config = session.config
-    if hasattr(config, "workerinput") or not _whole_suite(config):
+    if hasattr(config, "workerinput") or config.option.collectonly or not _whole_suite(config):
         return
-    shared = config._tmp_path_factory.getbasetemp()
-    if "ui" not in (config.option.markexpr or ""):
+    shared, marks = config._tmp_path_factory.getbasetemp(), config.option.markexpr or ""
+    if "ui" not in marks:
         start_chromium_install(shared)
-    _start_jvm_archive(shared / "spark_classes.jsa")
-    if "databricks" not in (config.option.markexpr or ""):
+    if "spark" not in marks:  # the fast tier starts no JVM: an archive would only delay its end
+        _start_jvm_archive(shared / "spark_classes.jsa")
+    if "databricks" not in marks:
         _start_in_background(_build_emulated_runtimes, shared / EMULATED_RUNTIMES, name="emulated-runtimes")
 
 
