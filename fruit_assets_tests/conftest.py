@@ -24,8 +24,8 @@ for name in list(os.environ):
 # Every JVM of the tests (the session's, and those of CLI runs, the workspace emulator's tasks, dagster
 # dev's runs) lives for seconds, where HotSpot's optimizing compiler (C2) costs more CPU than it saves:
 # C1 only and the serial collector took a CLI graph run from 34 to 25 CPU-seconds on 2 cores (AMD EPYC,
-# AVX-512). The JIT does not change results. Users' JVMs keep the defaults; so does the demo run of the
-# tests, which checks what a user sees (the java launcher prints a "Picked up" note for this variable).
+# AVX-512). The JIT does not change results. Users' JVMs keep the defaults. The demo run of the tests,
+# which checks what a user sees, gets them through SPARK_SUBMIT_OPTS instead (see the `demo` fixture).
 TEST_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 # A whole-suite run also gives them a class-data-sharing archive of Spark's classes (`jvm_archive`), which
 # the run's first process builds in the background and names here for the parallel workers it starts.
@@ -246,7 +246,10 @@ def demo(demo_images, tmp_path_factory):
     workers' tests). Returns (its environment, stdout, stderr)."""
     base = tmp_path_factory.mktemp("newcomer")
     env = {name: value for name, value in os.environ.items() if not name.startswith(("FRUIT_", "AWS_", "DATABRICKS_"))}
-    env.pop("JDK_JAVA_OPTIONS")  # as a user runs it
+    # Not JDK_JAVA_OPTIONS, for which the java launcher prints a "Picked up" note that a user would not
+    # see: spark-submit puts SPARK_SUBMIT_OPTS on the Spark JVM's command line, silently. The options
+    # change how fast the JVM starts (its JIT, the class archive), never what the demo prints.
+    env["SPARK_SUBMIT_OPTS"] = env.pop("JDK_JAVA_OPTIONS")
     env |= {
         "FRUIT_IMAGES_URI": str(demo_images),
         "FRUIT_STORAGE_URI": str(base / "storage"),

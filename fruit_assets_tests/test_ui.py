@@ -204,8 +204,7 @@ def dagster_dev(demo):
     the demo's run, then materializes the graph again (an incremental run on the demo's tables)."""
     env, _, _ = demo
     ARTIFACTS.mkdir(exist_ok=True)
-    # The test JVM options (conftest) for the UI's run, which the demo's own environment leaves out.
-    env = env | {"JDK_JAVA_OPTIONS": os.environ["JDK_JAVA_OPTIONS"]}
+    # The demo's environment: its SPARK_SUBMIT_OPTS give the UI's run the test JVM options (conftest).
     server = DagsterDev(Path(env["DAGSTER_HOME"]), env, ARTIFACTS / "dagster_dev.log")
     try:
         seconds = server.wait_until_ready()

@@ -901,6 +901,11 @@ class DatabricksEmulator:
             for name in ("PYTHONPATH", "VIRTUAL_ENV", "SPARK_HOME", "PYTHONHOME", "CONDA_PREFIX"):
                 env.pop(name, None)
             env["VIRTUAL_ENV"] = str(run.environment.folder)
+            # Its Python caches the bytecode of what it imports there (the environment is built without
+            # it, see environments.py): with PYTHONDONTWRITEBYTECODE set, as on these machines, every task
+            # and Spark Python worker would compile dagster, pandas, pyarrow... from source at each start.
+            # Python writes each file atomically, so parallel tasks can share the environment.
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PATH"] = os.pathsep.join([str(run.environment.folder / "bin"), env.get("PATH", "")])
         env.update(self.env)
         for key, value in (cluster.get("spark_env_vars") or {}).items():
