@@ -17,7 +17,7 @@ The emulator does the same in a virtual environment:
 
 pyspark is published as a source package only, and uv 0.13 rebuilt it from source for every
 environment (35-60 s each on 2 cores); its wheel is built once per pyspark version with pip (whose cache
-keeps built wheels) into a wheelhouse, ``~/.cache/fruit_assets/emulator-wheels`` (or
+keeps built wheels) into a wheelhouse, ``~/.cache/fruit_assets/emulator-wheels`` (XDG_CACHE_HOME respected; or
 $FRUIT_EMULATOR_WHEELS), which every install then finds first (``--find-links``).
 
 Each environment is cached under the cache root by a key of its runtime's packages, its Python and its
@@ -122,7 +122,8 @@ class EnvironmentCache:
     def __init__(self, root: str | os.PathLike, uv: str | None = None, wheels: str | os.PathLike | None = None):
         self.root = Path(root).resolve()
         self.uv = uv
-        default = os.environ.get("FRUIT_EMULATOR_WHEELS") or os.path.expanduser("~/.cache/fruit_assets/emulator-wheels")
+        cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")  # as the model cache
+        default = os.environ.get("FRUIT_EMULATOR_WHEELS") or os.path.join(cache, "fruit_assets", "emulator-wheels")
         self.wheels = Path(wheels or default)
         self._pythons: dict[str, str] = {}
 
