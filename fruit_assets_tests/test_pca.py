@@ -150,9 +150,9 @@ def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, t
         pca.cumulative_explained_variance.iloc[-1], abs=1e-6
     )
     [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "pca_model_is_an_exact_decomposition"]
-    assert check.passed and check.metadata["spark_model_difference"].value == 0.0
+    assert check.passed
 
-    # The stored Spark ML model is the same PCA, and reduced_features equals its transform.
+    # The Spark ML model loaded from it is the same PCA, and reduced_features equals its transform.
     from pyspark.ml.feature import PCAModel
     from pyspark.ml.functions import array_to_vector, vector_to_array
 

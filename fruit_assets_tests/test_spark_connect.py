@@ -240,22 +240,29 @@ def test_featurization_on_connect_equals_classic_spark(spark, spark_connect, dem
     assert spark_connect.getTags() == set()  # the tag is removed afterwards
 
 
-def test_pca_model_on_connect_stores_no_spark_ml_model_and_says_why(spark_connect, features_table, tmp_path):
-    from fruit_assets.ml.pca import decompose
-    from fruit_assets.ml.pca_store import NO_SPARK_MODEL_ON_CONNECT, PcaHandler, has_spark_model, side_folder
+def test_pca_model_written_on_connect_loads_as_a_spark_ml_model_on_classic_spark_only(spark, spark_connect, features_table, tmp_path):
+    """A PCAModel is rebuilt from the components table when loaded (pca_store): in the JVM of a classic
+    session; a Connect session has none, and is told to load a PcaResult instead."""
+    from pyspark.ml.feature import PCAModel
+
+    from fruit_assets.ml.pca import PcaResult, decompose
+    from fruit_assets.ml.pca_store import PcaHandler, statistics_folder
     from fruit_assets.storage import delta, resolve
 
+    table = resolve(str(tmp_path / "pca_model"))
     with connect_mode():
         result = decompose(_statistics(spark_connect, features_table), 10, 0.95, 256)
-        table = resolve(str(tmp_path / "pca_model"))
         PcaHandler().store(result, table, None, {})
-    snapshot = delta.snapshot(table)
-    assert snapshot is not None and not has_spark_model(snapshot)
-    assert snapshot.commit["spark_model_note"] == NO_SPARK_MODEL_ON_CONNECT
-    with pytest.raises(FileNotFoundError, match="Spark Connect"):
-        side_folder(snapshot, "spark_model")
-    assert not (tmp_path / "pca_model" / "_spark_model").exists()
-    assert side_folder(snapshot, "statistics")  # the statistics are stored as on classic
+        snapshot = delta.snapshot(table)
+        assert snapshot is not None
+        with pytest.raises(TypeError, match="Spark Connect session .* does not have; load pca_model as a PcaResult"):
+            PcaHandler().load(snapshot, PCAModel)
+        assert np.array_equal(PcaHandler().load(snapshot, PcaResult).components, result.components)
+    assert statistics_folder(snapshot)  # the statistics are stored as on classic
+    assert sorted(p.name for p in (tmp_path / "pca_model").iterdir() if p.name.startswith("_")) == ["_delta_log", "_statistics"]
+    model = PcaHandler().load(snapshot, PCAModel)
+    assert model.getK() == result.k
+    np.testing.assert_array_equal(model.pc.toArray().T, result.components)
 
 
 def test_the_classic_session_still_works_beside_it(spark, spark_connect):

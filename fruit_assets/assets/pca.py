@@ -24,7 +24,7 @@ from fruit_assets.assets.metadata import plot, table
 from fruit_assets.incremental import PcaFit, fit_pca, project_features
 from fruit_assets.ml.model import FEATURE_DIM
 from fruit_assets.ml.pca import PcaResult, verify
-from fruit_assets.ml.pca_store import has_spark_model, pca_result_of, stored_spark_components
+from fruit_assets.ml.pca_store import pca_result_of
 from fruit_assets.storage.delta import Snapshot
 from fruit_assets.storage.resource import Storage
 
@@ -114,30 +114,19 @@ def pca_metadata(fit: PcaFit, config: PcaConfig, features_version: int) -> dict:
     asset=pca_model,
     blocking=True,
     description="The stored components are orthonormal eigenvectors of the covariance of the stored "
-    "statistics, with the explained variances they report, sorted, and the top k; the stored Spark ML "
-    "model holds the same components. A failure stops reduced_features.",
+    "statistics, with the explained variances they report, sorted, and the top k. A failure stops "
+    "reduced_features.",
 )
 def pca_model_is_an_exact_decomposition(context: AssetCheckExecutionContext, storage: Storage) -> AssetCheckResult:
     snapshot = storage.snapshot(pca_model.key)
     assert snapshot is not None, "the check runs after pca_model is stored"
     stored = pca_result_of(snapshot)
     verification = verify(stored.statistics, stored.components, stored.explained_variance)
-    problems = list(verification.problems)
-    spark_model: dict = {}
-    if has_spark_model(snapshot):
-        spark_components = stored_spark_components(snapshot)
-        same_shape = spark_components.shape == stored.components.shape
-        spark_difference = float(np.abs(spark_components - stored.components).max()) if same_shape else float("inf")
-        if spark_difference > 0:
-            problems.append(f"the Spark ML model's components differ from the components table by {spark_difference:.2e}")
-        spark_model["spark_model_difference"] = spark_difference
-    else:  # written on Spark Connect, which cannot build one (pca_store)
-        spark_model["spark_model"] = snapshot.commit.get("spark_model_note", "none")
     return AssetCheckResult(
-        passed=not problems,
+        passed=not verification.problems,
         severity=AssetCheckSeverity.ERROR,
-        description="; ".join(problems) or f"{stored.k} components verified against the covariance of {stored.rows} images",
-        metadata={**verification.metadata(), **spark_model, "k": stored.k},
+        description="; ".join(verification.problems) or f"{stored.k} components verified against the covariance of {stored.rows} images",
+        metadata={**verification.metadata(), "k": stored.k},
     )
 
 

@@ -357,7 +357,7 @@ def to_spark_model(spark, components: np.ndarray, explained_variance: np.ndarray
     """A Spark ML `PCAModel` holding these components, as `PCA.fit` would have returned it.
 
     Classic Spark only: it is built in the JVM through py4j, which a Spark Connect session does not
-    have (the caller, `pca_store`, stores no `PCAModel` there and says so)."""
+    have (the caller, `pca_store`, says so there)."""
     from pyspark.ml.common import _py2java
     from pyspark.ml.feature import PCAModel
     from pyspark.ml.linalg import DenseMatrix, DenseVector

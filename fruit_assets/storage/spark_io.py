@@ -20,24 +20,18 @@ from __future__ import annotations
 
 import inspect
 import json
-import posixpath
-import shutil
-import tempfile
 import uuid
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StringType, StructField, StructType
 
-from fruit_assets.spark_connect import is_local
 from fruit_assets.storage import Location, delta, resolve
 from fruit_assets.storage.delta import DataFile, Snapshot, nullable
 
@@ -237,44 +231,3 @@ def commit_change(change: TableChange, location: Location, base: Snapshot | None
     return delta.commit_or_discard(
         location, files, schema, base, metadata | change.commit_metadata, replace=change.replace, removed=change.removed
     )
-
-
-# -- Spark ML models on any filesystem -------------------------------------------------------------
-
-
-def save_spark_model(spark: SparkSession, model, destination: Location) -> None:
-    """`model.write().save()` to a local folder or S3 (through a scratch folder and pyarrow)."""
-    if destination.is_local:
-        model.write().overwrite().save(destination.path)
-        return
-    with _spark_scratch(spark) as (spark_path, local_path):
-        model.write().save(spark_path)
-        pafs.copy_files(local_path, destination.path, destination_filesystem=destination.filesystem)
-
-
-def load_spark_model(spark: SparkSession, source: Location, model_class):
-    """`model_class.load()` from a local folder or S3. Spark ML reads models through Hadoop
-    filesystems only, so an S3 copy is fetched into scratch space first (the model is small, and
-    load() reads it eagerly, so the copy can go right after)."""
-    if source.is_local:
-        return model_class.load(source.path)
-    with _spark_scratch(spark) as (spark_path, local_path):
-        pafs.copy_files(source.path, local_path, source_filesystem=source.filesystem)
-        return model_class.load(spark_path)
-
-
-@contextmanager
-def _spark_scratch(spark: SparkSession):
-    """A temporary folder that Spark (driver and executors) and this Python process both see, as
-    (path for Spark, path for Python). With a local master every process is on this machine: a temp
-    dir. On a cluster (Databricks), executors cannot see the driver's disk: a DBFS folder."""
-    if not is_local(spark):
-        name = f"tmp/fruit_assets/{uuid.uuid4().hex}"
-        try:
-            yield f"dbfs:/{name}", f"/dbfs/{name}"
-        finally:
-            shutil.rmtree(f"/dbfs/{name}", ignore_errors=True)
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        path = posixpath.join(scratch, "model")
-        yield path, path
