@@ -30,7 +30,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def image_set(workdir: Path, n: int) -> Path:
     """A folder of exactly `n` deterministic demo images in the Fruits-360 layout (made once)."""
-    from fruit_assets.demo_data import generate_demo_set
+    from fruit_assets_dev.demo_data import generate_demo_set
 
     if n == SEED_SET:
         labels, per_label = 24, 3

@@ -101,7 +101,7 @@ def soak(args, server, proxy, scratch: Path) -> dict:
 
 def upload_new_images(server, local_images: Path, per_label: int, uploaded: set[str]) -> int:
     """Generate the demo set with `per_label` images per label; upload the ones not uploaded yet."""
-    from fruit_assets.demo_data import generate_demo_set
+    from fruit_assets_dev.demo_data import generate_demo_set
 
     generate_demo_set(local_images, 24, per_label)
     client = server.client()
@@ -118,8 +118,8 @@ def run_graph(images_uri: str, storage_uri: str) -> dict:
     from dagster import materialize
 
     from fruit_assets.definitions import all_assets_and_checks
-    from fruit_assets.io_manager import DeltaIOManager
     from fruit_assets.resources import FeatureModel, ImageSource, build_resources
+    from fruit_assets.resources.io_manager import DeltaIOManager
     from fruit_assets.storage.resource import Storage
 
     resources = build_resources("local")

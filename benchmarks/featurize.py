@@ -5,7 +5,7 @@
     .venv/bin/python -m benchmarks.featurize --sizes 1000,2000 --methods baseline,pipeline
     .venv/bin/python -m benchmarks.featurize --sizes 2000,4000,8000 --repeat 2 --no-demo
 
-In one run, on the same machine and the same generated images (`fruit_assets.demo_data`), each method
+In one run, on the same machine and the same generated images (`fruit_assets_dev.demo_data`), each method
 runs in a fresh process per size while the summed RSS of its whole process tree (driver, JVM, Spark
 Python workers) is sampled every 0.2 s:
 
@@ -18,7 +18,7 @@ Python workers) is sampled every 0.2 s:
   and its Python workers already up);
 - pipeline-tensorflow: the same with `FRUIT_MODEL_RUNTIME=tensorflow` (the frozen TensorFlow graph in
   the workers, as before ONNX Runtime);
-- demo: `python -m fruit_assets.demo` on the seed-sized set (72 images), timed end to end.
+- demo: `python -m fruit_assets_dev.demo` on the seed-sized set (72 images), timed end to end.
 
 All methods use the same weights: MobileNetV2 `random:0` saved as a legacy .h5 file, loaded as users
 load the ImageNet file. The ONNX conversion of those weights is made once before any measurement

@@ -96,7 +96,7 @@ def run_details(home: Path) -> dict:
 
 def add_images(images: Path, workdir: Path, count: int) -> list[str]:
     """`count` new images in existing label folders (the demo generator's next images of each label)."""
-    from fruit_assets.demo_data import generate_demo_set
+    from fruit_assets_dev.demo_data import generate_demo_set
 
     labels = sorted(p.name for p in images.iterdir() if p.is_dir())
     per_label = len(list((images / labels[0]).glob("*.jpg")))

@@ -128,7 +128,7 @@ def _cpu_seconds() -> float:
 
 def _measure_listing(what: str, uri: str, concurrency: int) -> dict:
     from fruit_assets import storage
-    from fruit_assets.catalog import list_images
+    from fruit_assets.pipeline.listing import list_images
 
     root = storage.resolve(uri, setting="FRUIT_IMAGES_URI")
     if what == "list-today":
@@ -177,7 +177,7 @@ def _measure_raw_images(uri: str, concurrency: int, storage_dir: str) -> dict:
 
 def child_main(args) -> int:
     """One measurement in this (fresh) process; writes JSON to args.json."""
-    import fruit_assets.catalog
+    import fruit_assets.pipeline.listing
 
     if args.what.startswith(("tick", "raw")):
         import dagster  # noqa: F401

@@ -289,11 +289,11 @@ def _pyspark_resource(extra: dict):
 
 
 def demo(args) -> dict:
-    """`python -m fruit_assets.demo` as a user runs it after installation (FRUIT_MODEL_WEIGHTS unset:
+    """`python -m fruit_assets_dev.demo` as a user runs it after installation (FRUIT_MODEL_WEIGHTS unset:
     it tries ImageNet, cannot download it here and falls back to random:0), on the seed-sized set."""
     os.environ["FRUIT_IMAGES_URI"] = args.images
     os.environ["FRUIT_STORAGE_URI"] = os.path.join(args.scratch, "demo_assets")
-    from fruit_assets import demo as demo_module
+    from fruit_assets_dev import demo as demo_module
 
     code = demo_module.main([])
     assert code == 0
@@ -321,9 +321,9 @@ def featurize_only(args) -> dict:
     spark.sparkContext.setLogLevel("ERROR")
     spark_at = since_start()
 
-    from fruit_assets.catalog import list_images
     from fruit_assets.ml import featurize as featurize_module
     from fruit_assets.ml.model import feature_extractor_weights, parse_weights_setting, weights_fingerprint
+    from fruit_assets.pipeline.listing import list_images
     from fruit_assets.storage import resolve
 
     weights = feature_extractor_weights(parse_weights_setting(args.weights))

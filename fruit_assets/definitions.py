@@ -1,7 +1,7 @@
 """The `fruit_assets` code location: assets, the job that materializes them, and the resources of the
 deployment named by FRUIT_DEPLOYMENT (default `local`)."""
 
-from fruit_assets import quiet
+from fruit_assets.plumbing import quiet
 
 # Before anything imports TensorFlow or starts Spark: `dagster dev` runs and `dagster asset materialize`
 # (in-process) are quiet too. FRUIT_VERBOSE=1 keeps the libraries' own start-up messages.

@@ -59,7 +59,7 @@ LIST requests: one per 1,000 entries at the top level, then one per label folder
 folders is 1,051 requests in 36 rounds of round trips: about 1.8 s at 50 ms each, where the sequential
 listing this replaces took 1,000 rounds, 50 s. With more than 1,000 label folders averaging fewer than
 500 images, the root is listed flat instead (one request per 1,000 objects, in sequence: see
-`catalog`). No object is read. Then the digest: well under a second for a million rows. Measured and
+`pipeline.listing`). No object is read. Then the digest: well under a second for a million rows. Measured and
 modelled in BENCHMARKS.md ("Listing and the sensor"). Against AWS the requests are billed (LIST is about
 $0.005 per 1,000): at one tick every 30 s, a million images cost about 3 million LIST requests a day
 (about $15), so raise FRUIT_SENSOR_INTERVAL_SECONDS for big buckets that change rarely.
@@ -93,8 +93,8 @@ from dagster import (
     sensor,
 )
 
-from fruit_assets import image_state
-from fruit_assets.catalog import ImageListingError
+from fruit_assets.pipeline import image_state
+from fruit_assets.pipeline.listing import ImageListingError
 from fruit_assets.resources import ImageSource
 from fruit_assets.storage import Location, missing_container
 

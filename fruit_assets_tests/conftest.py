@@ -116,7 +116,7 @@ def _build_emulated_runtimes(root: Path) -> None:
 
     import yaml
 
-    from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES
+    from fruit_assets.databricks.runtimes import SUPPORTED_RUNTIMES
     from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache, pypi_requirements
 
     libraries = yaml.safe_load((REPO / "databricks.yaml").read_text())["run_config"]["libraries"]
@@ -231,7 +231,7 @@ def spark(s3):
 
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory):
-    from fruit_assets.demo_data import generate_demo_set
+    from fruit_assets_dev.demo_data import generate_demo_set
 
     root = tmp_path_factory.mktemp("demo_images")
     generate_demo_set(root)  # 24 labels x 3 images, like the original notebook's sample
@@ -240,7 +240,7 @@ def demo_images(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo(demo_images, tmp_path_factory):
-    """`python -m fruit_assets.demo` on the demo set, as a newcomer runs it, into a new DAGSTER_HOME, with a
+    """`python -m fruit_assets_dev.demo` on the demo set, as a newcomer runs it, into a new DAGSTER_HOME, with a
     fresh model cache (so that it starts TensorFlow to build and convert the model, as a first run does).
     Its instance and storage serve the UI tests and a CLI run after it (test_quiet, test_ui: one group of
     workers' tests). Returns (its environment, stdout, stderr)."""
@@ -257,9 +257,10 @@ def demo(demo_images, tmp_path_factory):
         "FRUIT_MODEL_CACHE": str(base / "model_cache"),
         "DAGSTER_HOME": str(base / "dagster_home"),  # not made yet: the demo makes it
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO),  # the demo is a tool of the checkout (fruit_assets_dev), run from elsewhere here
     }
     done = subprocess.run(
-        [sys.executable, "-m", "fruit_assets.demo"], cwd=base, env=env, capture_output=True, text=True, timeout=15 * 60
+        [sys.executable, "-m", "fruit_assets_dev.demo"], cwd=base, env=env, capture_output=True, text=True, timeout=15 * 60
     )
     assert done.returncode == 0, f"the demo failed:\n{done.stdout}\n{done.stderr}"
     return env, done.stdout, done.stderr

@@ -13,7 +13,7 @@ TEST_BUCKET = "fruit-test"
 
 def io_manager(storage_uri, retention_hours: int | None = None):
     """The Delta IO manager over a test storage folder or prefix."""
-    from fruit_assets.io_manager import DeltaIOManager
+    from fruit_assets.resources.io_manager import DeltaIOManager
     from fruit_assets.storage.resource import Storage
 
     extra = {} if retention_hours is None else {"retention_hours": retention_hours}
@@ -88,7 +88,7 @@ def by_image(frame):
     return keyed.set_index("image").sort_index()
 
 
-# Modules a Databricks cluster step must not import: the host converts the model (databricks_launcher.py).
+# Modules a Databricks cluster step must not import: the host converts the model (databricks/launcher.py).
 GUARDED_MODULES = ("tensorflow", "tf2onnx", "onnx", "keras")
 
 

@@ -10,8 +10,8 @@ import pyarrow.fs as pafs
 import pytest
 from dagster import instance_for_test, materialize
 
-from fruit_assets import incremental
 from fruit_assets.definitions import all_assets_and_checks
+from fruit_assets.pipeline import spark_work
 from fruit_assets.resources import FeatureModel, build_resources
 from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.hostile_files import write_hostile_tree
@@ -56,7 +56,7 @@ def hostile_resources(prefix, storage, max_skipped_fraction):
 @pytest.mark.parametrize("featurized_on", ["driver", "spark"])
 def test_hostile_files_are_featurized_or_listed_with_their_reason(spark, hostile_bucket, tmp_path, monkeypatch, featurized_on):
     # 16 images: featurized on the driver by default; in Spark when the driver's limit is lower.
-    monkeypatch.setattr(incremental, "DRIVER_FEATURIZE_IMAGES", 64 if featurized_on == "driver" else 0)
+    monkeypatch.setattr(spark_work, "DRIVER_FEATURIZE_IMAGES", 64 if featurized_on == "driver" else 0)
     prefix, expected = hostile_bucket
     result = materialize_all(hostile_resources(prefix, tmp_path, 1.0), selection=FEATURIZE)
     assert result.success

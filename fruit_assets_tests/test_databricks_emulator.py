@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES, runtime_for_spark_version
+from fruit_assets.databricks.runtimes import SUPPORTED_RUNTIMES, runtime_for_spark_version
 from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache
 
@@ -483,7 +483,7 @@ def test_remote_asset_exception_fails_the_dagster_step(runtime_emulator, tiny_pa
 
 def test_a_spark_version_outside_the_table_is_refused_as_the_api_refuses_it(client, emulator):
     """Databricks answers 400 INVALID_PARAMETER_VALUE to a spark_version it does not run; the emulator
-    runs only the supported runtimes (fruit_assets/databricks_runtimes.py), and lists them."""
+    runs only the supported runtimes (fruit_assets/databricks/runtimes.py), and lists them."""
     body = {"run_name": "old runtime", "tasks": [{
         "task_key": "t", "spark_python_task": {"python_file": "dbfs:/jobs/x.py"},
         "new_cluster": {"spark_version": "13.3.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}}]}

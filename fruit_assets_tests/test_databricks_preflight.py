@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fruit_assets import databricks_runtimes, preflight
-from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES, UnsupportedRuntimeError
+from fruit_assets.databricks import preflight, runtimes
+from fruit_assets.databricks.runtimes import SUPPORTED_RUNTIMES, UnsupportedRuntimeError
 
 REPO = Path(__file__).resolve().parents[1]
 DATABRICKS_YAML = REPO / "databricks.yaml"
@@ -29,17 +29,17 @@ def assert_names_runtime_and_supported(text: str, runtime: str) -> None:
 
 def test_an_unsupported_spark_version_is_refused_naming_it_and_the_supported_ones():
     with pytest.raises(UnsupportedRuntimeError) as refused:
-        databricks_runtimes.runtime_for_spark_version(OLD_RUNTIME)
+        runtimes.runtime_for_spark_version(OLD_RUNTIME)
     assert_names_runtime_and_supported(str(refused.value), OLD_RUNTIME)
     for runtime in SUPPORTED_RUNTIMES:
-        assert databricks_runtimes.runtime_for_spark_version(runtime.spark_version) is runtime
+        assert runtimes.runtime_for_spark_version(runtime.spark_version) is runtime
     with pytest.raises(UnsupportedRuntimeError, match="spark_version is missing"):
-        databricks_runtimes.runtime_for_spark_version(None)
+        runtimes.runtime_for_spark_version(None)
 
 
 def test_the_cluster_refuses_an_unsupported_databricks_runtime_version():
-    assert databricks_runtimes.runtime_for_environment("17.3").name == "17.3 LTS"
-    assert databricks_runtimes.runtime_for_environment("18").name == "18 LTS"  # "18" and "18.0" alike
+    assert runtimes.runtime_for_environment("17.3").name == "17.3 LTS"
+    assert runtimes.runtime_for_environment("18").name == "18 LTS"  # "18" and "18.0" alike
     with pytest.raises(UnsupportedRuntimeError) as refused:
         preflight.cluster_preflight({"DATABRICKS_RUNTIME_VERSION": "13.3"})
     assert_names_runtime_and_supported(str(refused.value), "DATABRICKS_RUNTIME_VERSION=13.3")
@@ -154,7 +154,7 @@ def test_the_repository_yaml_gives_each_supported_runtime_every_library_and_drop
 
 
 def test_the_cluster_needs_no_tensorflow_tf2onnx_or_onnx_unless_it_runs_tensorflow():
-    """The host converts the model and stages it (databricks_launcher.py): with the default runtime a cluster
+    """The host converts the model and stages it (databricks/launcher.py): with the default runtime a cluster
     step checks, and the YAML installs, none of the converter's packages."""
     converter = {"tensorflow", "tf2onnx", "onnx", "keras"}
     assert not converter & {r.module for r in preflight.requirements_for("onnxruntime")}
@@ -186,7 +186,7 @@ def test_the_readme_shows_the_repository_databricks_yaml_verbatim():
     block = match.group(1)
     assert block == DATABRICKS_YAML.read_text()
     cluster = yaml.safe_load(block)["run_config"]["cluster"]["new"]
-    assert cluster["spark_version"] == databricks_runtimes.DEFAULT_RUNTIME.spark_version
+    assert cluster["spark_version"] == runtimes.DEFAULT_RUNTIME.spark_version
 
 
 # ---------------------------------------------------------------- a workspace without DBFS root
@@ -196,7 +196,7 @@ def test_a_workspace_without_dbfs_root_refuses_and_the_launcher_says_what_it_mea
     import dagster
     from databricks.sdk.errors import PermissionDenied
 
-    from fruit_assets.databricks_workspace import NoDbfsRootError
+    from fruit_assets.databricks.workspace import NoDbfsRootError
     from fruit_assets.resources import databricks_launcher_config, step_launcher
     from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 

@@ -29,9 +29,9 @@ import pytest
 from dagster import AssetKey, build_output_context
 from deltalake import DeltaTable
 
-from fruit_assets.demo_data import generate_demo_set
-from fruit_assets.io_manager import load_asset
+from fruit_assets.resources.io_manager import load_asset
 from fruit_assets.storage import delta, resolve
+from fruit_assets_dev.demo_data import generate_demo_set
 from fruit_assets_tests.support import (
     TEST_BUCKET,
     delta_options,

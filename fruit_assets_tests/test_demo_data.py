@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import fruit_assets
-from fruit_assets.demo_data import (
+from fruit_assets_dev.demo_data import (
     DEFAULT_IMAGES_PER_LABEL,
     DEFAULT_LABELS,
     demo_labels,
@@ -133,7 +133,7 @@ def test_cli_as_module(tmp_path):
     repo = pathlib.Path(fruit_assets.__file__).resolve().parent.parent
     out = tmp_path / "set"
     proc = subprocess.run(
-        [sys.executable, "-m", "fruit_assets.demo_data", "--out", str(out), "--labels", "2",
+        [sys.executable, "-m", "fruit_assets_dev.demo_data", "--out", str(out), "--labels", "2",
          "--images-per-label", "1"],
         cwd=repo, capture_output=True, text=True, check=True,
     )

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from fruit_assets.demo_data import generate_demo_set
+from fruit_assets_dev.demo_data import generate_demo_set
 from fruit_assets_dev.local_s3 import start_local_s3
 from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
 

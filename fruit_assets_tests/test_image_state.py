@@ -5,8 +5,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from fruit_assets import image_state
-from fruit_assets.catalog import CATALOG_SCHEMA
+from fruit_assets.pipeline import image_state
+from fruit_assets.pipeline.listing import CATALOG_SCHEMA
 from fruit_assets.sensors import ImagesCursor
 
 

@@ -9,12 +9,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from fruit_assets import incremental
-from fruit_assets.demo_data import generate_demo_set
-from fruit_assets.incremental import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
-from fruit_assets.io_manager import load_asset
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose
+from fruit_assets.pipeline import spark_work
+from fruit_assets.pipeline.spark_work import FEATURE_COLUMNS, feature_statistics_since, plan_features, provenance
+from fruit_assets.resources.io_manager import load_asset
 from fruit_assets.storage import delta, resolve, spark_io
+from fruit_assets_dev.demo_data import generate_demo_set
 from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.support import TEST_BUCKET, by_image, local_resources, materialize_all, metadata_of, read_asset
 
@@ -76,7 +76,7 @@ def add_images(s3, prefix: str, tmp_path, labels: list[str]) -> list[str]:
 def test_an_incremental_run_costs_what_changed_and_equals_a_full_run(s3, spark, bucket_with_images, tmp_path, monkeypatch):
     # Up to 3 images are featurized on the driver, more in Spark: the full runs go through Spark, the
     # updates through the driver, and their vectors must be the same.
-    monkeypatch.setattr(incremental, "DRIVER_FEATURIZE_IMAGES", 3)
+    monkeypatch.setattr(spark_work, "DRIVER_FEATURIZE_IMAGES", 3)
     prefix = bucket_with_images
     resources = local_resources(f"{prefix}/images", f"{prefix}/assets")
     table = resolve(f"{prefix}/assets/image_features")
@@ -176,7 +176,7 @@ def _table_of_many_files(spark, tmp_path, rows: int = 40, rows_per_file: int = 5
 @pytest.mark.parametrize("update_in", ["driver", "spark"])
 def test_only_the_files_holding_a_removed_image_are_rewritten(spark, tmp_path, monkeypatch, update_in):
     # A small update's statistics are summed on the driver; a large one's in Spark: both are checked.
-    monkeypatch.setattr(incremental, "DRIVER_UPDATE_ROWS", 50_000 if update_in == "driver" else 0)
+    monkeypatch.setattr(spark_work, "DRIVER_UPDATE_ROWS", 50_000 if update_in == "driver" else 0)
     location, frame = _table_of_many_files(spark, tmp_path)  # 40 rows, 8 files of 5
     stored = delta.snapshot(location)
     assert len(stored.files) == 8
@@ -250,8 +250,8 @@ def test_the_driver_and_spark_project_a_table_alike(spark, tmp_path, monkeypatch
 
     projected = {}
     for where, limit in [("driver", 30), ("spark", 29)]:
-        monkeypatch.setattr(incremental, "DRIVER_PROJECTION_ROWS", limit)
-        projection = incremental.project_features(spark, features, pca, sample_size=10)
+        monkeypatch.setattr(spark_work, "DRIVER_PROJECTION_ROWS", limit)
+        projection = spark_work.project_features(spark, features, pca, sample_size=10)
         rows = projection.rows.to_pandas() if where == "driver" else projection.rows.toPandas()
         projection.release()
         assert (projection.where, projection.count, projection.min_k, projection.max_k) == (where, 30, 5, 5)

@@ -18,7 +18,7 @@ from dagster import DagsterInstance, build_sensor_context
 from benchmarks import listing_model
 from benchmarks.s3_proxy import CountingProxy
 from fruit_assets import sensors, storage
-from fruit_assets.catalog import ImageListingError, list_images
+from fruit_assets.pipeline.listing import ImageListingError, list_images
 from fruit_assets.resources import ImageSource
 from fruit_assets.sensors import TAG_CHANGED_LABELS, TAG_IMAGES, fruit_images_sensor
 from fruit_assets_tests.support import TEST_BUCKET

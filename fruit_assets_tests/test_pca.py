@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from fruit_assets.io_manager import load_asset
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, decompose, feature_statistics, verify
+from fruit_assets.resources.io_manager import load_asset
 from fruit_assets_tests.support import local_resources, materialize_all, metadata_of, read_asset
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
@@ -167,7 +167,7 @@ def test_pca_model_asset_equals_numpy_on_the_matrix_spark_ml_gets_wrong(spark, t
 
 
 def test_a_wrong_decomposition_fails_the_check_and_stops_reduced_features(spark, tmp_path, features_matrix, monkeypatch):
-    import fruit_assets.incremental as pca_module  # where pca_model's work calls decompose
+    import fruit_assets.pipeline.spark_work as pca_module  # where pca_model's work calls decompose
 
     _store_features(tmp_path, features_matrix)
     exact_decompose = pca_module.decompose

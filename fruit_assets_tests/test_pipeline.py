@@ -41,7 +41,7 @@ def test_graph_materializes_on_demo_set(demo_run, demo_images):
     assert pca["explained_variance_total"] == pytest.approx(stored.explained_variance.sum(), abs=1e-6)
 
     # Plots for the UI: embedded as markdown images, and stored beside the assets.
-    from fruit_assets.plots import png_from_markdown
+    from fruit_assets.pipeline.plots import png_from_markdown
 
     for asset, key in [("raw_images", "sample_images"), ("pca_model", "explained_variance_plot"), ("reduced_features", "pca_scatter_plot")]:
         metadata = metadata_of(result, asset)
@@ -116,7 +116,7 @@ def test_spark_can_load_the_stored_pca_model(demo_run, spark):
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import DataFrame as SparkDataFrame
 
-    from fruit_assets.io_manager import load_asset
+    from fruit_assets.resources.io_manager import load_asset
 
     _, storage = demo_run
     model = load_asset(str(storage), "pca_model", PCAModel)

@@ -1,4 +1,4 @@
-"""The PNG plots for the Dagster UI (fruit_assets.plots): sizes, edge cases, embedding and storage."""
+"""The PNG plots for the Dagster UI (fruit_assets.pipeline.plots): sizes, edge cases, embedding and storage."""
 
 import io
 import uuid
@@ -8,9 +8,10 @@ import pytest
 from dagster import AssetKey
 from PIL import Image
 
-from fruit_assets import plots, storage
-from fruit_assets.demo_data import demo_labels, generate_demo_set
+from fruit_assets import storage
+from fruit_assets.pipeline import plots
 from fruit_assets.storage.resource import Storage
+from fruit_assets_dev.demo_data import demo_labels, generate_demo_set
 from fruit_assets_tests.support import TEST_BUCKET
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = r"""
 import os, sys
-from fruit_assets import quiet
+from fruit_assets.plumbing import quiet
 os.write(2, b"before\n")
 with quiet.without_tensorflow_notices():
     os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")

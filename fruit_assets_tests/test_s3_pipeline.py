@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 from dagster import AssetKey, build_output_context
 
-from fruit_assets.io_manager import load_asset
+from fruit_assets.resources.io_manager import load_asset
 from fruit_assets_dev.local_s3 import upload_tree
 from fruit_assets_tests.support import TEST_BUCKET, by_image, io_manager, local_resources, materialize_all, metadata_of, read_asset
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pytest
 
 from fruit_assets.ml.pca import FeatureStatistics, feature_statistics
-from fruit_assets.spark_connect import default_parallelism, is_connect
+from fruit_assets.plumbing.spark_connect import default_parallelism, is_connect
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
 CONNECT_FLAG = "SPARK_CONNECT_MODE_ENABLED"
@@ -124,7 +124,7 @@ def test_connect_refuses_the_apis_the_pipeline_no_longer_uses(spark_connect):
 
 
 def test_default_parallelism_on_connect(spark_connect, monkeypatch):
-    import fruit_assets.spark_connect as compat
+    import fruit_assets.plumbing.spark_connect as compat
 
     with connect_mode():
         assert default_parallelism(spark_connect) == 2  # from the master URL, local[2]
@@ -206,7 +206,7 @@ def prepared_model():
 
 def _featurize(session, paths: list[str], model) -> tuple[pd.DataFrame, object]:
     from fruit_assets.ml.featurize import FeaturizeSettings, WorkerModelSetup, featurize
-    from fruit_assets.spark_progress import reporting_progress
+    from fruit_assets.plumbing.spark_progress import reporting_progress
 
     images = session.createDataFrame(pd.DataFrame({"path": paths, "label": [Path(p).parent.name for p in paths]}))
     setup = WorkerModelSetup(session)

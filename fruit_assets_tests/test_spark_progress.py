@@ -5,7 +5,7 @@ import time
 from pyspark.sql import functions as F
 from pyspark.sql.functions import udf
 
-from fruit_assets.spark_progress import reporting_progress
+from fruit_assets.plumbing.spark_progress import reporting_progress
 
 
 def test_progress_is_reported_while_the_action_runs(spark):

@@ -9,8 +9,8 @@ import pytest
 from dagster import AssetKey, PythonObjectDagsterType, build_input_context, build_output_context
 
 from fruit_assets import storage
-from fruit_assets.catalog import list_images
-from fruit_assets.io_manager import load_asset
+from fruit_assets.pipeline.listing import list_images
+from fruit_assets.resources.io_manager import load_asset
 from fruit_assets_tests.support import io_manager
 
 

@@ -1,6 +1,6 @@
 """The four assets, raw_images -> image_features -> pca_model -> reduced_features, and their checks.
 
-Thin Dagster wiring: the work is done by plain functions (`catalog`, `incremental`, `ml`), which
+Thin Dagster wiring: the work is done by plain functions (`pipeline`, `ml`), which
 return results that small builders here turn into metadata and checks. The Spark assets take the
 `step_launcher` resource so that a deployment can run them elsewhere (Databricks) by changing
 resources only; locally it is None and they run in-process. Checks are computed in the same Spark

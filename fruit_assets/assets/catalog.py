@@ -5,9 +5,9 @@ import time
 import pandas as pd
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
-from fruit_assets import plots
 from fruit_assets.assets.metadata import plot, table
-from fruit_assets.catalog import sample_images
+from fruit_assets.pipeline import plots
+from fruit_assets.pipeline.listing import sample_images
 from fruit_assets.resources import ImageSource
 from fruit_assets.storage.resource import Storage
 

@@ -16,12 +16,12 @@ from dagster import (
 from dagster_pyspark import PySparkResource
 
 from fruit_assets.assets.metadata import table
-from fruit_assets.incremental import FeaturizeResult, featurize_incremental
 from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, featurize_here
 from fruit_assets.ml.model import FEATURE_DIM
+from fruit_assets.pipeline.spark_work import FeaturizeResult, featurize_incremental
+from fruit_assets.plumbing.spark_progress import reporting_progress
 from fruit_assets.resources import FeatureModel
 from fruit_assets.settings import resolved
-from fruit_assets.spark_progress import reporting_progress
 from fruit_assets.storage.resource import Storage
 
 GROUP = "fruit_features"
@@ -52,7 +52,7 @@ def image_features(
     to featurize (an upload, usually) run on the driver, with the same runtime settings: a Spark job
     would cost more than they do."""
     spark, settings = pyspark.spark_session, feature_model.featurize_settings()
-    # Resolved and converted here, or on a Databricks cluster the model the host staged (resources.py).
+    # Resolved and converted here, or on a Databricks cluster the model the host staged (resources/__init__.py).
     model = feature_model.feature_extractor()
     if not model.meaningful:
         context.log.warning(f"featurizing with {model.metadata['weights_source']}: {model.metadata.get('weights_note', '')}")

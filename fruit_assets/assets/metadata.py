@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from dagster import AssetKey, MetadataValue, TableColumn, TableRecord, TableSchema
 
-from fruit_assets import plots
+from fruit_assets.pipeline import plots
 from fruit_assets.storage.resource import Storage
 
 

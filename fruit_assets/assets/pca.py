@@ -19,12 +19,12 @@ from dagster import (
 from dagster_pyspark import PySparkResource
 from pydantic import Field
 
-from fruit_assets import plots
 from fruit_assets.assets.metadata import plot, table
-from fruit_assets.incremental import PcaFit, fit_pca, project_features
 from fruit_assets.ml.model import FEATURE_DIM
 from fruit_assets.ml.pca import PcaResult, verify
 from fruit_assets.ml.pca_store import pca_result_of
+from fruit_assets.pipeline import plots
+from fruit_assets.pipeline.spark_work import PcaFit, fit_pca, project_features
 from fruit_assets.storage.delta import Snapshot
 from fruit_assets.storage.resource import Storage
 

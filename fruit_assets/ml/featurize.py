@@ -44,7 +44,7 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
 from fruit_assets.ml.images import decode_image, preprocess
-from fruit_assets.spark_connect import default_parallelism, is_connect
+from fruit_assets.plumbing.spark_connect import default_parallelism, is_connect
 from fruit_assets.storage import read_bytes
 
 RESULT_TYPE = StructType(

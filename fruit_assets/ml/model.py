@@ -117,9 +117,9 @@ def parse_weights_setting(value: str, setting_name: str = WEIGHTS_SETTING) -> We
 
 def build_feature_extractor(source: WeightsSource) -> keras.Model:
     """(n, 224, 224, 3) preprocessed float32 -> (n, 1280) float32 features."""
-    from fruit_assets.quiet import without_tensorflow_notices
+    from fruit_assets.plumbing.quiet import without_tensorflow_notices
 
-    with without_tensorflow_notices():  # the process's first Keras build prints them (quiet.py)
+    with without_tensorflow_notices():  # the process's first Keras build prints them (plumbing/quiet.py)
         return _build_feature_extractor(source)
 
 
@@ -152,9 +152,9 @@ def weights_fingerprint(weights: list[np.ndarray]) -> str:
 
 def feature_extractor_from_weights(weights: list[np.ndarray]) -> keras.Model:
     """Worker side: rebuild the feature extractor from broadcast arrays. Never downloads anything."""
-    from fruit_assets.quiet import without_tensorflow_notices
+    from fruit_assets.plumbing.quiet import without_tensorflow_notices
 
-    with without_tensorflow_notices():  # the process's first Keras build prints them (quiet.py)
+    with without_tensorflow_notices():  # the process's first Keras build prints them (plumbing/quiet.py)
         model = _no_top_model(weights=None)
         model.set_weights(weights)
     return model
@@ -209,7 +209,7 @@ def _no_top_model(weights: str | None) -> keras.Model:
 
 
 def _imagenet_model() -> keras.Model:
-    from fruit_assets.quiet import keras_without_progress_bars
+    from fruit_assets.plumbing.quiet import keras_without_progress_bars
 
     try:
         # Keras downloads into and then reuses its cache: ~/.keras/models/ (or $KERAS_HOME/models/).

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fruit_assets.ml.pca import FeatureStatistics, PcaResult, components_table, to_spark_model
-from fruit_assets.spark_connect import is_connect
+from fruit_assets.plumbing.spark_connect import is_connect
 from fruit_assets.storage import Location, delta
 from fruit_assets.storage.delta import Snapshot
 

@@ -2,7 +2,7 @@
 
 A handler says which types it `stores` and `loads`, stores a value as one commit on top of the
 version it read (`base`), and loads a version (`Snapshot`) as a requested type. The IO manager
-(`fruit_assets.io_manager`) picks the handler by type; `fruit_assets.ml.pca_store` adds the PCA's.
+(`fruit_assets.resources.io_manager`) picks the handler by type; `fruit_assets.ml.pca_store` adds the PCA's.
 
 No Dagster here.
 """

@@ -49,7 +49,7 @@ A missing token answers 401 ``UNAUTHENTICATED``, a wrong one 403 ``PERMISSION_DE
 raises ``Unauthenticated`` / ``PermissionDenied``.
 
 Runtimes (``environments.py``). A ``new_cluster`` must name a supported ``spark_version`` (the table of
-``fruit_assets/databricks_runtimes.py``: 17.3 LTS, 18 LTS); any other is refused at submit with 400
+``fruit_assets/databricks/runtimes.py``: 17.3 LTS, 18 LTS); any other is refused at submit with 400
 ``INVALID_PARAMETER_VALUE`` and the list, as the API refuses a runtime it does not know. An existing
 cluster runs the ``spark_version`` of its spec in ``clusters``. With ``environments=DIR`` (the command
 line's default: ``<root>/environments``), each task runs in that runtime's Python 3.12 with its packages

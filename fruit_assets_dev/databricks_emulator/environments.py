@@ -10,7 +10,7 @@ The emulator does the same in a virtual environment:
    release is whatever this machine has, e.g. 3.12.1 where 17.3 ships 3.12.3);
 2. ``uv pip install`` of the runtime's packages, pinned (``Runtime.python_packages``: pyspark, numpy,
    pandas, pyarrow, pillow, deltalake on 18 LTS, protobuf, grpcio, requests, pyyaml, boto3,
-   databricks-sdk), the table of ``fruit_assets/databricks_runtimes.py`` and nothing else;
+   databricks-sdk), the table of ``fruit_assets/databricks/runtimes.py`` and nothing else;
 3. ``uv pip install`` of the libraries on top, in one command, as the cluster's library installer does;
    uv, like pip, keeps an installed package that satisfies the request and upgrades one that does not;
 4. ``uv pip check``: conflicts are logged, as pip's "dependency conflicts" warning would be.
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the task runner imports this package inside the emulated runtime, without fruit_assets
-    from fruit_assets.databricks_runtimes import Runtime
+    from fruit_assets.databricks.runtimes import Runtime
 
 FORMAT = 3  # bump when the way environments are built changes: old cache entries are then ignored
 

@@ -64,9 +64,9 @@ REPOSITORY = Path(__file__).resolve().parents[2]  # holds fruit_assets_dev (not 
 def _runtime_for(spark_version: Any, what: str):
     """The supported runtime a cluster's spark_version names, or the API's 400 INVALID_PARAMETER_VALUE with
     the list (Databricks refuses a spark_version it does not know the same way). The table is the
-    product's (fruit_assets/databricks_runtimes.py), imported here only: the task runner, which imports
+    product's (fruit_assets/databricks/runtimes.py), imported here only: the task runner, which imports
     this package inside an emulated runtime, has no fruit_assets."""
-    from fruit_assets.databricks_runtimes import SUPPORTED_RUNTIMES, supported_list
+    from fruit_assets.databricks.runtimes import SUPPORTED_RUNTIMES, supported_list
 
     for runtime in SUPPORTED_RUNTIMES:
         if spark_version == runtime.spark_version:
@@ -223,7 +223,7 @@ class DatabricksEmulator:
         dbfs_root: False emulates a workspace without DBFS root (new accounts are provisioned so, and
             workspaces may disable it): every DBFS API call answers 403 PERMISSION_DENIED "Public DBFS
             root is disabled. Access is denied on path: ...", as users report such workspaces answer
-            (see ``fruit_assets/databricks_workspace.py`` for the sources).
+            (see ``fruit_assets/databricks/workspace.py`` for the sources).
     """
 
     def __init__(

@@ -29,9 +29,12 @@ from dagster import ConfigurableResource, ResourceDefinition
 from dagster_pyspark import LazyPySparkResource, PySparkResource
 from pydantic import Field
 
-from fruit_assets import catalog, quiet, storage
-from fruit_assets.io_manager import DeltaIOManager
+from fruit_assets import storage
 from fruit_assets.ml.featurize import FeaturizeSettings, PreparedModel, check_runtime, prepare_feature_extractor
+from fruit_assets.pipeline import listing
+from fruit_assets.plumbing import quiet
+from fruit_assets.plumbing.spark_connect import ui_url
+from fruit_assets.resources.io_manager import DeltaIOManager
 from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: used by the demo and the tests
     FromEnvironment,
     Setting,
@@ -43,7 +46,6 @@ from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: 
     resolved,
     whole,
 )
-from fruit_assets.spark_connect import ui_url
 from fruit_assets.storage.resource import Storage
 
 # Settings the step needs on the cluster too (never credentials: those come from a secret scope
@@ -61,6 +63,9 @@ SPARK_TASK_ATTEMPTS = 4
 _PLAIN_LOCAL_MASTER = re.compile(r"^local(?:\[(\*|\d+)\])?$")
 
 
+PACKAGE = Path(__file__).resolve().parents[1]  # the fruit_assets folder: what ships to a cluster
+
+
 class ImageSource(FromEnvironment, ConfigurableResource):
     """Where the images are: a folder or s3://bucket/prefix in the Fruits-360 layout <root>/<Label>/<file>."""
 
@@ -72,20 +77,20 @@ class ImageSource(FromEnvironment, ConfigurableResource):
         description="Local folder or s3://bucket/prefix. Null: FRUIT_IMAGES_URI, else data/demo in the checkout.",
     )
     list_concurrency: int = Field(
-        default=catalog.DEFAULT_CONCURRENCY, ge=1,
+        default=listing.DEFAULT_CONCURRENCY, ge=1,
         description="Label folders listed at the same time (S3 LIST requests in flight).",
     )
     max_folder_listings: int = Field(
-        default=catalog.DEFAULT_MAX_FOLDER_LISTINGS, ge=0,
+        default=listing.DEFAULT_MAX_FOLDER_LISTINGS, ge=0,
         description="Above this many label folders the root is listed as one flat listing (fewer requests).",
     )
 
     def location(self) -> storage.Location:
         return storage.resolve(resolved(self.uri), setting="FRUIT_IMAGES_URI")
 
-    def list_images(self) -> catalog.ImageListing:
-        """Every image under FRUIT_IMAGES_URI; raises catalog.ImageListingError naming it."""
-        return catalog.list_images(
+    def list_images(self) -> listing.ImageListing:
+        """Every image under FRUIT_IMAGES_URI; raises listing.ImageListingError naming it."""
+        return listing.list_images(
             self.location(), concurrency=self.list_concurrency,
             max_folder_listings=self.max_folder_listings, setting="FRUIT_IMAGES_URI",
         )
@@ -179,7 +184,7 @@ class FeatureModel(FromEnvironment, ConfigurableResource):
         if on_cluster():
             # The libraries of the runtime this resource resolved (cluster_preflight only sees the
             # cluster's FRUIT_MODEL_RUNTIME, which the host's setting does not reach).
-            from fruit_assets.preflight import check_libraries
+            from fruit_assets.databricks.preflight import check_libraries
 
             check_libraries(settings.runtime)
         staged = self.uses_staged_model()
@@ -194,7 +199,7 @@ class FeatureModel(FromEnvironment, ConfigurableResource):
 
 class LocalSpark(FromEnvironment, PySparkResource):
     """The local Spark session (deployment `local`): our settings, then `spark_config` over them. It
-    starts Spark quietly (see `quiet.py`) and logs where the Spark UI is."""
+    starts Spark quietly (see `plumbing/quiet.py`) and logs where the Spark UI is."""
 
     SETTINGS: ClassVar[dict[str, Setting]] = {"master": Setting("FRUIT_SPARK_MASTER", DEFAULT_SPARK_MASTER)}
     RESOURCE_KEY: ClassVar[str] = "pyspark"
@@ -289,17 +294,17 @@ def _databricks_host() -> dict:
 
 def step_launcher() -> ResourceDefinition:
     """dagster-databricks' `databricks_pyspark_step_launcher`, which stages the feature model on the host
-    before it launches a step that featurizes (databricks_launcher.py), and whose start (once per step, on
+    before it launches a step that featurizes (databricks/launcher.py), and whose start (once per step, on
     the host, before anything is uploaded) first checks that the workspace has the DBFS root it stages files on
-    (databricks_workspace.py): without one, the step fails saying so, instead of a bare 403 on upload."""
+    (databricks/workspace.py): without one, the step fails saying so, instead of a bare 403 on upload."""
     from dagster_databricks import databricks_pyspark_step_launcher
 
-    from fruit_assets.databricks_launcher import StagingStepLauncher
-    from fruit_assets.databricks_workspace import require_dbfs_root
+    from fruit_assets.databricks.launcher import StagingStepLauncher
+    from fruit_assets.databricks.workspace import require_dbfs_root
 
     def launcher(context):
         # dagster-databricks' own launcher (its resource function constructs it from the same config),
-        # which stages the ONNX model on the host before each launch (databricks_launcher.py).
+        # which stages the ONNX model on the host before each launch (databricks/launcher.py).
         started = StagingStepLauncher(**context.resource_config)
         client = started.databricks_runner.client.workspace_client
         require_dbfs_root(client.dbfs, started.databricks_host, started.staging_prefix)
@@ -315,7 +320,7 @@ def step_launcher() -> ResourceDefinition:
 def _databricks_cluster() -> dict:
     # The step the launcher runs on the cluster: the session is the cluster's, no launcher. Before
     # anything else, the runtime and every library the step imports are checked (one message for all).
-    from fruit_assets.preflight import cluster_preflight
+    from fruit_assets.databricks.preflight import cluster_preflight
 
     cluster_preflight()
     _require_s3("FRUIT_STORAGE_URI", "databricks_cluster")
@@ -338,7 +343,7 @@ def ship_package_to_executors() -> str | None:
     session = SparkSession.getActiveSession()
     if session is None:
         return None
-    package = Path(__file__).resolve().parent
+    package = PACKAGE
     files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     digest = hashlib.sha256(b"".join(str(p.relative_to(package)).encode() + p.read_bytes() for p in files)).hexdigest()[:12]
     archive = Path(tempfile.gettempdir()) / f"fruit_assets_executors_{digest}" / "fruit_assets.zip"
@@ -438,10 +443,10 @@ POLL_SETTING = "FRUIT_DATABRICKS_POLL_SECONDS"
 
 
 def check_cluster_runtime(run_config: Any, path: str) -> None:
-    """A new cluster's `spark_version` must be a supported runtime (databricks_runtimes.py): refused here,
+    """A new cluster's `spark_version` must be a supported runtime (databricks/runtimes.py): refused here,
     when the host reads the YAML, before any job is submitted. An existing cluster's runtime is not in
-    the file; the step checks it when it starts on the cluster (preflight.py)."""
-    from fruit_assets.databricks_runtimes import runtime_for_spark_version
+    the file; the step checks it when it starts on the cluster (databricks/preflight.py)."""
+    from fruit_assets.databricks.runtimes import runtime_for_spark_version
 
     cluster = run_config.get("cluster") if isinstance(run_config, dict) else None
     new = cluster.get("new") if isinstance(cluster, dict) else None
@@ -449,8 +454,6 @@ def check_cluster_runtime(run_config: Any, path: str) -> None:
         runtime_for_spark_version(new.get("spark_version"), f"run_config.cluster.new.spark_version in {path}")
 
 
-# Modules of the package that a cluster step never runs: the demo command and its image generator.
-NOT_FOR_THE_CLUSTER = ("demo.py", "demo_data.py")
 
 
 def staged_package() -> str:
@@ -458,8 +461,8 @@ def staged_package() -> str:
 
     Zipping the checkout would ship .venv and data/ (the launcher's default excludes match `venv`,
     not `.venv`), and its `.*pytest.*` exclude empties the zip under pytest's temporary folders."""
-    source = Path(__file__).resolve().parent
-    files = sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts and p.name not in NOT_FOR_THE_CLUSTER)
+    source = PACKAGE
+    files = sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
     target = Path(tempfile.gettempdir()) / f"fruit_assets_code_{digest}"
     if not (target / "fruit_assets").exists():

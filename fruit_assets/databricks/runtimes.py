@@ -1,6 +1,6 @@
 """The Databricks runtimes a cluster step may run on, and the checks that refuse any other one early.
 
-Dagster-free: the host checks the launcher YAML's `spark_version` when it reads the file (resources.py,
+Dagster-free: the host checks the launcher YAML's `spark_version` when it reads the file (resources/__init__.py,
 `databricks_launcher_config`), and the cluster checks `DATABRICKS_RUNTIME_VERSION` before the step does
 any Spark work (`preflight.cluster_preflight`).
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
-from fruit_assets.spark_connect import is_connect
+from fruit_assets.plumbing.spark_connect import is_connect
 
 PROGRESS_ON_CONNECT = (
     "progress is not reported on Spark Connect (serverless, standard access mode): it has no status tracker; "

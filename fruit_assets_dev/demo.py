@@ -1,6 +1,6 @@
 """The demo: generate the demo image set, materialize the four assets, print what was made.
 
-    python -m fruit_assets.demo [--labels 24] [--images-per-label 3] [--verbose]
+    python -m fruit_assets_dev.demo [--labels 24] [--images-per-label 3] [--verbose]
 
 Runs on the embedded default (local Spark, local folders) unless FRUIT_* variables say otherwise.
 When FRUIT_IMAGES_URI is unset, the demo set is generated into data/demo first.
@@ -33,13 +33,13 @@ from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fruit_assets import quiet  # noqa: E402
+from fruit_assets.plumbing import quiet  # noqa: E402
 
 RANDOM_FALLBACK = "random:0"
 UI_URL = "http://127.0.0.1:3000"
 INSTANCE_FOLDER = ".dagster_home"
 INSTANCE_CONFIG = """\
-# The Dagster instance of this checkout, made by `python -m fruit_assets.demo`, which records its runs
+# The Dagster instance of this checkout, made by `python -m fruit_assets_dev.demo`, which records its runs
 # here. `DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev` shows them (README, "Running it").
 # Edit freely: the demo never rewrites this file.
 telemetry:
@@ -83,7 +83,7 @@ def choose_weights() -> str:
     )
 
     try:
-        build_feature_extractor(WeightsSource("imagenet"))  # no download progress bar (quiet.py)
+        build_feature_extractor(WeightsSource("imagenet"))  # no download progress bar (plumbing/quiet.py)
         return "imagenet"
     except WeightsUnavailableError as error:
         reason = str(error.__cause__ or error).rsplit(" -- ", 1)[-1]
@@ -148,7 +148,7 @@ def warm_up(resources: dict) -> None:
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
-    from fruit_assets.spark_connect import default_parallelism
+    from fruit_assets.plumbing.spark_connect import default_parallelism
 
     spark = resources["pyspark"].session()
     runtime = resources["feature_model"].runtime.strip().lower()
@@ -173,8 +173,8 @@ def warm_up(resources: dict) -> None:
 
 def _images_line(args: argparse.Namespace) -> str:
     """Generates the demo set when FRUIT_IMAGES_URI is unset; says what is about to run."""
-    from fruit_assets.demo_data import generate_demo_set
     from fruit_assets.resources import default_images_uri
+    from fruit_assets_dev.demo_data import generate_demo_set
 
     running = "materializing the four assets on local Spark (about a minute) ..."
     if os.environ.get("FRUIT_IMAGES_URI"):
@@ -298,7 +298,7 @@ def ui_command(home: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fruit_assets.demo", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fruit_assets_dev.demo", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--labels", type=int, default=24, help="labels in the generated demo set")
     parser.add_argument("--images-per-label", type=int, default=3, help="images per label in the demo set")
     parser.add_argument(

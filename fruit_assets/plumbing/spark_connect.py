@@ -11,7 +11,7 @@ a Connect path that needs none of them:
 - `ui_url`: the Spark UI's address on classic; none on Connect (the server's UI is not ours).
 Elsewhere: `ml/featurize.py` (the model reaches the workers in the UDF's closure; the workers' model
 set-up time is measured by accumulators on classic only), `ml/pca.py` (statistics summed by DataFrame
-aggregation; the Spark ML `PCAModel` is built on classic only), `spark_progress.py` (job groups and the
+aggregation; the Spark ML `PCAModel` is built on classic only), `plumbing/spark_progress.py` (job groups and the
 status tracker on classic, a job tag on Connect).
 
 No Dagster here.

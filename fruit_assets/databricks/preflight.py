@@ -3,23 +3,23 @@
 A Databricks cluster has the runtime's own Python packages, then the `libraries` of the launcher YAML
 pip-installed on top. A missing or too old library would otherwise surface deep inside a Spark task
 (onnxruntime on an executor) or at the first Delta commit, after minutes of work, one library at a
-time. `cluster_preflight` (called by resources.py when the step starts on the cluster, before Spark is
+time. `cluster_preflight` (called by resources/__init__.py when the step starts on the cluster, before Spark is
 used) fails with ONE message naming every such library and the `libraries` line that fixes it.
 
 Dagster-free and import-free: presence is `importlib.util.find_spec` and versions come from the
 installed distributions' metadata, so checking never imports TensorFlow or ONNX Runtime.
 
 Minimum versions, and why (tested pins: pyproject.toml; the `pin` of each entry is the line offered):
-- numpy 2.1, pandas 2.2, pyarrow 19.0: what the supported runtimes ship (databricks_runtimes.py); the
+- numpy 2.1, pandas 2.2, pyarrow 19.0: what the supported runtimes ship (databricks/runtimes.py); the
   package is tested on newer ones, and older majors (numpy 1, pandas 1.5, pyarrow 14/15 on 15.4/16.4)
   are not known to work. pandas stays below 3: pyspark 4 does not support pandas 3.
-- pillow 9.1: `Image.Resampling` (ml/images.py). matplotlib 3.5: the `matplotlib.colormaps` registry (plots.py).
+- pillow 9.1: `Image.Resampling` (ml/images.py). matplotlib 3.5: the `matplotlib.colormaps` registry (pipeline/plots.py).
 - deltalake 1.6: the transaction API (`deltalake.transaction.RemoveAction`, `create_table_with_add_actions`,
   `CommitProperties(max_commit_retries=...)`, storage/delta.py) is tested with 1.6.6 only; 18 LTS's
   preinstalled 1.1.4 is not known to have it, so the YAML installs 1.6.6 over it.
 - onnxruntime 1.31: the oldest build the README documents (onnxruntime-gpu 1.31.1); tested with 1.32.0.
   With the default runtime that is all the model needs on the cluster: the host, where Dagster runs,
-  builds the Keras model, converts it to ONNX and stages it in storage (databricks_launcher.py), so a
+  builds the Keras model, converts it to ONNX and stages it in storage (databricks/launcher.py), so a
   cluster step imports no TensorFlow, tf2onnx or onnx, and none is checked or offered.
 - tensorflow 2.21: only with `runtime: tensorflow` (FRUIT_MODEL_RUNTIME), where the driver resolves the
   weights and the executors rebuild the Keras model; the version tested.
@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fruit_assets import databricks_runtimes
+from fruit_assets.databricks import runtimes
 
 _NUMBERS = re.compile(r"^(\d+(?:\.\d+)*)")
 
@@ -172,7 +172,7 @@ def check_libraries(model_runtime: str, **probes) -> None:
 def cluster_preflight(environ: dict[str, str] | os._Environ = os.environ, **probes) -> None:
     """The checks of a step starting on a cluster: the runtime (DATABRICKS_RUNTIME_VERSION, which every
     Databricks cluster sets), then the libraries for the configured inference runtime."""
-    version = environ.get(databricks_runtimes.RUNTIME_VARIABLE)
+    version = environ.get(runtimes.RUNTIME_VARIABLE)
     if version:
-        databricks_runtimes.runtime_for_environment(version)
+        runtimes.runtime_for_environment(version)
     check_libraries(environ.get("FRUIT_MODEL_RUNTIME") or "onnxruntime", **probes)

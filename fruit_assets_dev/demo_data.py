@@ -244,7 +244,7 @@ def generate_demo_set(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fruit_assets.demo_data",
+        prog="python -m fruit_assets_dev.demo_data",
         description="Write a deterministic demo image set in the Fruits-360 layout.",
     )
     parser.add_argument("--out", required=True, help="root folder; one subfolder per label")
