@@ -459,7 +459,8 @@ def micro_decode(args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from fruit_assets.ml.images import decode_image, preprocess
+    from fruit_assets.ml.images import decode_image
+    from fruit_assets.ml.spec import scale_to_unit_range as preprocess
     from fruit_assets.storage import read_bytes
 
     paths = image_paths(args.images)[: args.limit]

@@ -68,8 +68,8 @@ def quant_check(args) -> dict:
 
     from benchmarks.methods import image_paths
     from fruit_assets.ml.featurize import load_batch
-    from fruit_assets.ml.images import preprocess
     from fruit_assets.ml.onnx_model import onnx_inference_function
+    from fruit_assets.ml.spec import scale_to_unit_range as preprocess
 
     images, errors = load_batch(image_paths(args.images)[: args.limit])
     x = preprocess(images)

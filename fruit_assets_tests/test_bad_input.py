@@ -159,7 +159,7 @@ def test_k_beyond_the_feature_dimension_is_refused_before_fitting(spark, demo_ru
         raise_on_error=False,
     )
     assert not result.success
-    assert "PcaConfig" in failure_text(result) and "less than or equal to 1280" in failure_text(result)
+    assert "k=2000 is out of range" in failure_text(result) and "feature dimensions=1280 of model spec mobilenet_v2" in failure_text(result)
     pd.testing.assert_frame_equal(read_asset(storage, "pca_model"), before)
 
 

@@ -180,7 +180,7 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     ]
     assert {c.check_name for c in checks} >= {
         "one_row_per_image",
-        "vectors_are_1280_finite_floats",
+        "vectors_are_finite_floats_of_the_model_dimension",
         "k_columns_and_same_rows",
         "pca_model_is_an_exact_decomposition",
     }

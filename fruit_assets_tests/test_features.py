@@ -77,7 +77,7 @@ def test_spark_features_equal_single_process_keras(spark, handful, weights_file,
     assert skipped.data["path"].endswith("Lemon/broken.jpg")
     assert "could not be decoded" in skipped.data["error"] or "cannot identify" in skipped.data["error"]
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"one_row_per_image": True, "vectors_are_1280_finite_floats": True}
+    assert checks == {"one_row_per_image": True, "vectors_are_finite_floats_of_the_model_dimension": True}
 
 
 def test_unavailable_imagenet_weights_fail_at_once_with_instructions(spark, handful, tmp_path):

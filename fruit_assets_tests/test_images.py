@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fruit_assets.ml.images import IMAGE_SIZE, decode_image, is_image_path, preprocess
+from fruit_assets.ml.images import decode_image, is_image_path
+from fruit_assets.ml.spec import MOBILENET_V2, pixel_values, scale_to_unit_range
+
+IMAGE_SIZE = MOBILENET_V2.inputs.size  # decode_image's default: the default spec's
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -81,7 +84,7 @@ def test_preprocess_matches_keras():
 
     batch = np.random.RandomState(0).randint(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     batch[0, 0, 0] = (0, 127, 255)
-    ours = preprocess(batch)
+    ours = scale_to_unit_range(batch)
     assert ours.dtype == np.float32
     assert ours.shape == batch.shape
     np.testing.assert_array_equal(ours, preprocess_input(batch.astype(np.float32)))
@@ -89,9 +92,20 @@ def test_preprocess_matches_keras():
     assert batch[0, 0, 0, 2] == 255  # the input is not modified in place
 
 
-def test_preprocess_rejects_float_input():
+@pytest.mark.parametrize("preprocess", [scale_to_unit_range, pixel_values])
+def test_preprocess_rejects_float_input(preprocess):
     with pytest.raises(ValueError, match="uint8"):
         preprocess(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))
+
+
+def test_pixel_values_keep_the_pixels_as_floats():
+    batch = np.array([[[[0, 128, 255]]]], dtype=np.uint8)
+    ours = pixel_values(batch)
+    assert ours.dtype == np.float32 and ours.tolist() == [[[[0.0, 128.0, 255.0]]]]
+
+
+def test_images_are_decoded_to_the_size_asked_for():
+    assert decode_image(_encode(Image.new("RGB", (100, 60), "red"), "PNG"), size=32).shape == (32, 32, 3)
 
 
 def test_images_module_does_not_import_tensorflow():

@@ -24,8 +24,9 @@ TENSORFLOW_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx"}
 
 def keras_features(weights: str, paths: list[str]) -> np.ndarray:
     """Plain Keras, model(x, training=False), on the project's decoding of the same files."""
-    from fruit_assets.ml.images import decode_image, preprocess
+    from fruit_assets.ml.images import decode_image
     from fruit_assets.ml.model import build_feature_extractor, parse_weights_setting
+    from fruit_assets.ml.spec import scale_to_unit_range as preprocess
     from fruit_assets.storage import read_bytes
 
     model = build_feature_extractor(parse_weights_setting(weights))

@@ -1,4 +1,5 @@
-"""image_features: MobileNetV2 features of every image, computed in Spark, incrementally."""
+"""image_features: the model spec's features of every image (MobileNetV2 by default), computed in Spark,
+incrementally."""
 
 from typing import Any
 
@@ -17,7 +18,7 @@ from dagster_pyspark import PySparkResource
 
 from fruit_assets.assets.metadata import table
 from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, featurize_here
-from fruit_assets.ml.model import FEATURE_DIM
+from fruit_assets.ml.spec import DEFAULT_SPEC
 from fruit_assets.pipeline.spark_work import FeaturizeResult, featurize_incremental
 from fruit_assets.plumbing.spark_progress import reporting_progress
 from fruit_assets.resources import FeatureModel
@@ -29,8 +30,9 @@ PROGRESS_EVERY_SECONDS = 10.0  # how often featurization logs images done and th
 CHECKS = [
     AssetCheckSpec("one_row_per_image", asset="image_features",
                    description="Every catalogued image has a feature row, or is listed as skipped with its reason."),
-    AssetCheckSpec("vectors_are_1280_finite_floats", asset="image_features",
-                   description="Every vector written by this run is 1280 finite floats (the others were checked when written)."),
+    AssetCheckSpec("vectors_are_finite_floats_of_the_model_dimension", asset="image_features",
+                   description="Every vector written by this run is finite floats, as many as the model spec's output "
+                   f"dimension ({DEFAULT_SPEC.output_dim} for {DEFAULT_SPEC.name}); the others were checked when written."),
 ]
 
 
@@ -43,11 +45,11 @@ def image_features(
     pyspark: PySparkResource,
     step_launcher: ResourceParam[Any],
 ):
-    """MobileNetV2 (classification head removed) 1280-d features of every image, computed in Spark
+    """The model spec's features of every image (MobileNetV2's 1280 by default), computed in Spark
     (runtime: ONNX Runtime by default, or a frozen TensorFlow graph; see the feature_model resource).
 
-    Incremental: an image whose file (path, size, modification time) was featurized by the same
-    weights keeps its stored vector and its data file; only new and replaced images go through the
+    Incremental: an image whose file (path, size, modification time) was featurized by the same weights
+    and model spec keeps its stored vector and its data file; only new and replaced images go through the
     model, and only the data files that hold a deleted or replaced image are rewritten. Up to 64 images
     to featurize (an upload, usually) run on the driver, with the same runtime settings: a Spark job
     would cost more than they do."""
@@ -60,7 +62,8 @@ def image_features(
     workers_setup = WorkerModelSetup(spark)
 
     def featurize_rows(rows, partitions):
-        return featurize(rows, model.payload, model.fingerprint, settings, feature_model.partitions or partitions, workers_setup)
+        partitions = feature_model.partitions or partitions
+        return featurize(rows, model.payload, model.fingerprint, settings, partitions, workers_setup, model.spec.inputs)
 
     def progress(total: int):
         def log(done: int, total: int, seconds: float) -> None:
@@ -69,18 +72,18 @@ def image_features(
         return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS, note=context.log.info)
 
     def featurize_on_driver(rows):
-        return featurize_here(rows, model.payload, settings)
+        return featurize_here(rows, model.payload, settings, model.spec.inputs)
 
     stored = storage.snapshot(context.asset_key)
     # A handful of images is featurized on the driver (ONNX Runtime only): quicker than a Spark job.
     here = featurize_on_driver if settings.runtime == "onnxruntime" else None
-    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, progress, featurize_here=here)
+    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, model.spec, progress, here)
     max_skipped_fraction = resolved(feature_model.max_skipped_fraction)
     try:
         context.log.info(summary(result))
         refuse_too_many_skipped(result, max_skipped_fraction)
         yield Output(result.change, metadata=features_metadata(result, model, settings.batch_size, workers_setup))
-        yield from feature_checks(result, max_skipped_fraction)
+        yield from feature_checks(result, max_skipped_fraction, model.spec.output_dim)
     finally:
         result.release()
 
@@ -131,8 +134,7 @@ def features_metadata(result: FeaturizeResult, model: PreparedModel, batch_size:
         "skipped_images": table(result.skipped) if len(result.skipped) else MetadataValue.text("none"),
         "plan": result.plan_reason,
         **model.metadata,
-        "weights_fingerprint": model.fingerprint,
-        "feature_dim": FEATURE_DIM,
+        "weights_fingerprint": model.fingerprint,  # of the weights and the model spec
         "featurized_on": result.where,  # "driver": a few images, without a Spark job
         "partitions": result.partitions,
         "batch_size": batch_size,
@@ -146,7 +148,7 @@ def features_metadata(result: FeaturizeResult, model: PreparedModel, batch_size:
     }
 
 
-def feature_checks(result: FeaturizeResult, max_skipped_fraction: float):
+def feature_checks(result: FeaturizeResult, max_skipped_fraction: float, feature_dim: int):
     yield AssetCheckResult(
         check_name="one_row_per_image",
         passed=bool(result.rows + len(result.skipped) == result.catalogued),
@@ -154,7 +156,7 @@ def feature_checks(result: FeaturizeResult, max_skipped_fraction: float):
                   "skipped_fraction": round(result.skipped_fraction, 4), "max_skipped_fraction": max_skipped_fraction},
     )
     yield AssetCheckResult(
-        check_name="vectors_are_1280_finite_floats",
+        check_name="vectors_are_finite_floats_of_the_model_dimension",
         passed=bool(result.bad_vectors == 0),
-        metadata={"bad_vectors": result.bad_vectors, "vectors_checked": result.featurized},
+        metadata={"bad_vectors": result.bad_vectors, "vectors_checked": result.featurized, "feature_dim": feature_dim},
     )

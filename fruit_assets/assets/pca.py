@@ -20,9 +20,9 @@ from dagster_pyspark import PySparkResource
 from pydantic import Field
 
 from fruit_assets.assets.metadata import plot, table
-from fruit_assets.ml.model import FEATURE_DIM
 from fruit_assets.ml.pca import PcaResult, verify
 from fruit_assets.ml.pca_store import pca_result_of
+from fruit_assets.ml.spec import DEFAULT_SPEC
 from fruit_assets.pipeline import plots
 from fruit_assets.pipeline.spark_work import PcaFit, fit_pca, project_features
 from fruit_assets.storage.delta import Snapshot
@@ -33,15 +33,18 @@ SCATTER_POINTS = 5000  # the scatter shows a sample: enough to see the structure
 
 
 class PcaConfig(Config):
+    # No upper bound here: the features' dimension is their model spec's, known when they are read (the
+    # fit refuses a k above it, or above the number of images, saying both).
     k: int | None = Field(
-        default=50, ge=1, le=FEATURE_DIM,
-        description="Number of components (1..1280, and at most the number of images). Null: the smallest k reaching variance_target.",
+        default=50, ge=1,
+        description=f"Number of components (at most the features' dimension, {DEFAULT_SPEC.output_dim} with "
+        f"{DEFAULT_SPEC.name}, and the number of images). Null: the smallest k reaching variance_target.",
     )
     variance_target: float = Field(
         default=0.95, gt=0, le=1,
         description="Fraction of variance to keep when k is null; with a fixed k, the check warns below it.",
     )
-    max_k: int = Field(default=256, ge=1, le=FEATURE_DIM, description="Upper bound on k when choosing it from variance_target.")
+    max_k: int = Field(default=256, ge=1, description="Upper bound on k when choosing it from variance_target.")
 
 
 @asset(group_name=GROUP, kinds={"spark", "numpy", "delta"},

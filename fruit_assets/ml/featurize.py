@@ -1,4 +1,4 @@
-"""MobileNetV2 features for a table of image paths, computed inside Spark.
+"""The model spec's features (`spec.py`; MobileNetV2 by default) for a table of image paths, computed inside Spark.
 
 A scalar-iterator pandas UDF: Spark hands each Python worker an iterator of Arrow batches of paths, so
 the model is set up once per worker, not once per batch. The driver prepares the model once
@@ -8,9 +8,9 @@ default).
 
 Two runtimes (`FeaturizeSettings.runtime`), both exact fp32 and equal to Keras' model(x) within 1e-4:
 - `onnxruntime` (default): the driver converts the Keras model to ONNX once (cached on disk by the
-  weights' fingerprint, `onnx_model.py`) and ships the file; workers run it with ONNX Runtime
+  spec's name and the weights' fingerprint, `onnx_model.py`) and ships the file; workers run it with ONNX Runtime
   and never import TensorFlow. Faster and far lighter (BENCHMARKS.md).
-- `tensorflow`: the driver ships the weight arrays; workers rebuild the Keras model and run it as
+- `tensorflow`: the driver ships the spec and the weight arrays; workers rebuild the Keras model and run it as
   a frozen TensorFlow graph (`model.tensorflow_inference_function`).
 
 Images are read by the workers themselves, through pyarrow (local folder or S3), never collected to the
@@ -43,7 +43,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
-from fruit_assets.ml.images import decode_image, preprocess
+from fruit_assets.ml.images import decode_image
+from fruit_assets.ml.spec import DEFAULT_SPEC, ModelInput, ModelSpec, spec_named
 from fruit_assets.plumbing.spark_connect import default_parallelism, is_connect
 from fruit_assets.storage import read_bytes
 
@@ -90,21 +91,23 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def prepare_model(weights: list[np.ndarray], fingerprint: str, settings: FeaturizeSettings) -> tuple[object, dict]:
+def prepare_model(
+    weights: list[np.ndarray], fingerprint: str, settings: FeaturizeSettings, spec: ModelSpec = DEFAULT_SPEC
+) -> tuple[object, dict]:
     """Driver side: (what to broadcast to the workers, JSON-able metadata about the runtime).
 
     onnxruntime: the converted ONNX model's bytes (converted now, or read from the cache);
-    tensorflow: the weight arrays."""
+    tensorflow: the spec and the weight arrays."""
     check_runtime(settings.runtime)
     if settings.runtime == "tensorflow":
-        return weights, {
+        return (spec, weights), {
             "runtime": "tensorflow",
             "runtime_version": f"tensorflow {_version('tensorflow-cpu', 'tensorflow')} (frozen graph)",
         }
     from fruit_assets.ml import onnx_model
 
     onnx_model.check_providers(settings.onnx_providers)
-    converted = onnx_model.converted_model(weights, fingerprint)
+    converted = onnx_model.converted_model(weights, fingerprint, spec=spec)
     described = {"runtime": "onnxruntime", "runtime_version": f"onnxruntime {_version('onnxruntime', 'onnxruntime-gpu')}"}
     return converted.data, described | {"onnx_providers": ",".join(settings.onnx_providers)} | converted.describe()
 
@@ -114,22 +117,27 @@ class PreparedModel:
     """The feature extractor, ready to ship to the workers: resolved on the driver once per run."""
 
     payload: object  # what the workers get, in the UDF's closure (see prepare_model)
-    fingerprint: str  # of the weights: the workers' model cache key, and what reuse is keyed on
-    metadata: dict  # weights source and runtime, JSON-able, recorded with the features
+    fingerprint: str  # of the spec and weights: the workers' model cache key, and what reuse is keyed on
+    metadata: dict  # model spec, weights source and runtime, JSON-able, recorded with the features
     seconds: float  # to resolve the weights and prepare the runtime
     meaningful: bool  # False for random weights
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The model spec, named in the metadata (which a model staged for Databricks carries too)."""
+        return spec_named(self.metadata.get("model_spec", DEFAULT_SPEC.name))
 
-def prepare_feature_extractor(source, settings: FeaturizeSettings) -> PreparedModel:
-    """Resolve the weights of `source` (an `ml.model.WeightsSource`) and prepare the model for the
-    configured runtime (onnxruntime: convert to ONNX once, then read it from the cache)."""
+
+def prepare_feature_extractor(source, settings: FeaturizeSettings, spec: ModelSpec = DEFAULT_SPEC) -> PreparedModel:
+    """Resolve the weights of `source` (an `ml.model.WeightsSource`) for the spec's model and prepare it
+    for the configured runtime (onnxruntime: convert to ONNX once, then read it from the cache)."""
     from fruit_assets.ml.model import feature_extractor_weights, weights_fingerprint
 
     started = time.perf_counter()
-    weights = feature_extractor_weights(source)
-    fingerprint = weights_fingerprint(weights)
-    payload, runtime = prepare_model(weights, fingerprint, settings)
-    described = source.describe()
+    weights = feature_extractor_weights(source, spec)
+    fingerprint = weights_fingerprint(weights, spec)
+    payload, runtime = prepare_model(weights, fingerprint, settings, spec)
+    described = spec.describe() | source.describe()
     return PreparedModel(payload, fingerprint, described | runtime, time.perf_counter() - started, described["weights_meaningful"])
 
 
@@ -158,7 +166,8 @@ def _build_inference(payload, settings: FeaturizeSettings) -> Callable[[np.ndarr
     if settings.runtime == "tensorflow":
         from fruit_assets.ml.model import tensorflow_inference_function
 
-        return tensorflow_inference_function(payload, settings.intra_op_threads, settings.inter_op_threads)
+        spec, weights = payload
+        return tensorflow_inference_function(weights, settings.intra_op_threads, settings.inter_op_threads, spec)
     raise ValueError(f"{RUNTIME_SETTING}={settings.runtime!r} is not a known runtime")
 
 
@@ -227,9 +236,9 @@ def _model(model_key: str, model_payload, settings: FeaturizeSettings) -> Callab
     return infer
 
 
-def load_batch(paths: list[str]) -> tuple[np.ndarray, list[str | None]]:
-    """Decoded 224x224 RGB images of the readable paths (in order) and an error per path (None = ok)."""
-    return decode_batch([_read(path) for path in paths])
+def load_batch(paths: list[str], size: int = DEFAULT_SPEC.inputs.size) -> tuple[np.ndarray, list[str | None]]:
+    """Decoded size x size RGB images of the readable paths (in order) and an error per path (None = ok)."""
+    return decode_batch([_read(path) for path in paths], size)
 
 
 def _read(path: str) -> bytes | str:
@@ -240,7 +249,7 @@ def _read(path: str) -> bytes | str:
         return f"{type(error).__name__}: {error}"
 
 
-def decode_batch(blobs: list[bytes | str]) -> tuple[np.ndarray, list[str | None]]:
+def decode_batch(blobs: list[bytes | str], size: int) -> tuple[np.ndarray, list[str | None]]:
     """Decoded images of the blobs that decode (in order) and an error per blob (None = ok); a blob
     that is already an error string (the read failed) stays that error."""
     images, errors = [], []
@@ -249,21 +258,21 @@ def decode_batch(blobs: list[bytes | str]) -> tuple[np.ndarray, list[str | None]
             errors.append(blob)
             continue
         try:
-            images.append(decode_image(blob))
+            images.append(decode_image(blob, size=size))
             errors.append(None)
         except Exception as error:
             errors.append(f"{type(error).__name__}: {error}")
-    stacked = np.stack(images) if images else np.zeros((0, 224, 224, 3), dtype=np.uint8)
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
     return stacked, errors
 
 
-def _preprocessed(decoded: tuple[np.ndarray, list[str | None]]) -> tuple[np.ndarray | None, list[str | None]]:
+def _preprocessed(decoded: tuple[np.ndarray, list[str | None]], inputs: ModelInput) -> tuple[np.ndarray | None, list[str | None]]:
     images, errors = decoded
-    return (preprocess(images) if len(images) else None), errors
+    return (inputs.preprocess(images) if len(images) else None), errors
 
 
-def _load_preprocessed(paths: list[str]) -> tuple[np.ndarray | None, list[str | None]]:
-    return _preprocessed(load_batch(paths))
+def _load_preprocessed(paths: list[str], inputs: ModelInput) -> tuple[np.ndarray | None, list[str | None]]:
+    return _preprocessed(load_batch(paths, inputs.size), inputs)
 
 
 def _assemble(vectors: np.ndarray | None, errors: list[str | None]) -> list[np.ndarray | None]:
@@ -282,11 +291,11 @@ def _chunks(batches: Iterator[pd.Series], batch_size: int) -> Iterator[tuple[lis
             yield paths[start : start + batch_size], start + batch_size >= len(paths)
 
 
-def _stream_features(infer, batches: Iterator[pd.Series], settings: FeaturizeSettings) -> Iterator[pd.DataFrame]:
+def _stream_features(infer, batches: Iterator[pd.Series], settings: FeaturizeSettings, inputs: ModelInput) -> Iterator[pd.DataFrame]:
     """One output DataFrame per input Arrow batch, the model called on `settings.batch_size` images at
     a time, so that memory stays bounded whatever size of Arrow batch Spark hands us."""
     chunks = _chunks(batches, settings.batch_size)
-    loaded = _loaded_ahead(chunks, settings) if settings.read_ahead > 0 else _loaded_inline(chunks)
+    loaded = _loaded_ahead(chunks, settings, inputs) if settings.read_ahead > 0 else _loaded_inline(chunks, inputs)
     features: list[np.ndarray | None] = []
     errors: list[str | None] = []
     for (images, chunk_errors), ends_batch in loaded:
@@ -297,13 +306,13 @@ def _stream_features(infer, batches: Iterator[pd.Series], settings: FeaturizeSet
             features, errors = [], []
 
 
-def _loaded_inline(chunks: Iterator[tuple[list[str], bool]]):
+def _loaded_inline(chunks: Iterator[tuple[list[str], bool]], inputs: ModelInput):
     """(preprocessed images, errors), ends_batch for each chunk: read and decoded in turn."""
     for paths, ends_batch in chunks:
-        yield _load_preprocessed(paths), ends_batch
+        yield _load_preprocessed(paths, inputs), ends_batch
 
 
-def _loaded_ahead(chunks: Iterator[tuple[list[str], bool]], settings: FeaturizeSettings):
+def _loaded_ahead(chunks: Iterator[tuple[list[str], bool]], settings: FeaturizeSettings, inputs: ModelInput):
     """As `_loaded_inline`, but the files of the next `settings.read_ahead` chunks are read by
     background I/O threads while the caller runs the model on the current one.
 
@@ -325,7 +334,7 @@ def _loaded_ahead(chunks: Iterator[tuple[list[str], bool]], settings: FeaturizeS
             if not window:
                 return
             ends_batch, pending = window.popleft()
-            yield _preprocessed(decode_batch([future.result() for future in pending])), ends_batch
+            yield _preprocessed(decode_batch([future.result() for future in pending], inputs.size), inputs), ends_batch
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
@@ -337,13 +346,14 @@ def featurize(
     settings: FeaturizeSettings = FeaturizeSettings(),
     partitions: int | None = None,
     model_setup: WorkerModelSetup | None = None,
+    inputs: ModelInput = DEFAULT_SPEC.inputs,
 ) -> DataFrame:
     """`images` (catalog columns: path, label, size_bytes, modified_at) -> the same columns plus
-    features (1280 float32, or null) and error (null, or why the image was skipped).
+    features (the spec's output_dim float32, or null) and error (null, or why the image was skipped).
 
     `model_payload` is what `prepare_model` returned for `settings.runtime`; `model_key` identifies
-    it (the weights' fingerprint) in the workers' model cache. `model_setup`, if given, adds up the
-    workers' model building time."""
+    it (the fingerprint) in the workers' model cache; `inputs` is its spec's (image size,
+    preprocessing). `model_setup`, if given, adds up the workers' model building time."""
     check_runtime(settings.runtime)
     # The model reaches the workers in the UDF's closure, which Spark ships with the plan (classic Spark
     # broadcasts a pickled UDF over 1 MB itself; Spark Connect sends it to the server with the plan): no
@@ -352,23 +362,25 @@ def featurize(
     setup_seconds, setup_workers = (model_setup.seconds, model_setup.workers) if model_setup else (None, None)
 
     @pandas_udf(RESULT_TYPE)  # type: ignore[call-overload]  # pyspark's overloads miss the iterator form with a return type
-    def mobilenet_features(paths: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+    def model_features(paths: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         building = not _has_model(model_key, settings)
         started = time.perf_counter()
         infer = _model(model_key, model_payload, settings)
         if building and setup_seconds is not None and setup_workers is not None:
             infer = _first_call_timed(infer, started, setup_seconds)
             setup_workers.add(1)
-        yield from _stream_features(infer, paths, settings)
+        yield from _stream_features(infer, paths, settings, inputs)
 
     if partitions:
         images = images.repartition(partitions)
     columns = [name for name in images.columns if name not in ("features", "error")]
-    result = mobilenet_features(F.col("path")).alias("result")  # type: ignore[arg-type,attr-defined]
+    result = model_features(F.col("path")).alias("result")  # type: ignore[arg-type,attr-defined]
     return images.select(*columns, result).select(*columns, "result.features", "result.error")
 
 
-def featurize_here(images: pd.DataFrame, model_payload, settings: FeaturizeSettings = FeaturizeSettings()) -> pd.DataFrame:
+def featurize_here(
+    images: pd.DataFrame, model_payload, settings: FeaturizeSettings = FeaturizeSettings(), inputs: ModelInput = DEFAULT_SPEC.inputs
+) -> pd.DataFrame:
     """`featurize` in this process, for a handful of images: the same reading, decoding, model batches
     and runtime settings as a Spark worker, so the same vectors (ONNX Runtime's result for an image
     does not depend on its batch), without a Spark job. Only for the onnxruntime runtime: the
@@ -379,7 +391,7 @@ def featurize_here(images: pd.DataFrame, model_payload, settings: FeaturizeSetti
     if images.empty:
         return images.assign(features=pd.Series(dtype=object), error=pd.Series(dtype=object))
     infer = _build_inference(model_payload, settings)
-    [result] = list(_stream_features(infer, iter([images.path]), settings))
+    [result] = list(_stream_features(infer, iter([images.path]), settings, inputs))
     return images.assign(features=result.features.to_numpy(), error=result.error.to_numpy())
 
 

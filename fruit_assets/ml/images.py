@@ -1,4 +1,4 @@
-"""Image decoding and MobileNetV2 preprocessing, in Pillow + numpy only.
+"""Image decoding, in Pillow + numpy only (the model's preprocessing is its spec's, `spec.py`).
 
 This module runs inside Spark Python workers for every image, so it deliberately does not import
 tensorflow/keras: importing it must stay cheap.
@@ -11,7 +11,8 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_SIZE = 224
+from fruit_assets.ml.spec import DEFAULT_SPEC
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -26,8 +27,9 @@ def is_image_path(path: str) -> bool:
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes into a (224, 224, 3) uint8 RGB array, as a person sees the image.
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, size: int = DEFAULT_SPEC.inputs.size) -> np.ndarray:
+    """Decode encoded image bytes into a (size, size, 3) uint8 RGB array, as a person sees the image
+    (`size`: the model spec's input size).
 
     - EXIF orientation is applied (phone photos are stored rotated and shown upright).
     - Transparency is composited onto white, the background of Fruits-360 photos.
@@ -52,7 +54,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             # by default), and Pillow's BILINEAR widens its support when downscaling (antialiased)
             # while tf.image.resize's bilinear does not, so features differ slightly from those
             # pipelines. No Image.draft(): JPEG draft decoding is faster but changes pixels.
-            resized = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.Resampling.BILINEAR)
+            resized = rgb.resize((size, size), resample=Image.Resampling.BILINEAR)
     except ValueError as exc:
         if str(exc).startswith("image is "):
             raise
@@ -63,7 +65,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except Exception as exc:  # Pillow raises many types: UnidentifiedImageError, OSError, ...
         raise ValueError(f"could not decode image: {type(exc).__name__}: {exc}") from exc
     array = np.array(resized, dtype=np.uint8)  # a copy we own, not a view of Pillow's buffer
-    assert array.shape == (IMAGE_SIZE, IMAGE_SIZE, 3), array.shape
+    assert array.shape == (size, size, 3), array.shape
     return array
 
 
@@ -82,18 +84,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
-
-def preprocess(batch: np.ndarray) -> np.ndarray:
-    """MobileNetV2 preprocessing of a uint8 (n, 224, 224, 3) batch: float32 in [-1, 1].
-
-    Same as keras.applications.mobilenet_v2.preprocess_input ("tf" mode: x / 127.5 - 1, no RGB->BGR
-    swap, which only caffe-mode models need), done in numpy so workers need no keras for it.
-    """
-    batch = np.asarray(batch)
-    # Insisting on uint8 catches preprocessing an already preprocessed (float) batch twice.
-    if batch.dtype != np.uint8:
-        raise ValueError(f"preprocess expects a uint8 batch, got dtype {batch.dtype}")
-    out = batch.astype(np.float32)
-    out /= np.float32(127.5)
-    out -= np.float32(1.0)
-    return out

@@ -1,4 +1,4 @@
-"""MobileNetV2 feature extractor (1280-d global-average-pool output) and its weights.
+"""The feature extractor of a model spec (`spec.py`) and its weights, and MobileNetV2's build.
 
 Used on the Spark driver to resolve weights (`feature_extractor_weights`), and, with runtime
 `tensorflow` only, inside Spark Python workers to rebuild the model from the broadcast arrays and run
@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fruit_assets.ml.spec import DEFAULT_SPEC, MOBILENET_V2, ModelSpec, spec_named
+
 if TYPE_CHECKING:
     import keras
 
-FEATURE_DIM = 1280
-INPUT_SHAPE = (224, 224, 3)
+# MobileNetV2's (the default spec's). Code that serves any spec reads the spec instead.
+FEATURE_DIM = MOBILENET_V2.output_dim
+INPUT_SHAPE = MOBILENET_V2.inputs.shape
 
 WEIGHTS_SETTING = "FRUIT_MODEL_WEIGHTS"
 IMAGENET_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
@@ -70,7 +73,7 @@ class WeightsSource:
             "weights_meaningful": False,
             "weights_seed": self.seed,
             "weights_note": (
-                "random MobileNetV2 weights (seeded, BatchNorm calibrated on synthetic images): "
+                "random weights (seeded, BatchNorm calibrated on synthetic images): "
                 "features are deterministic and vary with the image, but are NOT meaningful for "
                 "real use"
             ),
@@ -115,55 +118,57 @@ def parse_weights_setting(value: str, setting_name: str = WEIGHTS_SETTING) -> We
     return WeightsSource("file", path=path)
 
 
-def build_feature_extractor(source: WeightsSource) -> keras.Model:
-    """(n, 224, 224, 3) preprocessed float32 -> (n, 1280) float32 features."""
+def build_feature_extractor(source: WeightsSource, spec: ModelSpec = DEFAULT_SPEC) -> keras.Model:
+    """The spec's model with these weights: preprocessed float32 images -> (n, spec.output_dim) float32."""
     from fruit_assets.plumbing.quiet import without_tensorflow_notices
 
-    with without_tensorflow_notices():  # the process's first Keras build prints them (plumbing/quiet.py)
-        return _build_feature_extractor(source)
+    with without_tensorflow_notices():  # the process's first Keras build prints them (quiet.py)
+        return _build_feature_extractor(source, spec)
 
 
-def _build_feature_extractor(source: WeightsSource) -> keras.Model:
+def _build_feature_extractor(source: WeightsSource, spec: ModelSpec) -> keras.Model:
     if source.kind == "imagenet":
-        return _imagenet_model()
+        return spec.build("imagenet")
     if source.kind == "file":
         assert source.path is not None
-        return _file_model(source.path)
+        return spec.build(source.path)
     assert source.seed is not None
-    return _random_model(source.seed)
+    return _random_model(source.seed, spec)
 
 
-def feature_extractor_weights(source: WeightsSource) -> list[np.ndarray]:
+def feature_extractor_weights(source: WeightsSource, spec: ModelSpec = DEFAULT_SPEC) -> list[np.ndarray]:
     """The weight arrays the Spark driver broadcasts to the workers (for `random`, read from the
     cache without importing TensorFlow)."""
     if source.kind == "random" and source.seed is not None:
-        return random_weights(source.seed)
-    return build_feature_extractor(source).get_weights()
+        return random_weights(source.seed, spec)
+    return build_feature_extractor(source, spec).get_weights()
 
 
-def weights_fingerprint(weights: list[np.ndarray]) -> str:
-    """A short content hash of the weight arrays: identifies the model in worker caches, in the
-    stored features (reuse is keyed on it) and in the metadata."""
-    digest = hashlib.sha256()
+def weights_fingerprint(weights: list[np.ndarray], spec: ModelSpec = DEFAULT_SPEC) -> str:
+    """A short content hash of the spec's name and the weight arrays: identifies the model in worker
+    caches, in the ONNX cache, in the stored features (reuse is keyed on it) and in the metadata. The
+    name is in it because the same arrays under another spec (another preprocessing) give other
+    features: they must never be reused for it."""
+    digest = hashlib.sha256(f"{spec.name}\n".encode())
     for array in weights:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
 
 
-def feature_extractor_from_weights(weights: list[np.ndarray]) -> keras.Model:
+def feature_extractor_from_weights(weights: list[np.ndarray], spec: ModelSpec = DEFAULT_SPEC) -> keras.Model:
     """Worker side: rebuild the feature extractor from broadcast arrays. Never downloads anything."""
     from fruit_assets.plumbing.quiet import without_tensorflow_notices
 
-    with without_tensorflow_notices():  # the process's first Keras build prints them (plumbing/quiet.py)
-        model = _no_top_model(weights=None)
+    with without_tensorflow_notices():  # the process's first Keras build prints them (quiet.py)
+        model = spec.build(None)
         model.set_weights(weights)
     return model
 
 
 def tensorflow_inference_function(
-    weights: list[np.ndarray], intra_op_threads: int = 1, inter_op_threads: int = 1
+    weights: list[np.ndarray], intra_op_threads: int = 1, inter_op_threads: int = 1, spec: ModelSpec = DEFAULT_SPEC
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Worker side of runtime `tensorflow`: preprocessed float32 (n, 224, 224, 3) -> float32 (n, 1280).
+    """Worker side of runtime `tensorflow`: preprocessed float32 (n, size, size, 3) -> float32 (n, spec.output_dim).
 
     The model runs as one TensorFlow graph with its variables turned into constants: TensorFlow's graph
     optimizer (grappler) then folds every BatchNorm's scale and shift into the preceding convolution's
@@ -177,9 +182,9 @@ def tensorflow_inference_function(
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    model = feature_extractor_from_weights(weights)
-    spec = tf.TensorSpec([None, *INPUT_SHAPE], tf.float32)
-    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    model = feature_extractor_from_weights(weights, spec)
+    signature = tf.TensorSpec([None, *spec.inputs.shape], tf.float32)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(signature)
     frozen = convert_variables_to_constants_v2(graph)
     return lambda x: frozen(tf.constant(x))[0].numpy()
 
@@ -198,6 +203,15 @@ def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
     ):
         with contextlib.suppress(RuntimeError):
             setter(value)
+
+
+def mobilenet_v2(weights: str | None) -> keras.Model:
+    """MOBILENET_V2's build: None (initialised only), "imagenet" (Keras' download and cache) or an .h5 file."""
+    if weights is None:
+        return _no_top_model(weights=None)
+    if weights == "imagenet":
+        return _imagenet_model()
+    return _file_model(weights)
 
 
 def _no_top_model(weights: str | None) -> keras.Model:
@@ -276,20 +290,20 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else value
 
 
-def _random_model(seed: int) -> keras.Model:
-    """Seeded random MobileNetV2 whose BatchNorm statistics are calibrated so features vary.
+def _random_model(seed: int, spec: ModelSpec) -> keras.Model:
+    """The spec's model, seeded random weights, BatchNorm statistics calibrated so that features vary.
 
     With default moving statistics (mean 0, variance 1) the activations of a randomly
     initialised MobileNetV2 shrink layer after layer: the pooled features end up ~1e-12 and every
     image gets the same vector. Calibrating each BatchNormalization on a fixed synthetic batch
     keeps activations at unit scale.
     """
-    weights = random_weights(seed)
+    weights = random_weights(seed, spec)
     # Building a model draws initializer seeds from Python's and numpy's global generators (which are
     # overwritten right after): restore them so that a build does not change the caller's streams.
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        model = _no_top_model(weights=None)
+        model = spec.build(None)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
@@ -297,32 +311,33 @@ def _random_model(seed: int) -> keras.Model:
     return model
 
 
-def random_weights(seed: int) -> list[np.ndarray]:
-    """The weights of `random:<seed>`, the same in every process on this machine.
+def random_weights(seed: int, spec: ModelSpec = DEFAULT_SPEC) -> list[np.ndarray]:
+    """The weights of `random:<seed>` for the spec, the same in every process on this machine.
 
     TensorFlow's kernels round differently with different thread counts (measured: the training-mode
     pass and depthwise convolutions differ in the last bit between 1 and 2 intra-op threads), and a
     process cannot change its thread pools once TensorFlow has started. So the weights are computed
     once in a fresh single-threaded process and cached on disk (FRUIT_MODEL_CACHE), keyed by seed and
-    TensorFlow/Keras versions; every later build reads the file, without TensorFlow."""
+    TensorFlow/Keras versions; every later build reads the file, without TensorFlow. The subprocess finds
+    the spec by its name (`spec.SPECS`)."""
     from fruit_assets.ml.onnx_model import cache_lock
 
-    path = _random_weights_path(seed)
+    path = _random_weights_path(seed, spec)
     if not path.exists():
         with cache_lock(path):  # computed once, if other processes want the same seed now
             if not path.exists():
-                _compute_in_subprocess(seed, path)
+                _compute_in_subprocess(seed, path, spec)
     with np.load(path) as stored:
         return [stored[f"w{i:03d}"] for i in range(len(stored.files))]
 
 
-def _random_weights_path(seed: int) -> Path:
+def _random_weights_path(seed: int, spec: ModelSpec) -> Path:
     from importlib.metadata import version
 
     from fruit_assets.ml.onnx_model import cache_dir
 
     tag = hashlib.sha256(f"{version('keras')}|{_tensorflow_version()}|{_CALIBRATION_IMAGES}".encode()).hexdigest()[:8]
-    return cache_dir() / f"mobilenet_v2_random_{seed}_{tag}.npz"
+    return cache_dir() / f"{spec.name}_random_{seed}_{tag}.npz"
 
 
 def _tensorflow_version() -> str:
@@ -336,8 +351,8 @@ def _tensorflow_version() -> str:
     return "unknown"
 
 
-def _compute_in_subprocess(seed: int, path: Path) -> None:
-    command = [sys.executable, "-m", "fruit_assets.ml.model", "random-weights", str(seed), str(path)]
+def _compute_in_subprocess(seed: int, path: Path, spec: ModelSpec) -> None:
+    command = [sys.executable, "-m", "fruit_assets.ml.model", "random-weights", spec.name, str(seed), str(path)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not path.exists():
@@ -345,14 +360,14 @@ def _compute_in_subprocess(seed: int, path: Path) -> None:
         raise RuntimeError(f"computing the random:{seed} weights failed (exit {done.returncode}):\n{tail}")
 
 
-def _compute_random_weights(seed: int, path: Path) -> None:
+def _compute_random_weights(spec: ModelSpec, seed: int, path: Path) -> None:
     """In the fresh process: one TensorFlow thread, seeded build, calibration, atomic save."""
     import keras
 
     configure_tensorflow_threads(1, 1)
     keras.utils.set_random_seed(seed)
-    model = _no_top_model(weights=None)
-    _calibrate_batchnorm(model, synthetic_images(seed, _CALIBRATION_IMAGES))
+    model = spec.build(None)
+    _calibrate_batchnorm(model, synthetic_images(seed, _CALIBRATION_IMAGES, spec.inputs.size))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     with open(partial, "wb") as out:
@@ -379,14 +394,13 @@ def _calibrate_batchnorm(model: keras.Model, images: np.ndarray) -> None:
         bn.moving_variance.assign(x.var(axis=(0, 1, 2)).astype(np.float32))  # biased, like BN
 
 
-def synthetic_images(seed: int, n: int) -> np.ndarray:
-    """n smooth random images in [-1, 1] (preprocessed range), deterministic in `seed`.
+def synthetic_images(seed: int, n: int, size: int = MOBILENET_V2.inputs.size) -> np.ndarray:
+    """n smooth random size x size images in [-1, 1] (MobileNetV2's preprocessed range), deterministic in `seed`.
 
     Sums of bilinearly upsampled random grids at a few scales: low-frequency structure plus some
     detail, closer to photos than pixel-wise noise.
     """
     rs = np.random.RandomState(seed)
-    size = INPUT_SHAPE[0]
     images = np.zeros((n, size, size, 3))
     for cells, amplitude in ((2, 1.0), (8, 0.6), (32, 0.3)):
         grid = rs.uniform(-1.0, 1.0, (n, cells, cells, 3))
@@ -408,7 +422,7 @@ def _upsample(values: np.ndarray, size: int, axis: int) -> np.ndarray:
     return np.take(values, low, axis) * (1.0 - fraction) + np.take(values, high, axis) * fraction
 
 
-if __name__ == "__main__":  # python -m fruit_assets.ml.model random-weights SEED PATH (see random_weights)
-    if len(sys.argv) != 4 or sys.argv[1] != "random-weights":
-        raise SystemExit("usage: python -m fruit_assets.ml.model random-weights SEED PATH")
-    _compute_random_weights(int(sys.argv[2]), Path(sys.argv[3]))
+if __name__ == "__main__":  # python -m fruit_assets.ml.model random-weights SPEC SEED PATH (see random_weights)
+    if len(sys.argv) != 5 or sys.argv[1] != "random-weights":
+        raise SystemExit("usage: python -m fruit_assets.ml.model random-weights SPEC SEED PATH")
+    _compute_random_weights(spec_named(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

@@ -1,8 +1,9 @@
 """The feature extractor as an ONNX model: converted once on the driver, run by ONNX Runtime in workers.
 
-Keras stays the source of the model (`imagenet`, a weights file or `random[:seed]`, see `model.py`).
-The driver converts it (tf2onnx, opset 17) the first time it meets a set of weights, checks the
-result against Keras, and caches the file on disk under the weights' fingerprint: later runs with
+Keras stays the source of the model (its spec's build, `spec.py`, with `imagenet`, a weights file or
+`random[:seed]`, see `model.py`). The driver converts it (tf2onnx, opset 17) the first time it meets a
+set of weights, checks the result against Keras, and caches the file on disk under the spec's name and
+the weights' fingerprint: later runs with
 the same weights load the file and never convert again (`converted_model`). The Spark Python workers
 get the file's bytes by broadcast and run it with ONNX Runtime (`onnx_inference_function`): they
 never import TensorFlow or Keras, which saves most of their memory and start-up.
@@ -29,6 +30,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+
+from fruit_assets.ml.spec import DEFAULT_SPEC, ModelSpec
 
 OPSET = 17
 INPUT_NAME = "images"
@@ -89,11 +92,12 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def cache_path(fingerprint: str, directory: Path | None = None) -> Path:
-    """The cached file of the weights `fingerprint`, for this converter, opset and TF/Keras."""
+def cache_path(fingerprint: str, directory: Path | None = None, spec: ModelSpec = DEFAULT_SPEC) -> Path:
+    """The cached file of the spec's model with the weights `fingerprint`, for this converter, opset and
+    TF/Keras. Two specs never share a file (the fingerprint covers the spec's name too)."""
     tag = json.dumps({"opset": OPSET, **_versions()}, sort_keys=True)
     converter = hashlib.sha256(tag.encode()).hexdigest()[:8]
-    return (directory or cache_dir()) / f"mobilenet_v2_features_{fingerprint}_{converter}.onnx"
+    return (directory or cache_dir()) / f"{spec.name}_features_{fingerprint}_{converter}.onnx"
 
 
 def require_packages(runtime_only: bool = False) -> None:
@@ -114,10 +118,12 @@ def _missing(name: str) -> bool:
     return importlib.util.find_spec(name) is None
 
 
-def converted_model(weights: list[np.ndarray], fingerprint: str, directory: Path | None = None) -> ConvertedModel:
-    """The ONNX model of these weights: from the cache, or converted, checked and cached now."""
+def converted_model(
+    weights: list[np.ndarray], fingerprint: str, directory: Path | None = None, spec: ModelSpec = DEFAULT_SPEC
+) -> ConvertedModel:
+    """The ONNX model of the spec with these weights: from the cache, or converted, checked and cached now."""
     require_packages()
-    path = cache_path(fingerprint, directory)
+    path = cache_path(fingerprint, directory, spec)
     sidecar = path.with_suffix(".json")
     started = time.perf_counter()
     cached = _read_cached(path, sidecar)
@@ -127,7 +133,7 @@ def converted_model(weights: list[np.ndarray], fingerprint: str, directory: Path
         cached = _read_cached(path, sidecar)  # another process may have made it while this one waited
         if cached is not None:
             return ConvertedModel(cached[0], str(path), False, time.perf_counter() - started, cached[1])
-        return _convert_into_cache(weights, fingerprint, path, sidecar, started)
+        return _convert_into_cache(weights, spec, fingerprint, path, sidecar, started)
 
 
 @contextmanager
@@ -144,9 +150,11 @@ def cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _convert_into_cache(weights: list[np.ndarray], fingerprint: str, path: Path, sidecar: Path, started: float) -> ConvertedModel:
+def _convert_into_cache(
+    weights: list[np.ndarray], spec: ModelSpec, fingerprint: str, path: Path, sidecar: Path, started: float
+) -> ConvertedModel:
     try:
-        data, difference = _convert_and_check(weights)
+        data, difference = _convert_and_check(weights, spec)
     except RuntimeUnavailableError:
         raise
     except Exception as error:
@@ -154,7 +162,8 @@ def _convert_into_cache(weights: list[np.ndarray], fingerprint: str, path: Path,
             f"{RUNTIME_SETTING}: converting the Keras model to ONNX failed ({type(error).__name__}: {error}); "
             "set runtime: tensorflow to run the frozen TensorFlow graph instead"
         ) from error
-    info = {"opset": OPSET, "versions": _versions(), "fingerprint": fingerprint, "max_abs_diff_vs_keras": difference,
+    info = {"opset": OPSET, "versions": _versions(), "model_spec": spec.name, "fingerprint": fingerprint,
+            "max_abs_diff_vs_keras": difference,
             "sha256": hashlib.sha256(data).hexdigest()}
     _write_atomically(path, data)
     _write_atomically(sidecar, json.dumps(info, indent=1).encode())
@@ -171,33 +180,33 @@ def _read_cached(path: Path, sidecar: Path) -> tuple[bytes, dict] | None:
     return (data, info) if info.get("sha256") == hashlib.sha256(data).hexdigest() else None
 
 
-def _convert_and_check(weights: list[np.ndarray]) -> tuple[bytes, float]:
-    """(ONNX bytes, largest |ONNX - Keras| on the check batch) of the model with these weights."""
+def _convert_and_check(weights: list[np.ndarray], spec: ModelSpec) -> tuple[bytes, float]:
+    """(ONNX bytes, largest |ONNX - Keras| on the check batch) of the spec's model with these weights."""
     from fruit_assets.ml.model import feature_extractor_from_weights
 
-    model = feature_extractor_from_weights(weights)  # drops TensorFlow's notices, which the first build prints
-    data = _convert(model)
-    return data, _check_against_keras(data, model)
+    model = feature_extractor_from_weights(weights, spec)  # drops TensorFlow's notices, which the first build prints
+    data = _convert(model, spec)
+    return data, _check_against_keras(data, model, spec)
 
 
-def _convert(model) -> bytes:
-    """Keras model(x, training=False) -> ONNX bytes, any batch size, input (n, 224, 224, 3) float32."""
+def _convert(model, spec: ModelSpec) -> bytes:
+    """Keras model(x, training=False) -> ONNX bytes, any batch size, input (n, size, size, 3) float32."""
     import tensorflow as tf
     import tf2onnx
 
-    from fruit_assets.ml.model import INPUT_SHAPE
-
     function = tf.function(lambda x: model(x, training=False))
-    spec = [tf.TensorSpec([None, *INPUT_SHAPE], tf.float32, name=INPUT_NAME)]
-    proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=OPSET)
+    signature = [tf.TensorSpec([None, *spec.inputs.shape], tf.float32, name=INPUT_NAME)]
+    proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=OPSET)
     return proto.SerializeToString()
 
 
-def _check_against_keras(data: bytes, model) -> float:
-    """Largest |ONNX - Keras| on a fixed synthetic batch; raises beyond CONVERSION_TOLERANCE."""
+def _check_against_keras(data: bytes, model, spec: ModelSpec) -> float:
+    """Largest |ONNX - Keras| on a fixed synthetic batch, preprocessed as the spec does; raises beyond
+    CONVERSION_TOLERANCE."""
     from fruit_assets.ml.model import synthetic_images
 
-    images = synthetic_images(_CHECK_SEED, _CHECK_IMAGES)
+    smooth = synthetic_images(_CHECK_SEED, _CHECK_IMAGES, spec.inputs.size)  # in [-1, 1]
+    images = spec.inputs.preprocess(np.round((smooth + 1) * 127.5).astype(np.uint8))
     expected = np.asarray(model(images, training=False), dtype=np.float32)
     actual = onnx_inference_function(data)(images)
     difference = float(np.abs(actual - expected).max())
@@ -245,7 +254,7 @@ def onnx_inference_function(
     allow_spinning: bool = False,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """preprocessed float32 (n, 224, 224, 3) -> float32 (n, 1280), by an ONNX Runtime session.
+    """preprocessed float32 (n, size, size, 3) -> float32 (n, output_dim), by an ONNX Runtime session.
 
     Worker side. Spark runs one Python worker per core, so each session gets one intra-op and one
     inter-op thread by default. With spinning off, a thread that runs out of work sleeps instead of

@@ -1,13 +1,14 @@
 """Incremental runs: what changed since the stored version, so that a run costs what changed.
 
 - `plan_features`: which catalogued images need the model (new, replaced, or featurized by other
-  weights), which stored data files must go (those holding a row of a deleted or replaced image),
-  and which of their other rows must be written again. Everything else stays where it is.
+  weights or another model spec: the fingerprint covers both), which stored data files must go (those
+  holding a row of a deleted or replaced image), and which of their other rows must be written again.
+  Everything else stays where it is.
 - `feature_statistics_since`: the PCA's sufficient statistics (row count, feature sums, Gram matrix)
   of the current `image_features`, from those of an earlier version plus the rows of the data files
   added since, minus those of the files removed since, read from the Delta log. It falls back to a
   full pass whenever that cannot be proven: no earlier statistics, another table, an earlier version
-  that can no longer be read, other weights, or a row count that does not add up.
+  that can no longer be read, other weights or model spec, or a row count that does not add up.
 
 With them, the plain functions that do the Spark assets' work (their Dagster wiring is in `assets/`):
 `featurize_incremental` (image_features), `fit_pca` (pca_model), `project_features` (reduced_features).
@@ -34,6 +35,7 @@ from fruit_assets.ml.featurize import default_partitions
 from fruit_assets.ml.pca import (
     PROJECTED_SCHEMA,
     FeatureStatistics,
+    PcaConfigError,
     PcaResult,
     decompose,
     feature_statistics,
@@ -41,6 +43,7 @@ from fruit_assets.ml.pca import (
     project_batches,
     vectors_of,
 )
+from fruit_assets.ml.spec import ModelSpec
 from fruit_assets.storage import delta, spark_io
 from fruit_assets.storage.delta import Snapshot
 
@@ -84,8 +87,9 @@ def _plan(todo, kept=None, removed_files=(), replace=False, kept_rows=0, reused=
 
 def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | None, fingerprint: str) -> FeaturePlan:
     """Reuse a stored vector when the same file (path, size, modification time) was featurized by the
-    same weights; featurize everything else. Decided on the driver from the catalog and the stored
-    keys (a hash join in Arrow); Spark reads only the vectors of the files that must be rewritten."""
+    same weights and model spec (the fingerprint covers both); featurize everything else. Decided on the
+    driver from the catalog and the stored keys (a hash join in Arrow); Spark reads only the vectors of
+    the files that must be rewritten."""
     catalog = catalog.select(["path", "label", "size_bytes", "modified_at"])
     if stored is None:
         return _plan(catalog, replace=True, reason="nothing stored yet")
@@ -101,7 +105,7 @@ def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | Non
     dropped = int(pc.sum(pc.invert(pc.is_in(stale.column("path"), value_set=catalog.column("path")))).as_py() or 0)
     if stale.num_rows == stored.rows:
         return _plan(catalog, replace=True, removed=stale.num_rows, dropped=dropped,
-                     reason="no stored vector is reusable (other weights, or every image changed)")
+                     reason="no stored vector is reusable (other weights or model spec, or every image changed)")
     todo = catalog.cast(catalog.schema.set(catalog.schema.get_field_index("modified_at"), key_types.field("modified_at"))).join(
         valid.select(SOURCE_VERSION), SOURCE_VERSION, join_type="left anti"
     )
@@ -131,8 +135,21 @@ class StatisticsUpdate:
 
 
 def _full(spark: SparkSession, features: Snapshot, reason: str) -> StatisticsUpdate:
-    statistics = feature_statistics(spark_io.read_table(spark, features, columns=["features"]))
+    vectors = spark_io.read_table(spark, features, columns=["features"])
+    statistics = feature_statistics(vectors, dimensions=feature_dimensions(features))
     return StatisticsUpdate(statistics, "full", reason, statistics.rows)
+
+
+def feature_dimensions(features: Snapshot) -> int:
+    """The length of the stored vectors: as recorded by the run that wrote them (their model spec's), or,
+    for a version whose commit says nothing of it, the length of its first vector."""
+    recorded = features.commit.get("feature_dim")
+    if recorded:
+        return int(recorded)
+    first = features.dataset().head(1, columns=["features"]).column("features")
+    if not len(first):
+        raise ValueError("image_features holds no vectors: their dimension is unknown")
+    return len(first[0])
 
 
 def _why_not_incremental(features: Snapshot, previous_provenance: dict, earlier: Snapshot | None) -> str | None:
@@ -143,7 +160,7 @@ def _why_not_incremental(features: Snapshot, previous_provenance: dict, earlier:
     if earlier is None:
         return f"image_features version {previous_provenance.get('features_version')} can no longer be read"
     if previous_provenance.get("weights_fingerprint") != features.commit.get("weights_fingerprint"):
-        return "the features were computed with other weights"
+        return "the features were computed with other weights or another model spec"
     return None
 
 
@@ -152,18 +169,18 @@ def _why_not_incremental(features: Snapshot, previous_provenance: dict, earlier:
 DRIVER_UPDATE_ROWS = 50_000
 
 
-def _statistics_of_files(spark: SparkSession, snapshot: Snapshot, paths: list[str]) -> FeatureStatistics:
+def _statistics_of_files(spark: SparkSession, snapshot: Snapshot, paths: list[str], dimensions: int) -> FeatureStatistics:
     """The feature statistics of some data files of a version."""
     wanted = set(paths)
     rows = sum(f.rows for f in snapshot.files if f.path in wanted)
     if not paths:
-        return FeatureStatistics.zeros()
+        return FeatureStatistics.zeros(dimensions)
     if rows > DRIVER_UPDATE_ROWS:
-        return feature_statistics(spark_io.read_table(spark, snapshot, files=paths, columns=["features"]))
-    statistics = FeatureStatistics.zeros()
+        return feature_statistics(spark_io.read_table(spark, snapshot, files=paths, columns=["features"]), dimensions=dimensions)
+    statistics = FeatureStatistics.zeros(dimensions)
     for batch in snapshot.dataset(paths).to_batches(columns=["features"], batch_size=spark_io.ROWS_PER_FILE):
         if batch.num_rows:
-            statistics = statistics + FeatureStatistics.of(vectors_of(batch.column("features")))
+            statistics = statistics + FeatureStatistics.of(vectors_of(batch.column("features"), dimensions))
     return statistics
 
 
@@ -190,8 +207,9 @@ def feature_statistics_since(
     gone = [path for path in removed if not earlier.file_location(path).exists()]
     if gone:
         return _full(spark, features, f"{len(gone)} removed data file(s) were already vacuumed")
-    minus = _statistics_of_files(spark, earlier, removed)
-    plus = _statistics_of_files(spark, features, added)
+    dimensions = previous.dimensions  # the same model's (same fingerprint), so the stored vectors' length
+    minus = _statistics_of_files(spark, earlier, removed, dimensions)
+    plus = _statistics_of_files(spark, features, added, dimensions)
     statistics = previous - minus + plus
     if statistics.rows != features.rows:
         return _full(spark, features, f"the updated row count {statistics.rows} is not the table's {features.rows}")
@@ -224,7 +242,7 @@ class FeaturizeResult:
     removed: int
     dropped: int
     skipped: pd.DataFrame  # path, label, error of the images that could not be featurized
-    bad_vectors: int  # new vectors that are not 1280 finite floats
+    bad_vectors: int  # new vectors that are not the model spec's output_dim finite floats
     partitions: int  # of the Spark job (0: featurized on the driver)
     where: str  # "driver" or "spark"
     plan_reason: str
@@ -248,8 +266,15 @@ def _finite_vectors(dimensions: int):
     return F.col("features").isNotNull() & ((F.size("features") != dimensions) | ~finite)
 
 
+def _commit_metadata(fingerprint: str, spec: ModelSpec) -> dict:
+    """In image_features' commit: what this version's vectors were computed with, and their length (the
+    PCA reads it)."""
+    return {"weights_fingerprint": fingerprint, "model_spec": spec.name, "feature_dim": spec.output_dim}
+
+
 def _feature_change(
-    results: DataFrame, plan: FeaturePlan, stored: Snapshot | None, fingerprint: str, partitions: int, featurized: int
+    results: DataFrame, plan: FeaturePlan, stored: Snapshot | None, fingerprint: str, spec: ModelSpec, partitions: int,
+    featurized: int,
 ) -> spark_io.TableChange:
     """The commit of a featurization: the new vectors and the rows kept from rewritten files, in as
     many files as they need (a few new images: one small file) but no more than the cores."""
@@ -262,7 +287,7 @@ def _feature_change(
         base=stored,
         removed=plan.removed_files,
         replace=plan.replace,
-        commit_metadata={"weights_fingerprint": fingerprint},
+        commit_metadata=_commit_metadata(fingerprint, spec),
     )
 
 
@@ -279,11 +304,12 @@ def featurize_incremental(
     stored: Snapshot | None,
     featurize_rows: Callable[[DataFrame, int], DataFrame],
     fingerprint: str,
+    spec: ModelSpec,
     progress: Callable[[int], AbstractContextManager] | None = None,
-    dimensions: int = 1280,
     featurize_here: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> FeaturizeResult:
-    """Plan (`plan_features`), featurize the images that need it, and return the change to commit: the
+    """Plan (`plan_features`), featurize the images that need it with the `spec`'s model (`fingerprint`:
+    of its weights and spec), and return the change to commit: the
     new vectors and the stored rows kept from rewritten files, added; the files holding deleted or
     replaced images, removed. Up to DRIVER_FEATURIZE_IMAGES images are featurized by
     `featurize_here(rows)` on the driver, if given; more by `featurize_rows(rows, partitions)` in Spark."""
@@ -291,13 +317,13 @@ def featurize_incremental(
     plan = plan_features(spark, catalog, stored, fingerprint)
     planned = time.perf_counter()
     if featurize_here is not None and plan.todo.num_rows <= DRIVER_FEATURIZE_IMAGES:
-        result = _featurize_on_driver(spark, plan, stored, featurize_here, fingerprint, dimensions)
+        result = _featurize_on_driver(spark, plan, stored, featurize_here, fingerprint, spec)
     else:
-        result = _featurize_in_spark(spark, plan, stored, featurize_rows, fingerprint, progress, dimensions)
+        result = _featurize_in_spark(spark, plan, stored, featurize_rows, fingerprint, progress, spec)
     return replace(result, seconds={"plan": round(planned - started, 2), "featurize": round(time.perf_counter() - planned, 2)})
 
 
-def _featurize_in_spark(spark, plan: FeaturePlan, stored, featurize_rows, fingerprint, progress, dimensions) -> FeaturizeResult:
+def _featurize_in_spark(spark, plan: FeaturePlan, stored, featurize_rows, fingerprint, progress, spec: ModelSpec) -> FeaturizeResult:
     todo = plan.todo.num_rows
     partitions = default_partitions(spark, todo)
     rows = spark.createDataFrame(plan.todo.to_pandas(), schema=CATALOG_SCHEMA)
@@ -306,19 +332,19 @@ def _featurize_in_spark(spark, plan: FeaturePlan, stored, featurize_rows, finger
         [stats] = results.agg(
             F.count("*").alias("rows"),
             F.count("features").alias("featurized"),
-            F.sum(F.when(_finite_vectors(dimensions), 1).otherwise(0)).alias("bad_vectors"),
+            F.sum(F.when(_finite_vectors(spec.output_dim), 1).otherwise(0)).alias("bad_vectors"),
         ).collect()  # a global aggregate: one row
     skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
     featurized = stats["featurized"] or 0
-    return _result(plan, _feature_change(results, plan, stored, fingerprint, partitions, featurized), results,
+    return _result(plan, _feature_change(results, plan, stored, fingerprint, spec, partitions, featurized), results,
                    stats["rows"] or 0, featurized, skipped, stats["bad_vectors"] or 0, partitions, "spark")
 
 
-def _featurize_on_driver(spark, plan: FeaturePlan, stored, featurize_here, fingerprint, dimensions) -> FeaturizeResult:
+def _featurize_on_driver(spark, plan: FeaturePlan, stored, featurize_here, fingerprint, spec: ModelSpec) -> FeaturizeResult:
     results = featurize_here(plan.todo.select(["path", "label", "size_bytes", "modified_at"]).to_pandas())
     ok = results.error.isna().to_numpy()
     vectors = [np.asarray(v, dtype=np.float32) for v in results.features[ok]]
-    bad_vectors = sum(1 for v in vectors if v.shape != (dimensions,) or not np.isfinite(v).all())
+    bad_vectors = sum(1 for v in vectors if v.shape != (spec.output_dim,) or not np.isfinite(v).all())
     new_rows = (
         pa.Table.from_pandas(results.loc[ok, ["path", "label", "size_bytes", "modified_at"]], preserve_index=False)
         .append_column("features", pa.array(vectors, type=pa.list_(pa.float32())))
@@ -330,7 +356,7 @@ def _featurize_on_driver(spark, plan: FeaturePlan, stored, featurize_here, finge
     if plan.kept is not None:  # stored rows to write again, read by Spark: the new ones join them there
         kept = plan.kept.select(*FEATURE_COLUMNS)
         rows = kept.unionByName(spark.createDataFrame(new_rows.to_pandas(), schema=kept.schema))
-    change = spark_io.TableChange(rows, stored, plan.removed_files, plan.replace, {"weights_fingerprint": fingerprint})
+    change = spark_io.TableChange(rows, stored, plan.removed_files, plan.replace, _commit_metadata(fingerprint, spec))
     skipped = results.loc[~ok, ["path", "label", "error"]].reset_index(drop=True)
     return _result(plan, change, None, len(results), len(vectors), skipped, bad_vectors, 0, "driver")
 
@@ -353,6 +379,18 @@ def _result(plan: FeaturePlan, change, cached, rows: int, featurized: int, skipp
     )
 
 
+def refuse_impossible_k(features: Snapshot, k: int | None) -> None:
+    """Before any statistics are summed: a k over the features' dimension (their model spec's) or over the
+    number of images cannot be fitted (`decompose` would refuse it too, after the work)."""
+    dimensions = feature_dimensions(features)
+    if k is not None and not 1 <= k <= min(features.rows, dimensions):
+        raise PcaConfigError(
+            f"k={k} is out of range: it must be between 1 and min(number of images={features.rows}, feature "
+            f"dimensions={dimensions} of model spec {features.commit.get('model_spec', 'unrecorded')}); lower k or "
+            "set k to null and use variance_target"
+        )
+
+
 @dataclass(frozen=True)
 class PcaFit:
     result: PcaResult
@@ -364,6 +402,7 @@ def fit_pca(
     spark: SparkSession, features: Snapshot, previous: PcaResult | None, k: int | None, variance_target: float, max_k: int
 ) -> PcaFit:
     """The PCA of `features`: statistics updated from `previous` (or summed afresh), decomposed by numpy."""
+    refuse_impossible_k(features, k)
     started = time.perf_counter()
     update = feature_statistics_since(spark, features, previous.statistics if previous else None, previous.provenance if previous else {})
     summed = time.perf_counter()
