@@ -21,6 +21,7 @@ from fruit_assets.ml.pca import FeatureStatistics, PcaResult, components_table, 
 from fruit_assets.spark_connect import is_connect
 from fruit_assets.storage import Location, delta
 from fruit_assets.storage.delta import Snapshot
+from fruit_assets.storage.handlers import Handler
 
 SPARK_MODEL_DIR = "_spark_model"
 STATISTICS_DIR = "_statistics"
@@ -43,7 +44,7 @@ def _pca_model_class():
     return PCAModel
 
 
-class PcaHandler:
+class PcaHandler(Handler):
     """Stores `PcaResult`s; loads them as `PcaResult` (no Spark needed) or Spark ML `PCAModel`."""
 
     def stores(self) -> tuple[type, ...]:
@@ -52,7 +53,9 @@ class PcaHandler:
     def loads(self) -> tuple[type, ...]:
         return (PcaResult, _pca_model_class())
 
-    def store(self, result: PcaResult, table: Location, base: Snapshot | None, commit: dict) -> int:
+    def store(
+        self, result: PcaResult, table: Location, base: Snapshot | None, commit: dict, report: delta.CommitAttempts
+    ) -> int:
         from fruit_assets.storage import spark_io
 
         side = delta.new_side_folder_name()
@@ -67,7 +70,7 @@ class PcaHandler:
             spark_io.save_spark_model(spark, model, table.child(SPARK_MODEL_DIR, side))
             names["spark_model"] = f"{SPARK_MODEL_DIR}/{side}"
         rows = pa.Table.from_pandas(components_table(result), preserve_index=False)
-        return delta.commit_arrow(table, rows, base, commit | names)
+        return delta.commit_arrow(table, rows, base, commit | names, report=report)
 
     def load(self, snapshot: Snapshot, as_type: type):
         if as_type is PcaResult:
