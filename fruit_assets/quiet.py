@@ -148,30 +148,36 @@ class _Sink:
             self._fd = 2
 
 
+# fd 2 belongs to the whole process: one filter window at a time. Two threads' windows that overlap
+# without nesting would restore each other's pipes as stderr. Nested ones, in one thread, are fine.
+_FD2_FILTER = threading.RLock()
+
+
 @contextmanager
 def _stderr_through(copy: Callable[[BinaryIO, _Sink], None], wait_seconds: float) -> Iterator[None]:
     """Inside, this process's fd 2 is a pipe, and a thread runs `copy(the pipe, a sink)` to the
     stderr of before. A process started inside inherits the pipe as its stderr and keeps it: the
     thread copies its lines after the window too, until the last writer is gone. On the way out,
     waits up to `wait_seconds` for that."""
-    saved = os.dup(2)
-    read_end, write_end = os.pipe()
+    with _FD2_FILTER:
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        sink = _Sink(saved)
 
-    def run() -> None:
-        with os.fdopen(read_end, "rb") as stream:
-            copy(stream, sink)
+        def run() -> None:
+            with os.fdopen(read_end, "rb") as stream:
+                copy(stream, sink)
 
-    sink = _Sink(saved)
-    copier = threading.Thread(target=run, name="fruit-stderr-filter", daemon=True)
-    copier.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)  # this process's own writes go straight out again
-        sink.release()
-        copier.join(timeout=wait_seconds)
+        copier = threading.Thread(target=run, name="fruit-stderr-filter", daemon=True)
+        copier.start()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)  # this process's own writes go straight out again
+            sink.release()
+            copier.join(timeout=wait_seconds)
 
 
 def _write(data: bytes, fd: int = 2) -> None:
