@@ -12,6 +12,10 @@ for, and the short digest of every label in it. A different digest means somethi
 (an S3 re-upload changes LastModified) or deleted: the sensor requests one run, moves the cursor to the
 new digest, and says which labels changed (log and the `fruit_assets/changed_labels` tag).
 
+The decision is `decide`: the stored cursor, what one listing saw and the settings go in, a `Skip` or
+a `Run` comes out, with no I/O (test_sensor_decision tests it alone). `fruit_images_sensor` around it
+checks for a busy run, lists, logs, and turns the decision into Dagster's result.
+
 Why nothing is missed. The sensor compares whole states, not "keys after K" or "modified after T"
 (the approach of `dagster_aws.s3.sensor.get_objects`, which misses replaced objects, dagster issue
 22892). A listing is not an atomic snapshot: an object written while a tick lists (in a folder already
