@@ -12,6 +12,10 @@ for, and the short digest of every label in it. A different digest means somethi
 (an S3 re-upload changes LastModified) or deleted: the sensor requests one run, moves the cursor to the
 new digest, and says which labels changed (log and the `fruit_assets/changed_labels` tag).
 
+The decision is `decide`: the stored cursor, what one listing saw and the settings go in, a `Skip` or
+a `Run` comes out, with no I/O (test_sensor_decision tests it alone). `fruit_images_sensor` around it
+checks for a busy run, lists, logs, and turns the decision into Dagster's result.
+
 Why nothing is missed. The sensor compares whole states, not "keys after K" or "modified after T"
 (the approach of `dagster_aws.s3.sensor.get_objects`, which misses replaced objects, dagster issue
 22892). A listing is not an atomic snapshot: an object written while a tick lists (in a folder already
@@ -75,7 +79,6 @@ tick after the upgrade requests one run.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -96,9 +99,10 @@ from dagster import (
 from fruit_assets.pipeline import image_state
 from fruit_assets.pipeline.listing import ImageListingError
 from fruit_assets.resources import ImageSource
+from fruit_assets.settings import Setting, seconds
 from fruit_assets.storage import Location, missing_container
 
-__all__ = ["ImageListingError", "ImagesCursor", "fruit_images_sensor"]
+__all__ = ["Decision", "ImageListingError", "ImagesCursor", "Run", "SensorSettings", "Skip", "decide", "fruit_images_sensor"]
 
 SENSOR_NAME = "fruit_images_sensor"
 JOB_NAME = "fruit_features_job"
@@ -132,32 +136,24 @@ BUSY_STATUSES = [
 ]
 
 
-def _positive_number(name: str, default: float, *, minimum: float, kind=float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum:g}")
-    return value
+INTERVAL = Setting(INTERVAL_ENV, DEFAULT_INTERVAL_SECONDS, seconds(1, whole=True))
+SETTLE = Setting(SETTLE_ENV, DEFAULT_SETTLE_SECONDS, seconds(0))
+MAX_WAIT = Setting(MAX_WAIT_ENV, DEFAULT_MAX_WAIT_SECONDS, seconds(0))
 
 
 def interval_seconds() -> int:
     """FRUIT_SENSOR_INTERVAL_SECONDS (default 30): read once, when the code location loads."""
-    return int(_positive_number(INTERVAL_ENV, DEFAULT_INTERVAL_SECONDS, minimum=1, kind=int))
+    return int(INTERVAL.resolve(f"{SENSOR_NAME}'s minimum interval"))
 
 
 def settle_seconds() -> float:
     """FRUIT_SENSOR_SETTLE_SECONDS (default 2; 0 switches the quiet period off): read on every tick."""
-    return _positive_number(SETTLE_ENV, DEFAULT_SETTLE_SECONDS, minimum=0)
+    return float(SETTLE.resolve(f"{SENSOR_NAME}'s quiet period"))
 
 
 def max_wait_seconds() -> float:
     """FRUIT_SENSOR_MAX_WAIT_SECONDS (default 600): the longest a quiet period holds a run back."""
-    return _positive_number(MAX_WAIT_ENV, DEFAULT_MAX_WAIT_SECONDS, minimum=0)
+    return float(MAX_WAIT.resolve(f"{SENSOR_NAME}'s longest wait"))
 
 
 @dataclass(frozen=True)
@@ -293,39 +289,22 @@ def fruit_images_sensor(context: SensorEvaluationContext, images: ImageSource):
             f"run {run.run_id} ({run.job_name}, {run.status.value}) is in progress; changes are picked up "
             "by the first tick after it ends (cursor not advanced)"
         )
-
-    settle, max_wait = settle_seconds(), max_wait_seconds()
+    settings = SensorSettings(settle=settle_seconds(), max_wait=max_wait_seconds())
     started = time.monotonic()
-    state = list_state(images, settle)
+    state = list_state(images, settings.settle)
     context.log.info(
         f"listed {state.images} images under {state.uri} in {time.monotonic() - started:.1f} s "
-        f"({state.settling} modified in the last {settle:g} s, {state.ignored} other files ignored)"
+        f"({state.settling} modified in the last {settings.settle:g} s, {state.ignored} other files ignored)"
     )
-    if state.images == 0:
-        return SkipReason(f"no images under {state.uri} ({state.ignored} other file(s) ignored)")
-
-    # The quiet period. Only `waiting_since` changes here: the digest and generation stay as they were.
-    now = state.listed_at.timestamp()
-    waited = now - (cursor.waiting_since or now)
-    waiting_since = (cursor.waiting_since or now) if state.settling else None
-    waiting = replace(cursor, waiting_since=waiting_since)
-    settling = f"{state.settling} image(s) modified in the last {settle:g} s"
-    if state.settling and (waited < max_wait or state.settled == 0):
-        return SensorResult(
-            skip_reason=SkipReason(
-                f"{settling} (upload in progress?): waiting for them to settle "
-                f"(waiting {waited:.0f} s, at most {max_wait:g} s)"
-            ),
-            cursor=waiting.to_json(),
-        )
-    if state.digest == cursor.digest:
-        note = f"; {settling}, counted once settled" if state.settling else ""
-        return SensorResult(
-            skip_reason=SkipReason(f"no new or changed images ({state.settled} images){note}"),
-            cursor=waiting.to_json() if waiting != cursor else None,  # None: cursor unchanged
-        )
-    note = f"; {settling} left for a later run after waiting {max_wait:g} s" if state.settling else ""
-    return _request_run(context, cursor, state, waiting_since, note)
+    decision = decide(cursor=cursor, state=state, settings=settings)
+    if isinstance(decision, Skip):
+        if decision.cursor is None:  # the stored cursor stays
+            return SkipReason(decision.reason)
+        return SensorResult(skip_reason=SkipReason(decision.reason), cursor=decision.cursor.to_json())
+    context.log.info(decision.summary)
+    return SensorResult(
+        run_requests=[RunRequest(run_key=decision.run_key, tags=decision.tags)], cursor=decision.cursor.to_json()
+    )
 
 
 def _read_cursor(context: SensorEvaluationContext) -> ImagesCursor:
@@ -335,6 +314,62 @@ def _read_cursor(context: SensorEvaluationContext) -> ImagesCursor:
         # Set by hand in the UI, say: start afresh. Worst case one run for a state already materialized.
         context.log.warning(f"{exc}; treating it as no cursor")
         return NO_CURSOR
+
+
+# -- the decision: no I/O, no Dagster ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    settle: float  # seconds an image must be unmodified before its state is recorded (0: off)
+    max_wait: float  # seconds a quiet period may hold a run back
+
+
+@dataclass(frozen=True)
+class Skip:
+    """No run this tick."""
+
+    reason: str
+    cursor: ImagesCursor | None = None  # the cursor to store; None keeps the stored one
+
+
+@dataclass(frozen=True)
+class Run:
+    """Request a run for the state listed."""
+
+    run_key: str
+    tags: dict[str, str]
+    cursor: ImagesCursor  # the cursor to store
+    summary: str  # for the tick's log
+
+
+Decision = Skip | Run
+
+
+def decide(*, cursor: ImagesCursor, state: ImagesState, settings: SensorSettings) -> Decision:
+    """What a tick does, given the stored cursor and what its listing saw. The tick's "now" is
+    `state.listed_at`, the instant the listing started (the quiet period is measured from it)."""
+    if state.images == 0:
+        return Skip(f"no images under {state.uri} ({state.ignored} other file(s) ignored)")
+    # The quiet period. Only `waiting_since` changes here: the digest and generation stay as they were.
+    now = state.listed_at.timestamp()
+    waited = now - (cursor.waiting_since or now)
+    waiting = replace(cursor, waiting_since=(cursor.waiting_since or now) if state.settling else None)
+    settling = f"{state.settling} image(s) modified in the last {settings.settle:g} s"
+    if state.settling and (waited < settings.max_wait or state.settled == 0):
+        return Skip(
+            f"{settling} (upload in progress?): waiting for them to settle "
+            f"(waiting {waited:.0f} s, at most {settings.max_wait:g} s)",
+            cursor=waiting,
+        )
+    if state.digest == cursor.digest:
+        note = f"; {settling}, counted once settled" if state.settling else ""
+        return Skip(
+            f"no new or changed images ({state.settled} images){note}",
+            cursor=waiting if waiting != cursor else None,
+        )
+    note = f"; {settling} left for a later run after waiting {settings.max_wait:g} s" if state.settling else ""
+    return _run(cursor, state, waiting.waiting_since, note)
 
 
 def changed_labels(cursor: ImagesCursor, state: ImagesState) -> str:
@@ -347,9 +382,7 @@ def changed_labels(cursor: ImagesCursor, state: ImagesState) -> str:
     return image_state.describe(changes, state.labels)
 
 
-def _request_run(
-    context: SensorEvaluationContext, cursor: ImagesCursor, state: ImagesState, waiting_since: float | None, note: str
-) -> SensorResult:
+def _run(cursor: ImagesCursor, state: ImagesState, waiting_since: float | None, note: str) -> Run:
     generation = cursor.generation + 1
     new_cursor = ImagesCursor(
         digest=state.digest,
@@ -362,7 +395,6 @@ def _request_run(
     )
     previous = f" ({cursor.images} before)" if cursor.generation else ""
     changes = changed_labels(cursor, state)
-    context.log.info(f"requesting run {generation}: {state.settled} images{previous}; {changes}{note}")
     tags = {
         TAG_TRIGGER: "sensor",
         TAG_IMAGES: str(state.images),
@@ -372,7 +404,9 @@ def _request_run(
         TAG_CHANGED_LABELS: changes,
         **({TAG_SETTLING: str(state.settling)} if state.settling else {}),
     }
-    return SensorResult(
-        run_requests=[RunRequest(run_key=f"{generation}-{state.digest}", tags=tags)],
-        cursor=new_cursor.to_json(),
+    return Run(
+        run_key=f"{generation}-{state.digest}",
+        tags=tags,
+        cursor=new_cursor,
+        summary=f"requesting run {generation}: {state.settled} images{previous}; {changes}{note}",
     )

@@ -71,6 +71,19 @@ def fraction(raw: str) -> float:
 fraction.expected = "a number from 0 to 1"
 
 
+def seconds(minimum: float, *, whole: bool = False) -> Callable[[str], float]:
+    """A duration in seconds, at least `minimum` (`whole`: a whole number of them)."""
+
+    def parse(raw: str) -> float:
+        value = int(raw) if whole else float(raw)
+        if not value >= minimum:  # `not >=`: a NaN is refused too
+            raise ValueError(f"below {minimum}")
+        return value
+
+    parse.expected = f"a {'whole ' if whole else ''}number of seconds, at least {minimum:g}"
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     """Where a field left unset (None) takes its value from: `variable` if set (not empty), else `default`

@@ -297,7 +297,7 @@ def ui_command(home: Path) -> str:
     return f"DAGSTER_HOME={home} {shown_dagster} dev"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fruit_assets_dev.demo", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--labels", type=int, default=24, help="labels in the generated demo set")
     parser.add_argument("--images-per-label", type=int, default=3, help="images per label in the demo set")
@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         "--verbose", action="store_true",
         help="show Dagster's run log and the libraries' start-up messages (same as FRUIT_VERBOSE=1)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     if args.verbose:
         os.environ[quiet.VERBOSE_VARIABLE] = "1"
     verbose = quiet.verbose()
@@ -324,13 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     resources = _demo_resources(weights)
     warm_up(resources)
     result, instance = run_demo(resources, verbose, timings)
-    total = _elapsed()
+    return _report(result, instance, timings, total=_elapsed(), home=home)
+
+
+def _report(result, instance, timings: Timings, *, total: float, home: Path) -> int:
+    """Print how the demo run went: its failure, or its warnings and summary. The exit status."""
     if not result.success:
         print("the demo run FAILED:", file=sys.stderr)
         print("\n".join(failure_lines(result)), file=sys.stderr)
         print(f"its full log: {ui_command(home)}, then {UI_URL} (or run again with --verbose)", file=sys.stderr)
         return 1
-
     metadata = metadata_by_asset(result)
     # The weights line of the summary (and the banner, after a fall-back) already says it.
     already_said = None if metadata["image_features"].get("weights_meaningful", True) else "featurizing with "

@@ -169,28 +169,7 @@ def _render(spec: _Spec, rng: np.random.Generator) -> Image.Image:
     cx = big / 2 + rng.uniform(-4, 4) * _SS
     cy = big / 2 + rng.uniform(-4, 4) * _SS
     angle = rng.uniform(-30, 30)  # Fruits-360 files are views of a rotating fruit
-
-    def layer() -> tuple[Image.Image, ImageDraw.ImageDraw]:
-        img = Image.new("L", (big, big), 0)
-        return img, ImageDraw.Draw(img)
-
-    body, d = layer()
-    _draw_body(d, spec, cx, cy, r)
-    top = _top(spec, cy, r)
-    extras = []  # (mask, flat colour), painted over the body in this order
-    if "leaf" in spec.extras:
-        leaf, d = layer()
-        _ellipse(d, cx + 0.18 * r, top - 0.08 * r, 0.2 * r, 0.09 * r)
-        extras.append((leaf, _LEAF))
-    if "stem" in spec.extras:
-        stem, d = layer()
-        d.line((cx, top + 0.1 * r, cx + 0.08 * r, top - 0.25 * r), fill=255, width=max(2, int(r * 0.07)))
-        extras.append((stem, _STEM))
-
-    def alpha(img: Image.Image) -> np.ndarray:
-        # Rotate the whole drawing around the fruit centre, then reduce 2x: anti-aliased coverage.
-        img = img.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy)).reduce(_SS)
-        return np.asarray(img, dtype=np.float32)[..., None] / 255
+    body, extras = _masks(spec, big, cx, cy, r)
 
     # Light from the upper left: brighter highlight, darker far side, so the fruit looks round.
     hx, hy, rr = (cx - 0.4 * r) / _SS, (cy - 0.4 * r) / _SS, r / _SS
@@ -201,9 +180,34 @@ def _render(spec: _Spec, rng: np.random.Generator) -> Image.Image:
 
     out = np.full((SIZE, SIZE, 3), 255.0, np.float32)  # white background, like Fruits-360
     for mask, colour in [(body, rgb * shade + noise), *extras]:
-        a = alpha(mask)
+        # Rotate the whole drawing around the fruit centre, then reduce 2x: anti-aliased coverage.
+        rotated = mask.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy)).reduce(_SS)
+        a = np.asarray(rotated, dtype=np.float32)[..., None] / 255
         out = out * (1 - a) + np.asarray(colour, np.float32) * a
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _masks(spec: _Spec, big: int, cx: float, cy: float, r: float) -> tuple[Image.Image, list[tuple[Image.Image, tuple]]]:
+    """The fruit's shapes at `big` pixels, upright: the body, and the extras with their flat colours
+    (painted over the body in this order)."""
+
+    def layer() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+        img = Image.new("L", (big, big), 0)
+        return img, ImageDraw.Draw(img)
+
+    body, d = layer()
+    _draw_body(d, spec, cx, cy, r)
+    top = _top(spec, cy, r)
+    extras = []
+    if "leaf" in spec.extras:
+        leaf, d = layer()
+        _ellipse(d, cx + 0.18 * r, top - 0.08 * r, 0.2 * r, 0.09 * r)
+        extras.append((leaf, _LEAF))
+    if "stem" in spec.extras:
+        stem, d = layer()
+        d.line((cx, top + 0.1 * r, cx + 0.08 * r, top - 0.25 * r), fill=255, width=max(2, int(r * 0.07)))
+        extras.append((stem, _STEM))
+    return body, extras
 
 
 def _image_rng(seed: int, label_index: int, image_index: int) -> np.random.Generator:

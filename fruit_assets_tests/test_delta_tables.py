@@ -99,7 +99,7 @@ def test_two_writers_at_once_give_one_whole_version_or_a_clear_conflict(storage_
         file = delta.write_arrow_file(location, pa.table({"path": ["a", "b"], "writer": [writer] * 2}, schema=schema))
         barrier.wait()
         try:
-            outcomes[writer] = delta.commit(location, [file], schema, base, replace=True)
+            outcomes[writer] = delta.commit(location, [file], schema, base, mode=delta.Mode.OVERWRITE)
         except delta.TableConflictError as error:
             outcomes[writer] = error
             delta.discard(location, [file])

@@ -53,3 +53,28 @@ def test_the_demos_first_model_build_prints_no_tensorflow_notice(tmp_path):
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
     notices = [line for line in done.stderr.splitlines() if "oneDNN custom operations" in line or "absl::InitializeLog" in line]
     assert not notices, done.stderr
+
+
+# What `spark_session` relies on, with a shell standing in for the JVM: a process started while the session
+# is made keeps the filter as its stderr after that, and only the JDK's incubator line is dropped from it.
+CHILD_SCRIPT = r"""
+import os, subprocess, sys, time
+from fruit_assets.plumbing import quiet
+jdk_line = quiet.JVM_INCUBATOR_LINE.decode()
+with quiet._stderr_through(quiet._without_jvm_boot_line, wait_seconds=0):
+    child = subprocess.Popen(["sh", "-c", f"echo booting >&2; echo '{jdk_line}' >&2; sleep 0.5; echo later >&2"])
+    os.write(2, b"inside\n")
+os.write(2, b"after\n")
+child.wait()
+time.sleep(0.2)  # the filter's thread copies what the child wrote last
+"""
+
+
+def test_a_process_started_in_the_filter_keeps_it_and_loses_only_the_jvm_line():
+    done = subprocess.run([sys.executable, "-c", CHILD_SCRIPT], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert sorted(lines) == ["after", "booting", "inside", "later"], done.stderr
+    assert lines.index("booting") < lines.index("later") and lines[-1] == "later"
+

@@ -135,10 +135,9 @@ def test_a_commit_with_an_unknown_outcome_is_resolved_from_the_log(table, proxy,
     version = 0 if base is None else base.version + 1
     proxy.inject(fault, "PUT", _log_entry(version))
 
-    assert delta.commit_arrow(table, _rows("b", "c"), base, {"run_id": "second"}) == version
+    attempts = delta.CommitAttempts()
+    assert delta.commit_arrow(table, _rows("b", "c"), base, {"run_id": "second"}, report=attempts) == version
 
-    attempts = delta.last_commit_attempts(table)
-    assert attempts is not None
     if fault == "lost":  # made at the first request: found in the log by its transaction id
         assert proxy.lost_answers == 1 and (attempts.attempts, attempts.resolved_from_log) == (1, 1)
     else:  # never made: made by a second request
@@ -156,12 +155,12 @@ def test_a_real_conflict_still_loses_cleanly(table, proxy):
     base = delta.snapshot(table)
     assert base is not None
     winner = delta.write_arrow_file(table, _rows("winner"))
-    delta.commit(table, [winner], SCHEMA, base, replace=True, metadata={"run_id": "winner-run"})
+    delta.commit(table, [winner], SCHEMA, base, mode=delta.Mode.OVERWRITE, metadata={"run_id": "winner-run"})
 
     loser = delta.write_arrow_file(table, _rows("loser"))
     proxy.inject("reset", "PUT", _log_entry(base.version + 1))
     with pytest.raises(delta.TableConflictError, match="version 1 is run winner-run's commit") as caught:
-        delta.commit_or_discard(table, [loser], SCHEMA, base, {"run_id": "loser-run"}, replace=True)
+        delta.commit_or_discard(table, [loser], SCHEMA, base, {"run_id": "loser-run"}, mode=delta.Mode.OVERWRITE)
     assert "another run committed to this Delta table" in str(caught.value)
 
     assert delta.read_arrow(table).column("path").to_pylist() == ["winner"]

@@ -303,41 +303,63 @@ def verify(statistics: FeatureStatistics, components: np.ndarray, explained_vari
     ratios = np.asarray(explained_variance, dtype=np.float64)
     total = float(np.trace(covariance))
     scale = max(float(np.linalg.eigvalsh(covariance)[-1]), np.finfo(float).tiny)
-    problems = []
-
-    orthonormality = float(np.abs(v @ v.T - np.eye(len(v))).max()) if len(v) else 0.0
-    if orthonormality > ORTHONORMAL_TOLERANCE:
-        problems.append(f"components are not orthonormal (max |V V^T - I| = {orthonormality:.2e})")
-
     eigenvalues = ratios * total
+    orthonormality, problems = _orthonormality(v)
+    worst, eigen_problems = _eigen_residual(v, covariance, eigenvalues, scale)
+    ratio_error, ratio_problems = _ratio_error(v, covariance, ratios, total)
+    left_out, top_problems = _largest_left_out(v, covariance, eigenvalues, total, scale)
+    problems += eigen_problems + ratio_problems + top_problems
+    return Verification(orthonormality, worst, ratio_error, left_out / scale, problems)
+
+
+# Each check of `verify`: what it measured, and the problems it found.
+
+
+def _orthonormality(v: np.ndarray) -> tuple[float, list[str]]:
+    error = float(np.abs(v @ v.T - np.eye(len(v))).max()) if len(v) else 0.0
+    if error > ORTHONORMAL_TOLERANCE:
+        return error, [f"components are not orthonormal (max |V V^T - I| = {error:.2e})"]
+    return error, []
+
+
+def _eigen_residual(v: np.ndarray, covariance: np.ndarray, eigenvalues: np.ndarray, scale: float) -> tuple[float, list[str]]:
     residual = np.linalg.norm(v @ covariance - eigenvalues[:, None] * v, axis=1) / scale if len(v) else np.zeros(0)
     worst = float(residual.max()) if len(residual) else 0.0
     if worst > EIGEN_RESIDUAL_TOLERANCE:
-        problems.append(
+        return worst, [
             f"component {int(residual.argmax()) + 1} is not an eigenvector with its reported variance "
             f"(|C v - lambda v| / lambda_max = {worst:.2e})"
-        )
+        ]
+    return worst, []
 
+
+def _ratio_error(v: np.ndarray, covariance: np.ndarray, ratios: np.ndarray, total: float) -> tuple[float, list[str]]:
     rayleigh = np.einsum("ij,jk,ik->i", v, covariance, v) / total if len(v) else np.zeros(0)
-    ratio_error = float(np.abs(rayleigh - ratios).max()) if len(v) else 0.0
-    if ratio_error > RATIO_TOLERANCE:
-        problems.append(f"explained variances differ from the covariance along the components by up to {ratio_error:.2e}")
+    error = float(np.abs(rayleigh - ratios).max()) if len(v) else 0.0
+    problems = []
+    if error > RATIO_TOLERANCE:
+        problems.append(f"explained variances differ from the covariance along the components by up to {error:.2e}")
     if (np.diff(ratios) > RATIO_TOLERANCE).any():
         problems.append("explained variances are not sorted in decreasing order")
     if len(ratios) and (ratios.min() < -RATIO_TOLERANCE or ratios.max() > 1 + RATIO_TOLERANCE):
         problems.append(f"explained variances outside [0, 1]: {ratios.min():.3g} .. {ratios.max():.3g}")
     if ratios.sum() > 1 + RATIO_TOLERANCE:
         problems.append(f"explained variances sum to {ratios.sum():.6f} > 1")
+    return error, problems
 
+
+def _largest_left_out(
+    v: np.ndarray, covariance: np.ndarray, eigenvalues: np.ndarray, total: float, scale: float
+) -> tuple[float, list[str]]:
     deflated = covariance - (v.T * eigenvalues) @ v
     left_out = float(np.linalg.eigvalsh((deflated + deflated.T) / 2)[-1])
     smallest_kept = float(eigenvalues.min()) if len(v) else np.inf
     if left_out > smallest_kept + EIGEN_RESIDUAL_TOLERANCE * scale:
-        problems.append(
+        return left_out, [
             f"an eigenvalue left out ({left_out / total:.4g} of the variance) is larger than the smallest "
             f"kept one ({smallest_kept / total:.4g}): the components are not the top {len(v)}"
-        )
-    return Verification(orthonormality, worst, ratio_error, left_out / scale, problems)
+        ]
+    return left_out, []
 
 
 def components_table(result: PcaResult) -> pd.DataFrame:

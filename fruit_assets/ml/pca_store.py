@@ -24,6 +24,7 @@ from fruit_assets.ml.pca import FeatureStatistics, PcaResult, components_table, 
 from fruit_assets.plumbing.spark_connect import is_connect
 from fruit_assets.storage import Location, delta
 from fruit_assets.storage.delta import Snapshot
+from fruit_assets.storage.handlers import Handler
 
 STATISTICS_DIR = "_statistics"
 LEGACY_SPARK_MODEL_DIR = "_spark_model"  # earlier releases' saved PCAModels
@@ -41,7 +42,7 @@ def _pca_model_class():
     return PCAModel
 
 
-class PcaHandler:
+class PcaHandler(Handler):
     """Stores `PcaResult`s; loads them as `PcaResult` (no Spark needed) or Spark ML `PCAModel` (classic
     Spark: it is built in the JVM)."""
 
@@ -51,13 +52,15 @@ class PcaHandler:
     def loads(self) -> tuple[type, ...]:
         return (PcaResult, _pca_model_class())
 
-    def store(self, result: PcaResult, table: Location, base: Snapshot | None, commit: dict) -> int:
+    def store(
+        self, result: PcaResult, table: Location, base: Snapshot | None, commit: dict, report: delta.CommitAttempts
+    ) -> int:
         side = delta.new_side_folder_name()
         statistics = pa.Table.from_pandas(statistics_table(result.statistics), preserve_index=False)
         delta.write_arrow_file(table.child(STATISTICS_DIR, side), statistics, "statistics.parquet")
         names = {"statistics": f"{STATISTICS_DIR}/{side}", "provenance": result.provenance}
         rows = pa.Table.from_pandas(components_table(result), preserve_index=False)
-        return delta.commit_arrow(table, rows, base, commit | names)
+        return delta.commit_arrow(table, rows, base, commit | names, report=report)
 
     def load(self, snapshot: Snapshot, as_type: type):
         result = pca_result_of(snapshot)

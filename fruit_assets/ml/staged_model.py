@@ -110,6 +110,20 @@ def load_staged(uri: str, fingerprint: str) -> PreparedModel:
     started = time.perf_counter()
     target = resolve(uri, setting=STAGED_MODEL_VARIABLE)
     sidecar = _sidecar(target)
+    record = _staged_record(target, sidecar, fingerprint)
+    data = _staged_bytes(target, sidecar, record, fingerprint)
+    metadata = dict(record.get("metadata") or {})
+    metadata |= {
+        "runtime_version": f"onnxruntime {_version('onnxruntime', 'onnxruntime-gpu')}",  # the cluster's
+        "onnx_model_file": target.uri,
+        "onnx_model_prepared_on": "host",
+        "host_model_setup_seconds": record.get("host_model_setup_seconds", 0.0),
+    }
+    return PreparedModel(data, fingerprint, metadata, time.perf_counter() - started, bool(record.get("meaningful")))
+
+
+def _staged_record(target: Location, sidecar: Location, fingerprint: str) -> dict:
+    """The staged model's record, if it is of the weights the host fingerprinted for this run."""
     record = _read_json(sidecar)
     if record is None:
         raise StagedModelError(
@@ -123,6 +137,11 @@ def load_staged(uri: str, fingerprint: str) -> PreparedModel:
             f"host computed {fingerprint!r} for this run: refusing to featurize with other weights. Run the "
             "step again from the host, which stages the model of its weights."
         )
+    return record
+
+
+def _staged_bytes(target: Location, sidecar: Location, record: dict, fingerprint: str) -> bytes:
+    """The staged ONNX model's bytes, if their sha256 is the one its record holds."""
     try:
         with target.filesystem.open_input_stream(target.path) as stream:
             data = stream.read()
@@ -137,14 +156,7 @@ def load_staged(uri: str, fingerprint: str) -> PreparedModel:
             f"against {str(record.get('sha256'))[:16]}..., weights fingerprint {fingerprint}): it was altered or "
             "is incomplete. Run the step again from the host, which stages it anew."
         )
-    metadata = dict(record.get("metadata") or {})
-    metadata |= {
-        "runtime_version": f"onnxruntime {_version('onnxruntime', 'onnxruntime-gpu')}",  # the cluster's
-        "onnx_model_file": target.uri,
-        "onnx_model_prepared_on": "host",
-        "host_model_setup_seconds": record.get("host_model_setup_seconds", 0.0),
-    }
-    return PreparedModel(data, fingerprint, metadata, time.perf_counter() - started, bool(record.get("meaningful")))
+    return data
 
 
 def load_staged_from_environment(environ: Mapping[str, str] = os.environ) -> PreparedModel:

@@ -113,18 +113,8 @@ def pca_scatter_plot(points_2d: np.ndarray, labels: Sequence[str]) -> bytes:
     Up to MAX_LEGEND_LABELS labels get a legend outside the axes on the right; beyond that the legend
     is left out (the title says how many labels there are). A single-component input (k=1) is drawn
     along the x axis."""
-    points = np.asarray(points_2d, dtype=float)
-    if points.ndim == 1:
-        points = points[:, None]
-    if points.ndim != 2 or points.shape[1] < 1:
-        raise ValueError(f"points_2d must have shape (n, 2) or (n, 1), got {np.shape(points_2d)}")
+    x, y, one_component = _coordinates(points_2d, len(labels))
     labels = [str(label) for label in labels]
-    if len(labels) != points.shape[0]:
-        raise ValueError(f"{points.shape[0]} points but {len(labels)} labels")
-    one_component = points.shape[1] == 1
-    x = points[:, 0]
-    y = np.zeros_like(x) if one_component else points[:, 1]
-
     names = sorted(set(labels))
     with_legend = 0 < len(names) <= MAX_LEGEND_LABELS
     columns = 1 if len(names) <= 24 else 2
@@ -152,6 +142,21 @@ def pca_scatter_plot(points_2d: np.ndarray, labels: Sequence[str]) -> bytes:
         ax.text(1.0, -0.1, f"{len(names)} labels: no legend", transform=ax.transAxes, ha="right",
                 va="top", fontsize=7, color="grey")
     return _png(fig)
+
+
+def _coordinates(points_2d: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """x and y of `count` points given as (n, 2) or (n, 1) (then y is 0), and whether there was only
+    one component."""
+    points = np.asarray(points_2d, dtype=float)
+    if points.ndim == 1:
+        points = points[:, None]
+    if points.ndim != 2 or points.shape[1] < 1:
+        raise ValueError(f"points_2d must have shape (n, 2) or (n, 1), got {np.shape(points_2d)}")
+    if count != points.shape[0]:
+        raise ValueError(f"{points.shape[0]} points but {count} labels")
+    one_component = points.shape[1] == 1
+    x = points[:, 0]
+    return x, (np.zeros_like(x) if one_component else points[:, 1]), one_component
 
 
 def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

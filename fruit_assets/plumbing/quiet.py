@@ -20,8 +20,10 @@ Each known-harmless start-up message is turned off where it is made, never by hi
   where the process's first build prints them; the Spark workers' copies reach us through the JVM's stderr, where `spark_session`
   drops them too.
 - The JVM's "WARNING: Using incubator modules: jdk.incubator.vector": Spark's launcher always adds that
-  module and the JDK has no switch for the line, so `spark_session` drops exactly that line from
-  the JVM's stderr (pyspark's documented `popen_kwargs` hook) and passes everything else through.
+  module (`JavaModuleOptions` in spark-launcher 4.3, not configurable) and the JDK has no switch for the
+  line, so `spark_session` drops exactly that line from the JVM's stderr and passes everything else
+  through. It does so at the file-descriptor level, with no private pyspark API: while the session is
+  made, this process's stderr is a pipe, which a JVM started then inherits as its own stderr for life.
 
 `FRUIT_VERBOSE=1` (the demo's `--verbose`) turns all of this off: the libraries' own defaults.
 
@@ -31,11 +33,11 @@ No Dagster here.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 VERBOSE_VARIABLE = "FRUIT_VERBOSE"
 LOG4J_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
@@ -81,45 +83,37 @@ def spark_java_options() -> str:
 def spark_session(config: Mapping[str, str]):
     """The Spark session with these settings. When this call starts the JVM (the first session of
     the process), the JVM starts quietly; an existing session is returned as it is."""
-    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     configure_environment()
     builder = SparkSession.builder
     for key, value in config.items():
         builder = builder.config(key, value)
-    if not verbose() and SparkContext._gateway is None:
-        from pyspark.java_gateway import launch_gateway
-
-        conf = SparkConf().setAll(list(config.items()))
-        gateway = launch_gateway(conf, popen_kwargs={"stderr": subprocess.PIPE})
-        _pass_through(gateway.proc.stderr, drop=JVM_INCUBATOR_LINE)
-        SparkContext(conf=conf, gateway=gateway)
-    return builder.getOrCreate()
+    if verbose():
+        return builder.getOrCreate()
+    # A JVM started inside keeps the filter as its stderr; with a JVM running already, nothing changes.
+    with _stderr_through(_without_jvm_boot_line, wait_seconds=0):
+        return builder.getOrCreate()
 
 
-def _pass_through(stream, drop: bytes) -> None:
-    """Copy the JVM's stderr to ours as it comes (Spark's log and its Python workers' stderr go
-    there), but for the line `drop` if it is among the first few, and TensorFlow's notices."""
-
-    def copy() -> None:
-        for _ in range(BOOT_LINES):  # the JDK prints it while booting, before anything of Spark's
-            line = stream.readline()
-            if not line:
-                return
-            if line.rstrip(b"\r\n") == drop:
-                break
-            _write(line)
-        _copy_lines(stream, 2)
-
-    threading.Thread(target=copy, name="fruit-jvm-stderr", daemon=True).start()
+def _without_jvm_boot_line(stream: BinaryIO, sink: _Sink) -> None:
+    """Copy a JVM's stderr as it comes (Spark's log and its Python workers' stderr go there), but for
+    JVM_INCUBATOR_LINE if it is among the first few lines, and TensorFlow's notices."""
+    for _ in range(BOOT_LINES):  # the JDK prints it while booting, before anything of Spark's
+        line = stream.readline()
+        if not line:
+            return
+        if line.rstrip(b"\r\n") == JVM_INCUBATOR_LINE:
+            break
+        sink.write(line)
+    _without_tensorflow_notices(stream, sink)
 
 
-def _copy_lines(stream, fd: int) -> None:
-    """Every line of `stream` to `fd` but TensorFlow's notices."""
+def _without_tensorflow_notices(stream: BinaryIO, sink: _Sink) -> None:
+    """Every line of `stream` to `sink` but TensorFlow's notices."""
     for line in stream:
         if not any(notice in line for notice in TENSORFLOW_NOTICES):
-            _write(line, fd)
+            sink.write(line)
 
 
 @contextmanager
@@ -130,20 +124,60 @@ def without_tensorflow_notices() -> Iterator[None]:
     if verbose():
         yield
         return
-    saved = os.dup(2)
-    read_end, write_end = os.pipe()
-    reader = os.fdopen(read_end, "rb")
-    copier = threading.Thread(target=_copy_lines, args=(reader, saved), name="fruit-tf-stderr", daemon=True)
-    copier.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
+    # Waits until every line written inside is out, before what follows (a child process started
+    # inside may hold the pipe longer: not that long).
+    with _stderr_through(_without_tensorflow_notices, wait_seconds=10):
         yield
-    finally:
-        os.dup2(saved, 2)  # the pipe's last writer is gone: the copier reads to its end and stops
-        copier.join(timeout=10)  # a child process started inside may hold the pipe longer
-        reader.close()
-        os.close(saved)
+
+
+class _Sink:
+    """Where a filter's lines go: the stderr of before the filter while it is in place, then fd 2
+    wherever it points at each write (a terminal, a log, Dagster's or pytest's capture)."""
+
+    def __init__(self, saved_fd: int) -> None:
+        self._fd = saved_fd
+        self._lock = threading.Lock()  # no write to the saved descriptor once `release` closed it
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            _write(line, self._fd)
+
+    def release(self) -> None:
+        with self._lock:
+            os.close(self._fd)
+            self._fd = 2
+
+
+# fd 2 belongs to the whole process: one filter window at a time. Two threads' windows that overlap
+# without nesting would restore each other's pipes as stderr. Nested ones, in one thread, are fine.
+_FD2_FILTER = threading.RLock()
+
+
+@contextmanager
+def _stderr_through(copy: Callable[[BinaryIO, _Sink], None], wait_seconds: float) -> Iterator[None]:
+    """Inside, this process's fd 2 is a pipe, and a thread runs `copy(the pipe, a sink)` to the
+    stderr of before. A process started inside inherits the pipe as its stderr and keeps it: the
+    thread copies its lines after the window too, until the last writer is gone. On the way out,
+    waits up to `wait_seconds` for that."""
+    with _FD2_FILTER:
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        sink = _Sink(saved)
+
+        def run() -> None:
+            with os.fdopen(read_end, "rb") as stream:
+                copy(stream, sink)
+
+        copier = threading.Thread(target=run, name="fruit-stderr-filter", daemon=True)
+        copier.start()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)  # this process's own writes go straight out again
+            sink.release()
+            copier.join(timeout=wait_seconds)
 
 
 def _write(data: bytes, fd: int = 2) -> None:

@@ -69,22 +69,21 @@ def reporting_progress(
                 note(PROGRESS_ON_CONNECT.format(tag=group))
             yield
         return
+    with _job_group_polled(spark, group, work, report, every_seconds):
+        yield
+
+
+@contextmanager
+def _job_group_polled(
+    spark: SparkSession, group: str, work: int, report: Callable[[int, int, float], None], every_seconds: float
+) -> Iterator[None]:
+    """`reporting_progress` on classic Spark: the body's actions in job group `group`, which a thread
+    polls until the body ends."""
     spark.sparkContext.setJobGroup(group, "fruit_assets", interruptOnCancel=True)
     stop = threading.Event()
-    started = time.perf_counter()
-
-    def poll() -> None:
-        last = -1
-        while not stop.wait(every_seconds):
-            counts = _task_counts(spark, group)
-            if counts is None:
-                continue
-            done = round(work * counts[0] / counts[1]) if counts[1] else 0
-            if done > last:  # never report going backwards
-                report(done, work, time.perf_counter() - started)
-                last = done
-
-    thread = threading.Thread(target=poll, name=group, daemon=True)
+    thread = threading.Thread(
+        target=_poll, args=(spark, group, work, report, every_seconds, stop), name=group, daemon=True
+    )
     thread.start()
     try:
         yield
@@ -92,6 +91,28 @@ def reporting_progress(
         stop.set()
         thread.join(timeout=every_seconds + 1)
         spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]  # None unsets it
+
+
+def _poll(
+    spark: SparkSession,
+    group: str,
+    work: int,
+    report: Callable[[int, int, float], None],
+    every_seconds: float,
+    stop: threading.Event,
+) -> None:
+    """Every `every_seconds` until `stop` is set, report the work done so far, estimated from the
+    job group's tasks; never a figure smaller than the last."""
+    started = time.perf_counter()
+    last = -1
+    while not stop.wait(every_seconds):
+        counts = _task_counts(spark, group)
+        if counts is None:
+            continue
+        done = round(work * counts[0] / counts[1]) if counts[1] else 0
+        if done > last:
+            report(done, work, time.perf_counter() - started)
+            last = done
 
 
 @contextmanager

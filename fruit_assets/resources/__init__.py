@@ -398,22 +398,7 @@ def databricks_launcher_config() -> dict:
     by FRUIT_DATABRICKS_CONFIG (cluster spec, libraries, storage secret scope, ...: any key the
     launcher takes). The workspace host and token come from DATABRICKS_HOST and DATABRICKS_TOKEN, or
     an OAuth service principal given as `oauth_credentials` in the file."""
-    import yaml
-
-    path = os.environ.get("FRUIT_DATABRICKS_CONFIG", "").strip()
-    if not path:
-        raise ValueError(
-            "FRUIT_DEPLOYMENT=databricks needs FRUIT_DATABRICKS_CONFIG: the path of a YAML file with the "
-            "step launcher settings (see README, 'Run on Databricks')"
-        )
-    try:
-        with open(path) as handle:
-            settings = yaml.safe_load(handle) or {}
-    except OSError as error:
-        raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} cannot be read: {error.strerror}") from None
-    if not isinstance(settings, dict) or "run_config" not in settings:
-        raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} must be a YAML mapping with at least run_config.cluster")
-    check_cluster_runtime(settings["run_config"], path)
+    settings = _launcher_file()
     forwarded = {name: os.environ[name] for name in FORWARDED_TO_CLUSTER if os.environ.get(name)}
     config = {
         "databricks_host": {"env": "DATABRICKS_HOST"},
@@ -436,6 +421,27 @@ def databricks_launcher_config() -> dict:
         except ValueError:
             raise ValueError(f"{POLL_SETTING}={poll!r} must be a number of seconds") from None
     return config
+
+
+def _launcher_file() -> dict:
+    """The YAML file named by FRUIT_DATABRICKS_CONFIG, checked: a mapping with a supported cluster."""
+    import yaml
+
+    path = os.environ.get("FRUIT_DATABRICKS_CONFIG", "").strip()
+    if not path:
+        raise ValueError(
+            "FRUIT_DEPLOYMENT=databricks needs FRUIT_DATABRICKS_CONFIG: the path of a YAML file with the "
+            "step launcher settings (see README, 'Run on Databricks')"
+        )
+    try:
+        with open(path) as handle:
+            settings = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} cannot be read: {error.strerror}") from None
+    if not isinstance(settings, dict) or "run_config" not in settings:
+        raise ValueError(f"FRUIT_DATABRICKS_CONFIG={path!r} must be a YAML mapping with at least run_config.cluster")
+    check_cluster_runtime(settings["run_config"], path)
+    return settings
 
 
 # How often the host reads a cluster step's state and events, over the file's `poll_interval_sec`.

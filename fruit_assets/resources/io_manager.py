@@ -18,26 +18,33 @@ The type to load comes from the downstream parameter's annotation.
 """
 
 import time
-from typing import Any
 
 import pyarrow as pa
 from dagster import AssetKey, ConfigurableIOManager, InputContext, MetadataValue, OutputContext, TableColumn, TableSchema
 
 from fruit_assets.ml.pca_store import PcaHandler
+from fruit_assets.settings import resolved
 from fruit_assets.storage import delta
 from fruit_assets.storage.delta import Snapshot
-from fruit_assets.storage.handlers import SnapshotHandler, SparkHandler, TableHandler
+from fruit_assets.storage.handlers import Handler, SnapshotHandler, SparkHandler, TableHandler
 from fruit_assets.storage.resource import Storage
 
-HANDLERS = (TableHandler(), SparkHandler(), PcaHandler(), SnapshotHandler())
+# The first handler whose `stores()` (or `loads()`) holds a type, or a base class of it, handles it.
+HANDLERS: tuple[Handler, ...] = (TableHandler(), SparkHandler(), PcaHandler(), SnapshotHandler())
 
 
-def _handler(kind: str, value_type: type) -> Any:  # handlers differ in what they do: `kind` picks one that can
+def _storing(value_type: type) -> Handler:
     for handler in HANDLERS:
-        if any(issubclass(value_type, known) for known in getattr(handler, kind)()):
+        if issubclass(value_type, handler.stores()):
             return handler
-    verb = "store" if kind == "stores" else "load"
-    raise TypeError(f"DeltaIOManager cannot {verb} a {value_type.__name__}")
+    raise TypeError(f"DeltaIOManager cannot store a {value_type.__name__}")
+
+
+def _loading(as_type: type) -> Handler:
+    for handler in HANDLERS:
+        if issubclass(as_type, handler.loads()):
+            return handler
+    raise TypeError(f"DeltaIOManager cannot load a {as_type.__name__}")
 
 
 class DeltaIOManager(ConfigurableIOManager):
@@ -48,18 +55,18 @@ class DeltaIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj) -> None:
         if obj is None:
             return
-        handler = _handler("stores", type(obj))
+        handler = _storing(type(obj))
         table = self.storage.table(context.asset_key)
         base = self.storage.snapshot(context.asset_key)
         started = time.perf_counter()
-        version = handler.store(obj, table, base, {"run_id": context.run_id})
+        report = delta.CommitAttempts()
+        version = handler.store(obj, table, base, {"run_id": context.run_id}, report)
         written = time.perf_counter() - started
         self.storage.vacuum(table)
-        if hasattr(handler, "expire"):
-            handler.expire(table, self.storage.retention_hours)
+        handler.expire(table, resolved(self.storage.retention_hours))
         stored = delta.snapshot(table, version)
         assert stored is not None, f"{table.uri}: version {version} was just committed"
-        context.add_output_metadata(commit_metadata(stored, base, written) | retry_metadata(delta.last_commit_attempts(table)))
+        context.add_output_metadata(commit_metadata(stored, base, written) | retry_metadata(report))
 
     def load_input(self, context: InputContext):
         value = load_asset(self.storage, context.asset_key, context.dagster_type.typing_type)
@@ -93,13 +100,13 @@ def commit_metadata(stored: Snapshot, base: Snapshot | None, seconds: float) -> 
     }
 
 
-def retry_metadata(attempts: delta.CommitAttempts | None) -> dict:
+def retry_metadata(attempts: delta.CommitAttempts) -> dict:
     """What transient S3 faults cost the commit: `commit_attempts` (commit requests made, 1 without
     faults) and `commit_answers_lost` (failed requests that the log showed had been made).
 
     These are the retries this code makes and sees. The S3 clients' own retries of single requests
     (pyarrow's AWS SDK, delta-rs' object_store) are not counted: neither library reports them."""
-    if attempts is None:
+    if not attempts.attempts:  # no commit made
         return {}
     return {"commit_attempts": attempts.attempts, "commit_answers_lost": attempts.resolved_from_log}
 
@@ -118,4 +125,4 @@ def load_asset(storage: Storage | str, asset: AssetKey | str, as_type: type = ob
         return None
     if not isinstance(as_type, type) or as_type is object:  # unannotated (Any): pandas
         as_type = pd.DataFrame
-    return _handler("loads", as_type).load(snapshot, as_type)
+    return _loading(as_type).load(snapshot, as_type)

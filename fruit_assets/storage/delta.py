@@ -19,7 +19,10 @@ been applied. So a commit whose request fails is resolved by reading the log at 
 to create, where each commit leaves its own transaction id: its id there, the commit was made; another
 writer's commit there, a real conflict; nothing there, the commit is tried again. A conflict is
 reported only when another writer's commit was seen, and data files are deleted after a failed commit
-only then: a commit that looked failed to its writer may still be in the log.
+only then: a commit that looked failed to its writer may still be in the log. Not by delta-rs' error
+type either: its `CommitFailedError` says only that the version exists, which is also how this writer's
+own commit looks once its answer was lost and the request made again, and a table that another writer
+created first fails as a plain `DeltaError`. Only the log's transaction id tells the two apart.
 
 delta-rs (the `deltalake` package, no JVM) writes the log. It has its own S3 client: it gets the
 endpoint and region here, and finds the credentials in the environment itself, as pyarrow and boto3
@@ -37,7 +40,9 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import pairwise
 from urllib.parse import urlparse
 
@@ -302,19 +307,19 @@ def _commit_properties(metadata: dict | None, transaction: str):
 
 @dataclass
 class CommitAttempts:
-    """How a commit went, for the run's metadata (the S3 clients do not report their own retries of
-    single requests; these are the commit's, which this module makes and sees)."""
+    """How a commit went, for the run's metadata: given to `commit` as `report`, which fills it in (the
+    S3 clients do not report their own retries of single requests; these are the commit's, which this
+    module makes and sees)."""
 
-    attempts: int = 0  # commit requests made: 1 unless a transient fault made it try again
+    attempts: int = 0  # commit requests made: 1 unless a transient fault made it try again; 0: no commit
     resolved_from_log: int = 0  # errors after which the log showed this commit had been made all the same
 
 
-_LAST_COMMIT: dict[str, CommitAttempts] = {}
+class Mode(Enum):
+    """What a commit does to the version it is made on (with no table yet, it creates one either way)."""
 
-
-def last_commit_attempts(location: Location) -> CommitAttempts | None:
-    """How the last commit this process made to `location` went (None: it made none)."""
-    return _LAST_COMMIT.get(location.uri)
+    APPEND = "append"  # add the new files, and remove the `removed` ones
+    OVERWRITE = "overwrite"  # add the new files; every file of the base goes, and the schema may change
 
 
 def commit(
@@ -322,65 +327,95 @@ def commit(
     added: list[DataFile],
     schema: pa.Schema,
     base: Snapshot | None,
+    *,
+    mode: Mode = Mode.APPEND,
     removed: list[str] | None = None,
-    replace: bool = False,
     metadata: dict | None = None,
+    report: CommitAttempts | None = None,
 ) -> int:
-    """Commit `added` (and remove `removed`, or with `replace` everything `base` holds) in one
+    """Commit `added` (and remove `removed`, or with `Mode.OVERWRITE` everything `base` holds) in one
     transaction on top of `base`, the version the writer read (None: create the table). Returns the
-    new version.
+    new version. `report`, if given, is told how many requests the commit took.
 
     The commit carries a transaction id of its own. When the commit request fails, the log at the
     version it was to create says what happened: this id there, the commit was made (its answer was
     lost); another writer's commit there, a conflict (`TableConflictError`); nothing there, it was
     not made, and is tried again if the fault was transient (`TransientStorageError` when it stays)."""
+    if mode is Mode.OVERWRITE and removed:
+        raise ValueError("an overwrite removes every file of its base: `removed` would say nothing")
     version = 0 if base is None else base.version + 1
     transaction = uuid.uuid4().hex
     properties = _commit_properties(metadata, transaction)
-    report = _LAST_COMMIT[location.uri] = CommitAttempts()
+
+    def request() -> None:
+        _request_commit(location, added, schema, base, mode, removed or [], properties)
+
+    report = report if report is not None else CommitAttempts()
+    return _commit_resolved(request, location, base, version, transaction, report)
+
+
+def _commit_resolved(
+    request: Callable[[], None], location: Location, base: Snapshot | None, version: int, transaction: str,
+    report: CommitAttempts,
+) -> int:
+    """Make the commit `request` of `version`, resolving failed requests from the log (see `commit`)."""
+    from deltalake.exceptions import DeltaError
+
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         report.attempts = attempt
         try:
-            _request_commit(location, added, schema, base, removed, replace, properties)
+            request()
             return version
-        except Exception as error:
+        except (DeltaError, OSError) as error:  # delta-rs' errors, and its storage's
             if _made_by(location, version, transaction, base, error):
                 report.resolved_from_log += 1
                 return version
             if location.is_local or not is_transient(error):
                 raise
             if attempt == COMMIT_ATTEMPTS:
-                raise gave_up(
-                    f"Commit of version {version}", location.uri, s3_endpoint(), error,
-                    f"{COMMIT_ATTEMPTS} commit attempts",
-                    after=f"The log showed no version {version} afterwards: the table is as it was, and the "
-                    "files written for this commit are left for vacuum. ",
-                ) from error
+                raise _commit_gave_up(location, version, error) from error
             time.sleep(random.uniform(0, COMMIT_BACKOFF_SECONDS * 2**attempt))  # full jitter
     raise AssertionError("unreachable")
 
 
-def _request_commit(location, added, schema, base, removed, replace, properties) -> None:
-    """One commit request through delta-rs: create the table, overwrite, or append and remove."""
-    from deltalake import Schema as DeltaSchema
-    from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+def _commit_gave_up(location: Location, version: int, error: BaseException) -> TransientStorageError:
+    return gave_up(
+        f"Commit of version {version}", location.uri, s3_endpoint(), error, f"{COMMIT_ATTEMPTS} commit attempts",
+        after=f"The log showed no version {version} afterwards: the table is as it was, and the "
+        "files written for this commit are left for vacuum. ",
+    )
 
-    adds = [_add_action(f) for f in added]
+
+def _request_commit(location: Location, added: list[DataFile], schema: pa.Schema, base: Snapshot | None,
+                    mode: Mode, removed: list[str], properties) -> None:
+    """One commit request through delta-rs: create the table, overwrite, or append and remove."""
+    from deltalake.transaction import AddAction, RemoveAction
+
+    adds: list[AddAction | RemoveAction] = [_add_action(f) for f in added]
     if base is None:
-        create_table_with_add_actions(
-            table_uri(location), DeltaSchema.from_arrow(schema), adds, mode="error",
-            storage_options=storage_options(location), commit_properties=properties,
-        )
-        return
-    table = _delta_table(location, base.version)
-    if replace:
+        _create_table(location, schema, adds, properties)
+    elif mode is Mode.OVERWRITE:
         # "overwrite" removes every file of `base` itself, and takes the new schema.
-        actions: list[AddAction | RemoveAction] = list(adds)
-        table.create_write_transaction(actions, mode="overwrite", schema=schema, commit_properties=properties)
+        _delta_table(location, base.version).create_write_transaction(
+            adds, mode="overwrite", schema=schema, commit_properties=properties
+        )
     else:
         now = int(time.time() * 1000)
-        removes = [RemoveAction(path, True, now) for path in removed or []]
-        table.create_write_transaction(adds + removes, mode="append", schema=schema, commit_properties=properties)
+        removes = [RemoveAction(path, True, now) for path in removed]
+        _delta_table(location, base.version).create_write_transaction(
+            adds + removes, mode="append", schema=schema, commit_properties=properties
+        )
+
+
+def _create_table(location: Location, schema: pa.Schema, adds: list, properties) -> None:
+    """Version 0, unless another writer made it first."""
+    from deltalake import Schema as DeltaSchema
+    from deltalake.transaction import create_table_with_add_actions
+
+    create_table_with_add_actions(
+        table_uri(location), DeltaSchema.from_arrow(schema), adds, mode="error",
+        storage_options=storage_options(location), commit_properties=properties,
+    )
 
 
 def _made_by(location: Location, version: int, transaction: str, base: Snapshot | None, error: Exception) -> bool:
@@ -452,8 +487,10 @@ def commit_or_discard(
     schema: pa.Schema,
     base: Snapshot | None,
     metadata: dict,
-    replace: bool = False,
+    *,
+    mode: Mode = Mode.APPEND,
     removed: list[str] | None = None,
+    report: CommitAttempts | None = None,
 ) -> int:
     """`commit`, deleting the written files if another writer's commit took the version.
 
@@ -462,7 +499,7 @@ def commit_or_discard(
     deleting the files it names would break that version. Files of a commit never made are removed
     by `vacuum` once older than the retention period."""
     try:
-        return commit(location, files, schema, base, removed=removed, replace=replace, metadata=metadata)
+        return commit(location, files, schema, base, mode=mode, removed=removed, metadata=metadata, report=report)
     except TableConflictError:
         discard(location, files)
         raise
@@ -474,11 +511,13 @@ def nullable(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_nullable(True) for f in schema], metadata=None)
 
 
-def commit_arrow(location: Location, table: pa.Table, base: Snapshot | None, metadata: dict) -> int:
+def commit_arrow(
+    location: Location, table: pa.Table, base: Snapshot | None, metadata: dict, *, report: CommitAttempts | None = None
+) -> int:
     """Replace the table's rows by `table` (written by this process as one file), in one commit."""
     file = write_arrow_file(location, table)
     schema = pq.read_schema(posixpath.join(location.path, file.path), filesystem=location.filesystem)
-    return commit_or_discard(location, [file], nullable(schema), base, metadata, replace=True)
+    return commit_or_discard(location, [file], nullable(schema), base, metadata, mode=Mode.OVERWRITE, report=report)
 
 
 # -- folders written by the release before Delta ---------------------------------------------------

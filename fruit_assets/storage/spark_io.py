@@ -204,13 +204,17 @@ def write_files(frame: DataFrame, location: Location, rows_per_file: int = ROWS_
     return [DataFile(row.path, row.size, row.rows) for row in rows], schema
 
 
-def commit_frame(frame: DataFrame, location: Location, base: Snapshot | None, metadata: dict) -> int:
+def commit_frame(
+    frame: DataFrame, location: Location, base: Snapshot | None, metadata: dict, *, report: delta.CommitAttempts | None = None
+) -> int:
     """Replace the table's rows by `frame`'s, written by the Spark tasks, in one commit."""
     files, schema = write_files(frame, location)
-    return delta.commit_or_discard(location, files, schema, base, metadata, replace=True)
+    return delta.commit_or_discard(location, files, schema, base, metadata, mode=delta.Mode.OVERWRITE, report=report)
 
 
-def commit_change(change: TableChange, location: Location, base: Snapshot | None, metadata: dict) -> int:
+def commit_change(
+    change: TableChange, location: Location, base: Snapshot | None, metadata: dict, *, report: delta.CommitAttempts | None = None
+) -> int:
     """Write `change.rows` and commit them with the removal of `change.removed`, if the table is still
     at the version the change was planned on."""
     planned_on = None if change.base is None else change.base.version
@@ -228,6 +232,7 @@ def commit_change(change: TableChange, location: Location, base: Snapshot | None
     if not change.replace and base is not None and not delta.same_schema(schema, base.schema):
         delta.discard(location, files)
         raise ValueError(f"{location.uri}: the new rows' schema {schema} differs from the table's {base.schema}")
+    mode = delta.Mode.OVERWRITE if change.replace else delta.Mode.APPEND
     return delta.commit_or_discard(
-        location, files, schema, base, metadata | change.commit_metadata, replace=change.replace, removed=change.removed
+        location, files, schema, base, metadata | change.commit_metadata, mode=mode, removed=change.removed, report=report
     )
