@@ -19,6 +19,7 @@ from fruit_assets.resources.io_manager import load_asset
 from fruit_assets_tests.support import local_resources, materialize_all, metadata_of, read_asset
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
+DIMENSIONS = 1280  # the fixture's vectors: MobileNetV2 features
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def features_frame(spark, x: np.ndarray, partitions: int = 3):
 
 
 def test_spark_sums_the_statistics_numpy_would(spark, features_matrix):
-    statistics = feature_statistics(features_frame(spark, features_matrix))
+    statistics = feature_statistics(features_frame(spark, features_matrix), DIMENSIONS)
     expected = FeatureStatistics.of(features_matrix)
     assert statistics.rows == 96
     np.testing.assert_allclose(statistics.sums, expected.sums, rtol=1e-12)
@@ -64,7 +65,7 @@ def test_spark_sums_the_statistics_numpy_would(spark, features_matrix):
 
 
 def test_decomposition_equals_numpy_where_spark_ml_is_wrong(spark, features_matrix):
-    result = decompose(feature_statistics(features_frame(spark, features_matrix)), k=50, variance_target=0.95, max_k=256)
+    result = decompose(feature_statistics(features_frame(spark, features_matrix), DIMENSIONS), k=50, variance_target=0.95, max_k=256)
     assert result.k == 50
     assert_equals_numpy(result.explained_variance, result.components, features_matrix)
     assert verify(result.statistics, result.components, result.explained_variance).passed
@@ -118,8 +119,8 @@ def test_verify_rejects_a_corrupted_decomposition(exact, corruption):
 
 
 def test_canonical_signs_make_the_components_independent_of_summation_order(spark, features_matrix):
-    one = decompose(feature_statistics(features_frame(spark, features_matrix, partitions=1)), 20, 0.95, 256)
-    many = decompose(feature_statistics(features_frame(spark, features_matrix[::-1].copy(), partitions=7)), 20, 0.95, 256)
+    one = decompose(feature_statistics(features_frame(spark, features_matrix, partitions=1), DIMENSIONS), 20, 0.95, 256)
+    many = decompose(feature_statistics(features_frame(spark, features_matrix[::-1].copy(), partitions=7), DIMENSIONS), 20, 0.95, 256)
     np.testing.assert_allclose(one.components, many.components, atol=1e-8)
 
 

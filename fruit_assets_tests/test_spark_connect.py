@@ -30,6 +30,7 @@ from fruit_assets.ml.pca import FeatureStatistics, feature_statistics
 from fruit_assets.plumbing.spark_connect import default_parallelism, is_connect
 
 FIXTURE = Path(__file__).parent / "data" / "spark_ml_pca_wrong_features.npy"
+DIMENSIONS = 1280  # the fixture's vectors: MobileNetV2 features
 CONNECT_FLAG = "SPARK_CONNECT_MODE_ENABLED"
 
 SERVER = textwrap.dedent(
@@ -162,7 +163,7 @@ def _statistics(session, snapshot) -> FeatureStatistics:
     """The PCA statistics as pca_model computes them in a full pass (incremental._full)."""
     from fruit_assets.storage import spark_io
 
-    return feature_statistics(spark_io.read_table(session, snapshot, columns=["features"]))
+    return feature_statistics(spark_io.read_table(session, snapshot, columns=["features"]), DIMENSIONS)
 
 
 def test_pca_statistics_on_connect_equal_classic_spark_and_numpy(spark, spark_connect, features_table, features_matrix):
@@ -185,9 +186,9 @@ def test_pca_statistics_are_summed_in_partition_order(spark_connect, features_ma
     rows = [(f"img/{i:03d}.jpg", row.tolist()) for i, row in enumerate(features_matrix)]
     with connect_mode():
         frame = spark_connect.createDataFrame(rows, "path string, features array<float>")
-        many = feature_statistics(frame.repartition(7, "path").sortWithinPartitions("path"))
-        again = feature_statistics(frame.repartition(7, "path").sortWithinPartitions("path"))
-        empty = feature_statistics(frame.limit(0))
+        many = feature_statistics(frame.repartition(7, "path").sortWithinPartitions("path"), DIMENSIONS)
+        again = feature_statistics(frame.repartition(7, "path").sortWithinPartitions("path"), DIMENSIONS)
+        empty = feature_statistics(frame.limit(0), DIMENSIONS)
     expected = FeatureStatistics.of(features_matrix)
     np.testing.assert_allclose(many.gram, expected.gram, rtol=1e-12, atol=1e-12 * np.abs(expected.gram).max())
     np.testing.assert_array_equal(many.gram, again.gram)  # the order of the additions is fixed

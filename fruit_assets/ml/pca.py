@@ -34,8 +34,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fruit_assets.ml.model import FEATURE_DIM
-
 # Tolerances of `verify`, relative to the largest eigenvalue (float64 eigh is exact to ~1e-13 there).
 ORTHONORMAL_TOLERANCE = 1e-8
 EIGEN_RESIDUAL_TOLERANCE = 1e-8
@@ -58,7 +56,7 @@ class FeatureStatistics:
     gram: np.ndarray  # (d, d) float64
 
     @classmethod
-    def zeros(cls, dimensions: int = FEATURE_DIM) -> FeatureStatistics:
+    def zeros(cls, dimensions: int) -> FeatureStatistics:
         return cls(0, np.zeros(dimensions), np.zeros((dimensions, dimensions)))
 
     @classmethod
@@ -89,7 +87,7 @@ class FeatureStatistics:
         return (covariance + covariance.T) / 2  # exactly symmetric, as eigh assumes
 
 
-def vectors_of(column: pa.Array | pa.ChunkedArray, dimensions: int = FEATURE_DIM) -> np.ndarray:
+def vectors_of(column: pa.Array | pa.ChunkedArray, dimensions: int) -> np.ndarray:
     """An Arrow list<float> column of equal-length vectors as an (n, dimensions) float64 matrix."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -170,7 +168,7 @@ def _assemble(sums: pa.Table, dimensions: int) -> FeatureStatistics:
     return FeatureStatistics(int(rows[-1]), np.frombuffer(pieces[-1], dtype=np.float64).copy(), gram)
 
 
-def feature_statistics(features, column: str = "features", dimensions: int = FEATURE_DIM) -> FeatureStatistics:
+def feature_statistics(features, dimensions: int, column: str = "features") -> FeatureStatistics:
     """Row count, feature sums and Gram matrix of a Spark DataFrame's vector column, in one pass.
 
     Each partition sums its rows with numpy in float64 (`mapInArrow`); the partial sums (13 MB each)
