@@ -1,6 +1,8 @@
 """image_features: the model spec's features of every image (MobileNetV2 by default), computed in Spark,
 incrementally."""
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -17,7 +19,7 @@ from dagster import (
 from dagster_pyspark import PySparkResource
 
 from fruit_assets.assets.metadata import table
-from fruit_assets.ml.featurize import PreparedModel, WorkerModelSetup, featurize, featurize_here
+from fruit_assets.ml.featurize import Featurizer, PreparedModel, WorkerModelSetup
 from fruit_assets.ml.spec import DEFAULT_SPEC
 from fruit_assets.pipeline.spark_work import FeaturizeResult, featurize_incremental
 from fruit_assets.plumbing.spark_progress import reporting_progress
@@ -58,34 +60,24 @@ def image_features(
     model = feature_model.feature_extractor()
     if not model.meaningful:
         context.log.warning(f"featurizing with {model.metadata['weights_source']}: {model.metadata.get('weights_note', '')}")
-
-    workers_setup = WorkerModelSetup(spark)
-
-    def featurize_rows(rows, partitions):
-        partitions = feature_model.partitions or partitions
-        return featurize(rows, model.payload, model.fingerprint, settings, partitions, workers_setup, model.spec.inputs)
-
-    def progress(total: int):
-        def log(done: int, total: int, seconds: float) -> None:
-            context.log.info(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
-
-        return reporting_progress(spark, total, log, PROGRESS_EVERY_SECONDS, note=context.log.info)
-
-    def featurize_on_driver(rows):
-        return featurize_here(rows, model.payload, settings, model.spec.inputs)
-
+    featurizer = Featurizer(model, settings, WorkerModelSetup(spark), feature_model.partitions)
     stored = storage.snapshot(context.asset_key)
-    # A handful of images is featurized on the driver (ONNX Runtime only): quicker than a Spark job.
-    here = featurize_on_driver if settings.runtime == "onnxruntime" else None
-    result = featurize_incremental(spark, raw_images, stored, featurize_rows, model.fingerprint, model.spec, progress, here)
+    progress = functools.partial(logged_progress, spark, context.log.info)
     max_skipped_fraction = resolved(feature_model.max_skipped_fraction)
-    try:
+    with featurize_incremental(spark, raw_images, stored, featurizer, progress=progress) as result:
         context.log.info(summary(result))
         refuse_too_many_skipped(result, max_skipped_fraction)
-        yield Output(result.change, metadata=features_metadata(result, model, settings.batch_size, workers_setup))
+        yield Output(result.change, metadata=features_metadata(result, model, settings.batch_size, featurizer.workers_setup))
         yield from feature_checks(result, max_skipped_fraction, model.spec.output_dim)
-    finally:
-        result.release()
+
+
+def logged_progress(spark, log: Callable[[str], None], total: int):
+    """Featurization's progress in the run's log while the Spark job runs."""
+
+    def report(done: int, total: int, seconds: float) -> None:
+        log(f"featurizing: about {done} of {total} images done in {seconds:.0f} s ({done / seconds:.1f} images/s)")
+
+    return reporting_progress(spark, total, report, PROGRESS_EVERY_SECONDS, note=log)
 
 
 def summary(result: FeaturizeResult) -> str:

@@ -395,6 +395,30 @@ def featurize_here(
     return images.assign(features=result.features.to_numpy(), error=result.error.to_numpy())
 
 
+@dataclass(frozen=True)
+class Featurizer:
+    """A prepared model with its runtime settings, run over catalog rows (path, label, size_bytes,
+    modified_at): in Spark's Python workers (`in_spark`) or, for a handful of images, in this process
+    (`on_driver`), with the same code and settings, so the same vectors."""
+
+    model: PreparedModel
+    settings: FeaturizeSettings
+    workers_setup: WorkerModelSetup | None = None  # adds up the workers' model set-up (classic Spark)
+    partitions: int | None = None  # of the Spark job; None: as many as the caller plans
+
+    @property
+    def runs_on_driver(self) -> bool:
+        """Whether `on_driver` can run: the driver never loads the TensorFlow runtime."""
+        return self.settings.runtime == "onnxruntime"
+
+    def in_spark(self, images: DataFrame, partitions: int) -> DataFrame:
+        return featurize(images, self.model.payload, self.model.fingerprint, self.settings, self.partitions or partitions,
+                         self.workers_setup, self.model.spec.inputs)
+
+    def on_driver(self, images: pd.DataFrame) -> pd.DataFrame:
+        return featurize_here(images, self.model.payload, self.settings, self.model.spec.inputs)
+
+
 def default_partitions(spark: SparkSession, rows: int) -> int:
     """Enough partitions to keep every core busy, never more than there are rows."""
     return max(1, min(rows, default_parallelism(spark)))

@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
-from fruit_assets.ml.featurize import default_partitions
+from fruit_assets.ml.featurize import Featurizer, default_partitions
 from fruit_assets.ml.pca import (
     PROJECTED_SCHEMA,
     FeatureStatistics,
@@ -62,14 +62,14 @@ class FeaturePlan:
     """How to bring the stored `image_features` up to date with the catalog."""
 
     todo: pa.Table  # catalog rows to featurize
-    kept: DataFrame | None  # stored rows to write again: the other rows of the files that go
-    removed_files: list[str]  # stored data files to remove
-    replace: bool  # rewrite the whole table (nothing stored, or nothing reusable)
-    kept_rows: int  # rows in `kept`
-    reused: int  # stored rows that stay, in untouched files or in `kept`
-    removed: int  # stored rows that go: deleted images, and the old rows of replaced ones
-    dropped: int  # of those, the rows of images no longer catalogued (deleted)
     reason: str  # why the plan is what it is, for the logs
+    replace: bool = False  # rewrite the whole table (nothing stored, or nothing reusable)
+    kept: DataFrame | None = None  # stored rows to write again: the other rows of the files that go
+    kept_rows: int = 0  # rows in `kept`
+    removed_files: tuple[str, ...] = ()  # stored data files to remove
+    reused: int = 0  # stored rows that stay, in untouched files or in `kept`
+    removed: int = 0  # stored rows that go: deleted images, and the old rows of replaced ones
+    dropped: int = 0  # of those, the rows of images no longer catalogued (deleted)
 
 
 def stored_keys(stored: Snapshot) -> pa.Table:
@@ -81,8 +81,33 @@ def stored_keys(stored: Snapshot) -> pa.Table:
     return keys.set_column(keys.schema.get_field_index("__filename"), FILE_COLUMN, files)
 
 
-def _plan(todo, kept=None, removed_files=(), replace=False, kept_rows=0, reused=0, removed=0, dropped=0, reason=""):
-    return FeaturePlan(todo, kept, list(removed_files), replace, kept_rows, reused, removed, dropped, reason)
+@dataclass(frozen=True)
+class StoredRows:
+    """The stored keys split by whether their vector can be reused for the current catalog."""
+
+    valid: pa.Table  # same file (path, size, modification time), same fingerprint, still catalogued
+    stale: pa.Table  # every other stored row: deleted or replaced images, other weights or model spec
+    dropped: int  # stale rows whose path is no longer catalogued at all
+    key_types: pa.Schema  # the stored SOURCE_VERSION columns' types, to compare the catalog with
+
+
+def split_stored_rows(stored: Snapshot, catalog: pa.Table, fingerprint: str) -> StoredRows:
+    keys = stored_keys(stored)
+    key_types = pa.schema([keys.schema.field(name) for name in SOURCE_VERSION])
+    current = catalog.select(SOURCE_VERSION).cast(key_types).append_column("_catalogued", pa.repeat(True, catalog.num_rows))
+    keys = keys.join(current, SOURCE_VERSION, join_type="left outer")  # _catalogued: null where the file changed or went
+    is_valid = pc.and_(pc.equal(keys.column("weights_fingerprint"), fingerprint), pc.is_valid(keys.column("_catalogued")))
+    stale = keys.filter(pc.invert(is_valid))
+    dropped = int(pc.sum(pc.invert(pc.is_in(stale.column("path"), value_set=catalog.column("path")))).as_py() or 0)
+    return StoredRows(keys.filter(is_valid), stale, dropped, key_types)
+
+
+def _kept_rows(spark: SparkSession, stored: Snapshot, valid: pa.Table, removed_files: list[str]) -> tuple[DataFrame, int]:
+    """The reusable rows of the data files that go, read by Spark: they are written again."""
+    survivors = valid.filter(pc.is_in(valid.column(FILE_COLUMN), value_set=pa.array(removed_files)))
+    wanted = F.broadcast(spark.createDataFrame(survivors.select(SOURCE_VERSION).to_pandas()))
+    rows = spark_io.read_table(spark, stored, files=removed_files)
+    return rows.join(wanted, on=SOURCE_VERSION, how="left_semi"), survivors.num_rows
 
 
 def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | None, fingerprint: str) -> FeaturePlan:
@@ -92,38 +117,23 @@ def plan_features(spark: SparkSession, catalog: pa.Table, stored: Snapshot | Non
     the files that must be rewritten."""
     catalog = catalog.select(["path", "label", "size_bytes", "modified_at"])
     if stored is None:
-        return _plan(catalog, replace=True, reason="nothing stored yet")
+        return FeaturePlan(catalog, "nothing stored yet", replace=True)
     missing = set(SOURCE_VERSION + ["weights_fingerprint", "features"]) - set(stored.schema.names)
     if missing:
-        return _plan(catalog, replace=True, removed=stored.rows, reason=f"the stored table has no {sorted(missing)}")
-    keys = stored_keys(stored)
-    key_types = pa.schema([keys.schema.field(name) for name in SOURCE_VERSION])
-    current = catalog.select(SOURCE_VERSION).cast(key_types).append_column("_catalogued", pa.repeat(True, catalog.num_rows))
-    keys = keys.join(current, SOURCE_VERSION, join_type="left outer")
-    is_valid = pc.and_(pc.equal(keys.column("weights_fingerprint"), fingerprint), pc.is_valid(keys.column("_catalogued")))
-    valid, stale = keys.filter(is_valid), keys.filter(pc.invert(is_valid))
-    dropped = int(pc.sum(pc.invert(pc.is_in(stale.column("path"), value_set=catalog.column("path")))).as_py() or 0)
-    if stale.num_rows == stored.rows:
-        return _plan(catalog, replace=True, removed=stale.num_rows, dropped=dropped,
-                     reason="no stored vector is reusable (other weights or model spec, or every image changed)")
-    todo = catalog.cast(catalog.schema.set(catalog.schema.get_field_index("modified_at"), key_types.field("modified_at"))).join(
-        valid.select(SOURCE_VERSION), SOURCE_VERSION, join_type="left anti"
-    )
-    removed_files = sorted(set(stale.column(FILE_COLUMN).to_pylist()))
-    kept, kept_rows = None, 0
-    if removed_files:
-        survivors = valid.filter(pc.is_in(valid.column(FILE_COLUMN), value_set=pa.array(removed_files)))
-        kept_rows = survivors.num_rows
-        rows = spark_io.read_table(spark, stored, files=removed_files)
-        kept = rows.join(
-            F.broadcast(spark.createDataFrame(survivors.select(SOURCE_VERSION).to_pandas())), on=SOURCE_VERSION, how="left_semi"
-        )
-    reason = (
-        f"{stale.num_rows} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)"
-        if stale.num_rows
-        else "no stored row to remove"
-    )
-    return _plan(todo, kept, removed_files, False, kept_rows, stored.rows - stale.num_rows, stale.num_rows, dropped, reason)
+        return FeaturePlan(catalog, f"the stored table has no {sorted(missing)}", replace=True, removed=stored.rows)
+    rows = split_stored_rows(stored, catalog, fingerprint)
+    stale = rows.stale.num_rows
+    if stale == stored.rows:
+        return FeaturePlan(catalog, "no stored vector is reusable (other weights or model spec, or every image changed)",
+                           replace=True, removed=stale, dropped=rows.dropped)
+    modified_at = catalog.schema.get_field_index("modified_at")
+    catalog = catalog.cast(catalog.schema.set(modified_at, rows.key_types.field("modified_at")))
+    todo = catalog.join(rows.valid.select(SOURCE_VERSION), SOURCE_VERSION, join_type="left anti")
+    removed_files = sorted(set(rows.stale.column(FILE_COLUMN).to_pylist()))
+    kept, kept_rows = _kept_rows(spark, stored, rows.valid, removed_files) if removed_files else (None, 0)
+    reason = f"{stale} stored row(s) of deleted or replaced images in {len(removed_files)} file(s)" if stale else "no stored row to remove"
+    return FeaturePlan(todo, reason, kept=kept, kept_rows=kept_rows, removed_files=tuple(removed_files),
+                       reused=stored.rows - stale, removed=stale, dropped=rows.dropped)
 
 
 @dataclass(frozen=True)
@@ -260,6 +270,21 @@ class FeaturizeResult:
         if self.cached is not None:
             self.cached.unpersist()
 
+    def __enter__(self) -> FeaturizeResult:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Spark's cached rows go once the change is written (or the run failed)."""
+        self.release()
+
+    @classmethod
+    def of(cls, plan: FeaturePlan, *, change: spark_io.TableChange, cached: DataFrame | None, rows: int, featurized: int,
+           skipped: pd.DataFrame, bad_vectors: int, partitions: int, where: str) -> FeaturizeResult:
+        """The result of featurizing `plan.todo` (`rows` of them), with the plan's counts."""
+        return cls(change=change, cached=cached, catalogued=plan.reused + rows, featurized=featurized, reused=plan.reused,
+                   removed=plan.removed, dropped=plan.dropped, skipped=skipped, bad_vectors=bad_vectors,
+                   partitions=partitions, where=where, plan_reason=plan.reason, seconds={})
+
 
 def _finite_vectors(dimensions: int):
     finite = F.forall("features", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
@@ -285,7 +310,7 @@ def _feature_change(
     return spark_io.TableChange(
         rows=new_rows.coalesce(write_partitions),
         base=stored,
-        removed=plan.removed_files,
+        removed=list(plan.removed_files),
         replace=plan.replace,
         commit_metadata=_commit_metadata(fingerprint, spec),
     )
@@ -302,32 +327,30 @@ def featurize_incremental(
     spark: SparkSession,
     catalog: pa.Table,
     stored: Snapshot | None,
-    featurize_rows: Callable[[DataFrame, int], DataFrame],
-    fingerprint: str,
-    spec: ModelSpec,
+    featurizer: Featurizer,
+    *,
     progress: Callable[[int], AbstractContextManager] | None = None,
-    featurize_here: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> FeaturizeResult:
-    """Plan (`plan_features`), featurize the images that need it with the `spec`'s model (`fingerprint`:
-    of its weights and spec), and return the change to commit: the
-    new vectors and the stored rows kept from rewritten files, added; the files holding deleted or
-    replaced images, removed. Up to DRIVER_FEATURIZE_IMAGES images are featurized by
-    `featurize_here(rows)` on the driver, if given; more by `featurize_rows(rows, partitions)` in Spark."""
+    """Plan (`plan_features`), featurize the images that need it with the featurizer's model, and return
+    the change to commit: the new vectors and the stored rows kept from rewritten files, added; the files
+    holding deleted or replaced images, removed. Up to DRIVER_FEATURIZE_IMAGES images are featurized on
+    the driver when the featurizer can run there; more in Spark. Use the result in a `with` block: it
+    holds Spark's cached rows until the change is written."""
     started = time.perf_counter()
-    plan = plan_features(spark, catalog, stored, fingerprint)
+    plan = plan_features(spark, catalog, stored, featurizer.model.fingerprint)
     planned = time.perf_counter()
-    if featurize_here is not None and plan.todo.num_rows <= DRIVER_FEATURIZE_IMAGES:
-        result = _featurize_on_driver(spark, plan, stored, featurize_here, fingerprint, spec)
+    if featurizer.runs_on_driver and plan.todo.num_rows <= DRIVER_FEATURIZE_IMAGES:
+        result = _featurize_on_driver(spark, plan, stored, featurizer)
     else:
-        result = _featurize_in_spark(spark, plan, stored, featurize_rows, fingerprint, progress, spec)
+        result = _featurize_in_spark(spark, plan, stored, featurizer, progress)
     return replace(result, seconds={"plan": round(planned - started, 2), "featurize": round(time.perf_counter() - planned, 2)})
 
 
-def _featurize_in_spark(spark, plan: FeaturePlan, stored, featurize_rows, fingerprint, progress, spec: ModelSpec) -> FeaturizeResult:
-    todo = plan.todo.num_rows
+def _featurize_in_spark(spark, plan: FeaturePlan, stored: Snapshot | None, featurizer: Featurizer, progress) -> FeaturizeResult:
+    todo, spec, fingerprint = plan.todo.num_rows, featurizer.model.spec, featurizer.model.fingerprint
     partitions = default_partitions(spark, todo)
     rows = spark.createDataFrame(plan.todo.to_pandas(), schema=CATALOG_SCHEMA)
-    results = featurize_rows(rows, partitions).persist(StorageLevel.MEMORY_AND_DISK)
+    results = featurizer.in_spark(rows, partitions).persist(StorageLevel.MEMORY_AND_DISK)
     with progress(todo) if progress else nullcontext():
         [stats] = results.agg(
             F.count("*").alias("rows"),
@@ -336,12 +359,16 @@ def _featurize_in_spark(spark, plan: FeaturePlan, stored, featurize_rows, finger
         ).collect()  # a global aggregate: one row
     skipped = results.where(F.col("error").isNotNull()).select("path", "label", "error").toPandas()
     featurized = stats["featurized"] or 0
-    return _result(plan, _feature_change(results, plan, stored, fingerprint, spec, partitions, featurized), results,
-                   stats["rows"] or 0, featurized, skipped, stats["bad_vectors"] or 0, partitions, "spark")
+    return FeaturizeResult.of(
+        plan, change=_feature_change(results, plan, stored, fingerprint, spec, partitions, featurized), cached=results,
+        rows=stats["rows"] or 0, featurized=featurized, skipped=skipped, bad_vectors=stats["bad_vectors"] or 0,
+        partitions=partitions, where="spark",
+    )
 
 
-def _featurize_on_driver(spark, plan: FeaturePlan, stored, featurize_here, fingerprint, spec: ModelSpec) -> FeaturizeResult:
-    results = featurize_here(plan.todo.select(["path", "label", "size_bytes", "modified_at"]).to_pandas())
+def _featurize_on_driver(spark, plan: FeaturePlan, stored: Snapshot | None, featurizer: Featurizer) -> FeaturizeResult:
+    spec, fingerprint = featurizer.model.spec, featurizer.model.fingerprint
+    results = featurizer.on_driver(plan.todo.select(["path", "label", "size_bytes", "modified_at"]).to_pandas())
     ok = results.error.isna().to_numpy()
     vectors = [np.asarray(v, dtype=np.float32) for v in results.features[ok]]
     bad_vectors = sum(1 for v in vectors if v.shape != (spec.output_dim,) or not np.isfinite(v).all())
@@ -356,27 +383,10 @@ def _featurize_on_driver(spark, plan: FeaturePlan, stored, featurize_here, finge
     if plan.kept is not None:  # stored rows to write again, read by Spark: the new ones join them there
         kept = plan.kept.select(*FEATURE_COLUMNS)
         rows = kept.unionByName(spark.createDataFrame(new_rows.to_pandas(), schema=kept.schema))
-    change = spark_io.TableChange(rows, stored, plan.removed_files, plan.replace, _commit_metadata(fingerprint, spec))
+    change = spark_io.TableChange(rows, stored, list(plan.removed_files), plan.replace, _commit_metadata(fingerprint, spec))
     skipped = results.loc[~ok, ["path", "label", "error"]].reset_index(drop=True)
-    return _result(plan, change, None, len(results), len(vectors), skipped, bad_vectors, 0, "driver")
-
-
-def _result(plan: FeaturePlan, change, cached, rows: int, featurized: int, skipped, bad_vectors: int, partitions: int, where: str):
-    return FeaturizeResult(
-        change=change,
-        cached=cached,
-        catalogued=plan.reused + rows,
-        featurized=featurized,
-        reused=plan.reused,
-        removed=plan.removed,
-        dropped=plan.dropped,
-        skipped=skipped,
-        bad_vectors=bad_vectors,
-        partitions=partitions,
-        where=where,
-        plan_reason=plan.reason,
-        seconds={},
-    )
+    return FeaturizeResult.of(plan, change=change, cached=None, rows=len(results), featurized=len(vectors), skipped=skipped,
+                              bad_vectors=bad_vectors, partitions=0, where="driver")
 
 
 def refuse_impossible_k(features: Snapshot, k: int | None) -> None:
