@@ -105,7 +105,8 @@ def test_the_graph_runs_through_pipes_without_dbfs_and_equals_the_local_run(emul
     assert any("72 of 72 images have features" in m for m in messages)  # the remote step's log
     checks = {e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data.passed
               for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION}
-    assert checks == dict.fromkeys(CHECKS, True)
+    assert set(checks) == CHECKS
+    assert all(passed for name, passed in checks.items() if name != "explained_variance_reaches_target")  # that one warns
     assert emulator.token not in output and emulator.token not in str(metadata)
     assert_equals_the_local_run(storage, demo_run[1])
 
