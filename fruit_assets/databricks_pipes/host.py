@@ -146,7 +146,10 @@ class DatabricksPipes(ConfigurableResource):
             PipesUnityCatalogVolumesMessageReader,
         )
 
-        poll = self.poll_interval_seconds or settings.poll_interval_seconds
+        from fruit_assets.resources import POLL_SETTING
+
+        # FRUIT_DATABRICKS_POLL_SECONDS over the file's, as for the step launcher (the tests poll often).
+        poll = self.poll_interval_seconds or float(os.environ.get(POLL_SETTING) or settings.poll_interval_seconds)
         pipes_folder = f"{settings.volume}/pipes"
         injector = PipesUnityCatalogVolumesContextInjector(client=client, volume_path=pipes_folder)
         reader = PipesUnityCatalogVolumesMessageReader(client=client, volume_path=pipes_folder, interval=poll)

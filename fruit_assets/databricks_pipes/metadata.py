@@ -38,8 +38,9 @@ def _typed(value: MetadataValue) -> dict:
 
 
 def to_pipes(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Each value typed as Dagster would show it; plain numbers and strings are inferred by the host."""
-    return {
-        key: _typed(value) if isinstance(value, MetadataValue) else {"type": "__infer__", "raw_value": _plain(value)}
-        for key, value in metadata.items()
-    }
+    """Each value typed as Dagster would show it: normalized as an asset's metadata is (a TableSchema
+    becomes a table_schema value, a number an int or float), numpy scalars first made plain."""
+    from dagster._core.definitions.metadata import normalize_metadata
+
+    plain = {key: value if isinstance(value, (MetadataValue, TableSchema)) else _plain(value) for key, value in metadata.items()}
+    return {key: _typed(value) for key, value in normalize_metadata(plain).items()}
