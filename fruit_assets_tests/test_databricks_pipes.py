@@ -122,8 +122,8 @@ def test_cancelling_the_dagster_run_cancels_the_databricks_run(emulator, bucket,
         time.sleep(0.5)
     assert remote is not None, "the remote run never started"
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-    finish(process, timeout=300)
-    assert emulator.wait_for_run(remote.run_id, timeout=120).result_state == "CANCELED"
+    output = finish(process, timeout=300)
+    assert emulator.wait_for_run(remote.run_id, timeout=120).result_state == "CANCELED", output[-3000:]
     assert emulator.requests_to(r"/jobs/runs/cancel$")
 
 

@@ -154,5 +154,28 @@ class DatabricksPipes(ConfigurableResource):
         injector = PipesUnityCatalogVolumesContextInjector(client=client, volume_path=pipes_folder)
         reader = PipesUnityCatalogVolumesMessageReader(client=client, volume_path=pipes_folder, interval=poll)
         if settings.serverless:
-            return PipesDatabricksServerlessClient(client, pipes_folder, injector, reader, poll_interval_seconds=poll)
-        return PipesDatabricksClient(client, context_injector=injector, message_reader=reader, poll_interval_seconds=poll)
+            serverless = type("CancellingServerlessClient", (CancelsFirst, PipesDatabricksServerlessClient), {})
+            return serverless(client, pipes_folder, injector, reader, poll_interval_seconds=poll)
+        classic = type("CancellingClient", (CancelsFirst, PipesDatabricksClient), {})
+        return classic(client, context_injector=injector, message_reader=reader, poll_interval_seconds=poll)
+
+
+class CancelsFirst:
+    """Mixed into dagster-databricks' Pipes clients: an interrupted run is cancelled before anything else,
+    with further interrupts held back. Ctrl-C reaches a step twice (the terminal's process group, then
+    the executor forwarding it); the second one, raised inside the client's own handler, stopped its
+    `cancel_run` call, and the Databricks run went on to the end (found by test_databricks_pipes)."""
+
+    client: Any
+
+    def _poll_til_success(self, context, run_id: int) -> None:
+        from dagster._core.errors import DagsterExecutionInterruptedError
+        from dagster._utils.interrupts import capture_interrupts
+
+        try:
+            super()._poll_til_success(context, run_id)  # type: ignore[misc]
+        except DagsterExecutionInterruptedError:
+            with capture_interrupts():
+                context.log.info(f"interrupted: cancelling Databricks run {run_id}")
+                self.client.jobs.cancel_run(run_id)
+            raise
