@@ -1385,7 +1385,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has no body: the client would read it as the next answer
+            self.wfile.write(data)
 
     def _handle_files(self, path: str, query: str) -> None:
         """The Files API (volumes.py): raw bytes in and out, JSON only for errors and listings."""

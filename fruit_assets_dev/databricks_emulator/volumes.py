@@ -16,9 +16,12 @@ root, as a FUSE mount would; without root the tasks see no `/Volumes` and say so
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import os
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -114,11 +117,26 @@ def _http_date(local: Path) -> str:
     return email.utils.formatdate(local.stat().st_mtime, usegmt=True)
 
 
+_SCRIPT = 'mount --bind "$0" /Volumes && exec "$@"'
+
+
+@functools.cache
+def can_mount() -> bool:
+    """Whether this machine lets the emulator bind a folder at /Volumes in a private mount namespace: root,
+    `unshare`, and the right to mount (a container without CAP_SYS_ADMIN has not). Tried once."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    try:
+        os.makedirs(MOUNT_POINT, exist_ok=True)  # the mount point, made once, empty, on the host
+        probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SCRIPT, tempfile.gettempdir(), "true"]
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def mount_command(volumes_folder: Path, command: list[str]) -> list[str] | None:
     """`command` in a private mount namespace where `volumes_folder` is `/Volumes`, or None where this
-    machine cannot (not root, no `unshare`): the mount point is made once, empty, on the host."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
+    machine cannot (`can_mount`): its tasks then see no /Volumes."""
+    if not can_mount():
         return None
-    os.makedirs(MOUNT_POINT, exist_ok=True)
-    script = 'mount --bind "$0" /Volumes && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(volumes_folder), *command]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SCRIPT, str(volumes_folder), *command]
