@@ -28,8 +28,17 @@ def executor_for(deployment: str):
     return in_process_executor if deployment == "local" else multiprocess_executor
 
 
+def assets_for(deployment: str) -> list:
+    """The assets of a deployment: databricks_pipes has its own Spark assets (same keys and checks)."""
+    if deployment == "databricks_pipes":
+        from fruit_assets.databricks.pipes.assets import pipes_assets
+
+        return pipes_assets
+    return all_assets
+
+
 defs = Definitions(
-    assets=all_assets,
+    assets=assets_for(deployment_name()),
     asset_checks=all_checks,
     jobs=[fruit_features_job],
     sensors=[fruit_images_sensor],

@@ -124,6 +124,23 @@ def _build_emulated_runtimes(root: Path) -> None:
     cache = EnvironmentCache(root)
     for runtime in SUPPORTED_RUNTIMES:
         cache.environment(runtime, requirements)
+    _build_pipes_runtimes(cache)
+
+
+def _build_pipes_runtimes(cache) -> None:
+    """The environments of test_databricks_pipes: databricks_pipes.yaml's libraries on 17.3 LTS, and the
+    serverless file's dependencies with the Spark Connect client the emulator adds (its serverless.py)."""
+    import yaml
+
+    from fruit_assets.databricks.runtimes import runtime_for_spark_version
+    from fruit_assets_dev.databricks_emulator.serverless import ENVIRONMENT_RUNTIMES, connect_requirement
+
+    classic = yaml.safe_load((REPO / "databricks_pipes.yaml").read_text())
+    runtime = runtime_for_spark_version(classic["compute"]["new_cluster"]["spark_version"])
+    cache.environment(runtime, tuple(sorted(set(classic["libraries"]))))
+    serverless = yaml.safe_load((REPO / "databricks_pipes_serverless.yaml").read_text())
+    runtime = runtime_for_spark_version(ENVIRONMENT_RUNTIMES[serverless["compute"]["serverless"]["environment_version"]])
+    cache.environment(runtime, tuple(sorted({*serverless["libraries"], connect_requirement(runtime.spark)})))
 
 
 def pytest_sessionfinish(session):

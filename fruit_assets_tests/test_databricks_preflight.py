@@ -217,6 +217,7 @@ def test_a_workspace_without_dbfs_root_refuses_and_the_launcher_says_what_it_mea
         assert f"The Databricks workspace {workspace.url} has no DBFS root" in text
         assert "Public DBFS root is disabled" in text and "dbfs:/dagster_staging/fruit_assets" in text
         assert "disable_legacy_dbfs" in text and "Config:" not in text and workspace.token not in text
+        assert "Use FRUIT_DEPLOYMENT=databricks_pipes instead" in text and "databricks_pipes.yaml" in text
         # One call, before anything is uploaded or submitted.
         assert [(r.path, r.status) for r in workspace.request_log] == [("/api/2.0/dbfs/create", 403),
                                                                         ("/api/2.0/dbfs/get-status", 403)]

@@ -34,10 +34,11 @@ def no_dbfs_root_message(host: str, staging_prefix: str, answer: str) -> str:
     return (
         f"The Databricks workspace {host} has no DBFS root (the DBFS API answered: {answer.strip()}). "
         f"databricks_pyspark_step_launcher stages each step's code and state under dbfs:{staging_prefix} "
-        "and cannot run there. Use a workspace with legacy DBFS enabled (a workspace admin turns off "
-        "'Disable legacy DBFS', setting disable_legacy_dbfs: "
-        "https://docs.databricks.com/aws/dbfs/disable-dbfs-root-mounts); accounts created without a DBFS "
-        "root need a workspace that has one. See README, 'What the workspace needs'."
+        "and cannot run there. Use FRUIT_DEPLOYMENT=databricks_pipes instead, which stages everything in a "
+        "Unity Catalog volume (FRUIT_DATABRICKS_PIPES_CONFIG: databricks_pipes.yaml for a classic cluster, "
+        "databricks_pipes_serverless.yaml for serverless; README, 'Run on Databricks'), or a workspace with "
+        "legacy DBFS enabled (a workspace admin turns off 'Disable legacy DBFS', setting disable_legacy_dbfs: "
+        "https://docs.databricks.com/aws/dbfs/disable-dbfs-root-mounts)."
     )
 
 

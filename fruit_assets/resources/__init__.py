@@ -263,7 +263,7 @@ def deployment_name(deployment: str | None = None) -> str:
     """The deployment to run as: `deployment`, else FRUIT_DEPLOYMENT, else `local`."""
     name = (deployment or os.environ.get("FRUIT_DEPLOYMENT") or "local").strip().lower()
     if name not in SPARK_BY_DEPLOYMENT:
-        raise ValueError(f"FRUIT_DEPLOYMENT={name!r} is not a known deployment; use one of: local, databricks")
+        raise ValueError(f"FRUIT_DEPLOYMENT={name!r} is not a known deployment; use one of: {', '.join(SPARK_BY_DEPLOYMENT)}")
     return name
 
 
@@ -358,12 +358,21 @@ def ship_package_to_executors() -> str | None:
     return str(archive)
 
 
+def _databricks_pipes_host() -> dict:
+    from fruit_assets.databricks.pipes.host import DatabricksPipes
+
+    _require_s3("FRUIT_STORAGE_URI", "databricks_pipes")
+    _require_s3("FRUIT_IMAGES_URI", "databricks_pipes")
+    return {"databricks_pipes": DatabricksPipes(), "step_launcher": ResourceDefinition.none_resource()}
+
+
 # The deployment switch: what differs between deployments is how Spark runs. Functions, because
 # building a deployment's resources reads its settings (and checks them) only when it is chosen.
 SPARK_BY_DEPLOYMENT = {
     "local": _local_spark,  # the embedded default: local Spark, local folders or S3
     "databricks": _databricks_host,  # Spark steps sent to a Databricks cluster by the step launcher
     "databricks_cluster": _databricks_cluster,  # set by the launcher for the step on the cluster
+    "databricks_pipes": _databricks_pipes_host,  # Spark assets as Databricks runs through Dagster Pipes
 }
 
 

@@ -55,18 +55,7 @@ class DeltaIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj) -> None:
         if obj is None:
             return
-        handler = _storing(type(obj))
-        table = self.storage.table(context.asset_key)
-        base = self.storage.snapshot(context.asset_key)
-        started = time.perf_counter()
-        report = delta.CommitAttempts()
-        version = handler.store(obj, table, base, {"run_id": context.run_id}, report)
-        written = time.perf_counter() - started
-        self.storage.vacuum(table)
-        handler.expire(table, resolved(self.storage.retention_hours))
-        stored = delta.snapshot(table, version)
-        assert stored is not None, f"{table.uri}: version {version} was just committed"
-        context.add_output_metadata(commit_metadata(stored, base, written) | retry_metadata(report))
+        context.add_output_metadata(store_asset(self.storage, context.asset_key, obj, context.run_id))
 
     def load_input(self, context: InputContext):
         value = load_asset(self.storage, context.asset_key, context.dagster_type.typing_type)
@@ -76,6 +65,24 @@ class DeltaIOManager(ConfigurableIOManager):
                 f"{self.storage.table(context.asset_key).uri}: materialize it first"
             )
         return value
+
+
+def store_asset(storage: Storage, asset_key: AssetKey, obj, run_id: str) -> dict:
+    """Commit `obj` as the asset's next version (one commit on the version it read), vacuum, and return
+    the commit's metadata. The IO manager's work, also done by a Databricks Pipes task (databricks_pipes),
+    which writes its own outputs."""
+    handler = _storing(type(obj))
+    table = storage.table(asset_key)
+    base = storage.snapshot(asset_key)
+    started = time.perf_counter()
+    report = delta.CommitAttempts()
+    version = handler.store(obj, table, base, {"run_id": run_id}, report)
+    written = time.perf_counter() - started
+    storage.vacuum(table)
+    handler.expire(table, resolved(storage.retention_hours))
+    stored = delta.snapshot(table, version)
+    assert stored is not None, f"{table.uri}: version {version} was just committed"
+    return commit_metadata(stored, base, written) | retry_metadata(report)
 
 
 def arrow_table_schema(schema: pa.Schema) -> TableSchema:

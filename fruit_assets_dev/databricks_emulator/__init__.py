@@ -31,6 +31,12 @@ Endpoints (anything else answers 404 ``ENDPOINT_NOT_FOUND`` naming the method an
 * Jobs ``/api/2.{0,1,2}/jobs/runs/``: ``submit`` (one ``spark_python_task`` on ``new_cluster`` or
   ``existing_cluster_id``; 2.0's single-task form too; ``idempotency_token``, ``timeout_seconds``), ``get``
   (by run id or task run id), ``get-output`` (task run id only, as on Databricks), ``cancel``, ``list``.
+* Files API ``/api/2.0/fs/files/Volumes/...`` (PUT raw bytes, GET, HEAD, DELETE) and
+  ``/api/2.0/fs/directories/Volumes/...`` (PUT, GET: list, HEAD, DELETE): Unity Catalog volumes in
+  ``<root>/volumes``, which each task sees at ``/Volumes`` (``volumes.py``: a private mount namespace; root only).
+  A ``spark_python_task.python_file`` may be a ``/Volumes/...`` file.
+* Serverless tasks (``environment_key`` and the run's ``environments``, version 4): run on the 17.3 LTS
+  packages with pyspark's connect extra, as a Spark Connect client only (``serverless.py``).
 * ``/api/2.{0,1}/clusters/get``, ``clusters/list``: the runs' job clusters and the existing clusters.
 * ``/api/2.0/libraries/``: ``cluster-status``, ``all-cluster-statuses``, ``install``, ``uninstall`` (recorded,
   never installed).

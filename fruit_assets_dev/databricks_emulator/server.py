@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from fruit_assets_dev.databricks_emulator import serverless
 from fruit_assets_dev.databricks_emulator.dbfs import DbfsPathError, DbfsRoot, from_fuse, is_fuse_path, normalize
 from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache, LibraryInstallError, pypi_requirements
+from fruit_assets_dev.databricks_emulator.volumes import VolumeError, Volumes, is_files_api, is_volume_path, mount_command
 
 logger = logging.getLogger("fruit_assets_dev.databricks_emulator")
 
@@ -137,6 +139,7 @@ class EmulatedRun:
     idempotency_token: str | None = None
     runtime: Any = None  # the databricks_runtimes.Runtime its cluster runs (None: an unchecked existing cluster)
     environment: Any = None  # environments.Environment it ran in (None: local mode)
+    serverless: bool = False  # a task with an environment_key: Spark Connect only (serverless.py)
 
     @property
     def runtime_path(self) -> Path:
@@ -253,6 +256,7 @@ class DatabricksEmulator:
         self.dbfs_root = dbfs_root
         self.environments = EnvironmentCache(environments) if environments is not None else None
         self.dbfs = DbfsRoot(self.root / "dbfs")
+        self.volumes = Volumes(self.root / "volumes")
         self._lock = threading.RLock()
         self._state_changed = threading.Condition(self._lock)
         self._runs: dict[int, EmulatedRun] = {}
@@ -275,7 +279,7 @@ class DatabricksEmulator:
     def start(self) -> DatabricksEmulator:
         if self._server is not None:
             return self
-        for sub in ("dbfs", "runs", "uploads"):
+        for sub in ("dbfs", "runs", "uploads", "volumes"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         handler = type("BoundHandler", (_Handler,), {"emulator": self})
         self._server = ThreadingHTTPServer(self._bind, handler)
@@ -660,9 +664,9 @@ class DatabricksEmulator:
             )
         spt = task["spark_python_task"]
         python_file = spt.get("python_file")
-        if not isinstance(python_file, str) or not python_file.startswith("dbfs:"):
+        if not isinstance(python_file, str) or not (python_file.startswith("dbfs:") or is_volume_path(python_file)):
             raise _invalid(
-                f"spark_python_task.python_file must be a dbfs:/ path in the Databricks emulator, got {python_file!r}."
+                f"spark_python_task.python_file must be a dbfs:/ or /Volumes/ path in the Databricks emulator, got {python_file!r}."
             )
         if spt.get("source") not in (None, "WORKSPACE"):
             raise _invalid("spark_python_task.source GIT is not supported by the Databricks emulator.")
@@ -671,13 +675,24 @@ class DatabricksEmulator:
             raise _invalid("spark_python_task.parameters must be a list of strings.")
         new_cluster = task.get("new_cluster")
         existing = task.get("existing_cluster_id")
-        if (new_cluster is None) == (existing is None):
+        is_serverless = serverless.is_serverless(task)
+        if (new_cluster is not None) + (existing is not None) + is_serverless != 1:
             raise _invalid(
-                "The Databricks emulator needs exactly one of new_cluster or existing_cluster_id "
-                "(job clusters and serverless compute are not emulated)."
+                "The Databricks emulator needs exactly one of new_cluster, existing_cluster_id or environment_key "
+                "(serverless) (job clusters are not emulated)."
             )
         libraries = task.get("libraries") or []
-        if new_cluster is not None:
+        if is_serverless:
+            if libraries:
+                # https://docs.databricks.com/aws/en/compute/serverless/dependencies: environments, not libraries
+                raise _invalid("Libraries field is not supported for serverless task, please specify libraries in environment.")
+            try:
+                spec = serverless.environment_of(body, task)
+                runtime = _runtime_for(serverless.spark_version_of(spec), "environments[].spec.environment_version")
+                libraries = serverless.libraries_of(spec)
+            except serverless.ServerlessError as e:
+                raise _invalid(str(e)) from None
+        elif new_cluster is not None:
             runtime = _runtime_for(new_cluster.get("spark_version"), "new_cluster.spark_version")
         else:
             with self._lock:
@@ -685,7 +700,10 @@ class DatabricksEmulator:
             runtime = _runtime_for(known, f"cluster {existing}") if known or self.environments else None
         timeout = body.get("timeout_seconds") or task.get("timeout_seconds") or 0
         token = body.get("idempotency_token")
-        local_file = self.dbfs.local(python_file)
+        try:
+            local_file = self.volumes.local(python_file) if is_volume_path(python_file) else self.dbfs.local(python_file)
+        except VolumeError as e:
+            raise _invalid(e.message) from None
         translated = [self._translate_uri(p, "spark_python_task.parameters") for p in parameters]
 
         with self._lock:
@@ -695,7 +713,7 @@ class DatabricksEmulator:
                         return {"run_id": run.run_id, "number_in_job": run.run_id}
             run_id = next(self._ids)
             task_run_id = next(self._ids)
-            cluster_id = existing or time.strftime("%m%d-%H%M%S-", time.gmtime()) + f"emu{run_id}"
+            cluster_id = existing or time.strftime("%m%d-%H%M%S-", time.gmtime()) + ("serverless" if is_serverless else f"emu{run_id}")
             if existing and existing not in self._clusters:
                 self._clusters[existing] = {}
             run = EmulatedRun(
@@ -714,6 +732,7 @@ class DatabricksEmulator:
                 run_dir=self.root / "runs" / str(run_id),
                 idempotency_token=token,
                 runtime=runtime,
+                serverless=is_serverless,
             )
             run.would_install = [json.dumps(lib, sort_keys=True) for lib in libraries]
             if legacy:
@@ -821,6 +840,8 @@ class DatabricksEmulator:
     def _cluster_spec_json(self, run: EmulatedRun) -> dict:
         if run.new_cluster is not None:
             return {"new_cluster": run.new_cluster}
+        if run.serverless:
+            return {"environment_key": run.submit_body["tasks"][0]["environment_key"]}
         return {"existing_cluster_id": run.existing_cluster_id}
 
     def _task_json(self, run: EmulatedRun) -> dict:
@@ -937,6 +958,8 @@ class DatabricksEmulator:
         False when that failed: the run has then ended, as a cluster whose libraries fail to install ends it."""
         assert self.environments is not None and run.runtime is not None
         requirements, notes = pypi_requirements(run.libraries)
+        if run.serverless:
+            requirements = tuple(sorted({*requirements, serverless.connect_requirement(run.runtime.spark)}))
         run.notes.extend(notes)
         self._set_state(run, state_message=f"Installing libraries on the emulated {run.runtime.name} runtime")
         build_log = run.run_dir / "library_install.log"
@@ -1016,11 +1039,16 @@ class DatabricksEmulator:
             "runtime_file": str(run.runtime_path),
             "runtime": run.runtime.name if run.runtime is not None else None,
             "installed": run.environment is not None,
+            "serverless": run.serverless,
             "secrets": self._secrets,
         }
+        command = [self._task_python(run), "-m", "fruit_assets_dev.databricks_emulator.runner"]
+        mounted = mount_command(self.volumes.folder, command)
+        if mounted is None:
+            run.notes.append("no /Volumes in this task: mounting the emulator's volumes needs root and unshare")
         with open(run.stdout_path, "wb") as out, open(run.stderr_path, "wb") as err:
             process = subprocess.Popen(
-                [self._task_python(run), "-m", "fruit_assets_dev.databricks_emulator.runner"],
+                mounted or command,
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=err,
@@ -1332,6 +1360,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         parts = urlsplit(self.path)
         path = parts.path.rstrip("/") or "/"
+        if is_files_api(path):
+            self._handle_files(path, parts.query)
+            return
         status, payload = 200, {}
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -1359,9 +1390,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has no body: the client would read it as the next answer
+            self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+    def _handle_files(self, path: str, query: str) -> None:
+        """The Files API (volumes.py): raw bytes in and out, JSON only for errors and listings."""
+        status, headers, data = 200, {}, b""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            self.emulator._authorized(self.headers.get("Authorization"))
+            arguments = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+            status, headers, data = self.emulator.volumes.handle(self.command, path, arguments, raw)
+        except (ApiError, VolumeError) as e:
+            status, headers = e.status, {"Content-Type": "application/json"}
+            data = json.dumps({"error_code": e.error_code, "message": e.message}).encode()
+        self.emulator._record(self.command, path, status)
+        self.send_response(status)
+        for name, value in headers.items():
+            if name != "Content-Length":
+                self.send_header(name, value)
+        # HEAD answers say the file's length, and send no body.
+        self.send_header("Content-Length", headers.get("Content-Length", str(len(data))))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
