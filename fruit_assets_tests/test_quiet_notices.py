@@ -40,7 +40,7 @@ def test_the_demos_first_model_build_prints_no_tensorflow_notice(tmp_path):
     fails to download the weights). On a CPU where oneDNN is on (AVX-512), TensorFlow printed its notice
     there, twice, whatever TF_CPP_MIN_LOG_LEVEL said."""
     script = (
-        "from fruit_assets import quiet; quiet.configure_environment()\n"
+        "from fruit_assets.plumbing import quiet; quiet.configure_environment()\n"
         "from fruit_assets.ml.model import WeightsSource, WeightsUnavailableError, build_feature_extractor\n"
         "try:\n    build_feature_extractor(WeightsSource('imagenet'))\nexcept WeightsUnavailableError:\n    pass\n"
         "import keras, numpy\n"

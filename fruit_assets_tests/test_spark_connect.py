@@ -253,7 +253,7 @@ def test_pca_model_written_on_connect_loads_as_a_spark_ml_model_on_classic_spark
     table = resolve(str(tmp_path / "pca_model"))
     with connect_mode():
         result = decompose(_statistics(spark_connect, features_table), 10, 0.95, 256)
-        PcaHandler().store(result, table, None, {})
+        PcaHandler().store(result, table, None, {}, delta.CommitAttempts())
         snapshot = delta.snapshot(table)
         assert snapshot is not None
         with pytest.raises(TypeError, match="Spark Connect session .* does not have; load pca_model as a PcaResult"):
