@@ -26,3 +26,19 @@ def test_ruff_finds_nothing():
 def test_pyright_finds_nothing_in_the_package():
     result = _run(str(BIN / "pyright"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+MAX_FUNCTION_LINES = 40  # issue 25: a function of the package reads on one screen, its docstring included
+
+
+def test_no_function_of_the_package_is_over_40_lines():
+    import ast
+
+    long = []
+    for path in sorted((REPO / "fruit_assets").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "\n".join(long)
