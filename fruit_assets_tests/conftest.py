@@ -154,8 +154,8 @@ def pytest_sessionfinish(session):
 # groups (seconds of one worker, measured on 2 cores) start first, so that the run does not end waiting
 # for one of them while the other workers are idle.
 SHARED_GROUPS = {"test_quiet": "demo", "test_ui": "demo"}  # both use the demo run (the `demo` fixture)
-LONGEST_FIRST = ("demo", "test_databricks_pipeline", "test_delta_tables", "test_databricks_emulator", "test_bad_input",
-                 "test_incremental", "test_runtimes", "test_faults", "test_model")
+LONGEST_FIRST = ("demo", "test_databricks_pipeline", "test_databricks_pipes", "test_delta_tables", "test_databricks_emulator",
+                 "test_bad_input", "test_incremental", "test_runtimes", "test_faults", "test_model")
 
 
 def worker_group(nodeid: str) -> str:
