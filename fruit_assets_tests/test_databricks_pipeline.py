@@ -59,11 +59,16 @@ def emulator(s3, tmp_path_factory, guarded_imports, emulated_runtimes):
         yield workspace
 
 
-@pytest.fixture(scope="module")
-def bucket(s3, demo_images):
-    prefix = f"s3://{TEST_BUCKET}/databricks-{uuid.uuid4().hex[:6]}"
+def uploaded_demo_images(demo_images, name: str) -> str:
+    """A prefix of its own in the test bucket, holding the demo set under `images/`."""
+    prefix = f"s3://{TEST_BUCKET}/{name}-{uuid.uuid4().hex[:6]}"
     upload_tree(demo_images, f"{prefix}/images")
     return prefix
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, demo_images):
+    return uploaded_demo_images(demo_images, "databricks")
 
 
 # The repository's databricks.yaml, which the README shows: the tests run that very file. Only the
@@ -185,19 +190,21 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
         "pca_model_is_an_exact_decomposition",
     }
 
-    # Same outputs as the local run on the same images (this venv: Python 3.11, pyspark 4.3): the features
-    # within 1e-5, the PCA (its components and explained variance) within 1e-6.
-    _, local_storage = demo_run
-    remote, local = (by_image(read_asset(storage, "image_features")) for storage in (f"{bucket}/assets", local_storage))
+    # Same outputs as the local run on the same images (this venv: Python 3.11, pyspark 4.3).
+    assert_equals_the_local_run(f"{bucket}/assets", demo_run[1])
+
+
+def assert_equals_the_local_run(storage: str, local_storage) -> None:
+    """A remote run's tables equal the local run's on the same images: the features within 1e-5, the PCA
+    (its components, with their canonical signs, and explained variance) within 1e-6."""
+    remote, local = (by_image(read_asset(s, "image_features")) for s in (storage, local_storage))
     assert list(remote.index) == list(local.index)
     np.testing.assert_allclose(np.stack(remote.features), np.stack(local.features), rtol=0, atol=1e-5)
-    remote_pca, local_pca = (read_asset(storage, "pca_model").sort_values("component")
-                             for storage in (f"{bucket}/assets", local_storage))
+    remote_pca, local_pca = (read_asset(s, "pca_model").sort_values("component") for s in (storage, local_storage))
     assert list(remote_pca.component) == list(local_pca.component)
-    # Components have a canonical sign, so they agree with their signs.
     np.testing.assert_allclose(np.stack(remote_pca.loadings), np.stack(local_pca.loadings), rtol=0, atol=1e-6)
     np.testing.assert_allclose(remote_pca.explained_variance, local_pca.explained_variance, rtol=0, atol=1e-6)
-    remote, local = (by_image(read_asset(storage, "reduced_features")) for storage in (f"{bucket}/assets", local_storage))
+    remote, local = (by_image(read_asset(s, "reduced_features")) for s in (storage, local_storage))
     assert list(remote.index) == list(local.index)
     np.testing.assert_allclose(np.stack(remote.pca_features), np.stack(local.pca_features), rtol=1e-5, atol=1e-5)
 

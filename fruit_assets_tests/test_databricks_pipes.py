@@ -9,16 +9,18 @@ such a workspace, which points here, is test_databricks_preflight's.)"""
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 from dagster import DagsterEventType
 
-from fruit_assets_dev.local_s3 import upload_tree
-from fruit_assets_tests.support import TEST_BUCKET, by_image, read_asset
-from fruit_assets_tests.test_databricks_pipeline import finish, last_run_events, materialize_cli
+from fruit_assets_tests.test_databricks_pipeline import (
+    assert_equals_the_local_run,
+    finish,
+    last_run_events,
+    materialize_cli,
+    uploaded_demo_images,
+)
 
 pytestmark = pytest.mark.databricks
 
@@ -43,9 +45,7 @@ def emulator(s3, tmp_path_factory, emulated_runtimes):
 
 @pytest.fixture(scope="module")
 def bucket(s3, demo_images):
-    prefix = f"s3://{TEST_BUCKET}/pipes-{uuid.uuid4().hex[:6]}"
-    upload_tree(demo_images, f"{prefix}/images")
-    return prefix
+    return uploaded_demo_images(demo_images, "pipes")
 
 
 def pipes_env(emulator, bucket, home: Path, settings: Path, storage: str, **overrides) -> dict:
@@ -62,18 +62,6 @@ def pipes_env(emulator, bucket, home: Path, settings: Path, storage: str, **over
 def materialized(events) -> dict:
     return {e.dagster_event.asset_key.to_user_string(): {k: v.value for k, v in e.dagster_event.materialization.metadata.items()}
             for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION}
-
-
-def assert_equals_the_local_run(storage: str, local_storage) -> None:
-    """Features within 1e-5, the PCA within 1e-6 of the local run on the same images."""
-    remote, local = (by_image(read_asset(s, "image_features")) for s in (storage, local_storage))
-    assert list(remote.index) == list(local.index)
-    np.testing.assert_allclose(np.stack(remote.features), np.stack(local.features), rtol=0, atol=1e-5)
-    remote_pca, local_pca = (read_asset(s, "pca_model").sort_values("component") for s in (storage, local_storage))
-    np.testing.assert_allclose(np.stack(remote_pca.loadings), np.stack(local_pca.loadings), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(remote_pca.explained_variance, local_pca.explained_variance, rtol=0, atol=1e-6)
-    remote, local = (by_image(read_asset(s, "reduced_features")) for s in (storage, local_storage))
-    np.testing.assert_allclose(np.stack(remote.pca_features), np.stack(local.pca_features), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("settings", [CLASSIC_YAML, SERVERLESS_YAML], ids=["classic", "serverless"])
