@@ -191,3 +191,26 @@ def test_each_versions_commit_info_is_its_own_where_delta_rs_history_is_not(tmp_
     custom = delta.COMMIT_KEY
     history = DeltaTable(str(tmp_path / "table"), version=0).history(1)
     assert (history[0]["version"], json.loads(history[0][custom])["n"]) == (0, 3)  # version 0, version 3's info
+
+
+def test_reading_a_table_builds_no_python_filesystem(tmp_path, monkeypatch):
+    """delta.read_arrow reads through our own filesystem: deltalake's default, a PyFileSystem, could be
+    released on an Arrow thread while Python exits and abort the process after its work was done (the
+    demo's "terminate called without an active exception"; see read_arrow)."""
+    import pyarrow.fs as pafs
+
+    from fruit_assets.storage import delta
+
+    location = storage.resolve(str(tmp_path / "table"))
+    schema = pa.schema([("n", pa.int64())])
+    base = None
+    for n in range(2):
+        delta.commit(location, [delta.write_arrow_file(location, pa.table({"n": [n, n + 10]}, schema=schema))], schema, base)
+        base = delta.snapshot(location)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a PyFileSystem was built to read the table")
+
+    monkeypatch.setattr(pafs, "PyFileSystem", refuse)
+    assert sorted(delta.read_arrow(location).column("n").to_pylist()) == [0, 1, 10, 11]
+    assert delta.read_arrow(location, 0, columns=["n"]).column("n").to_pylist() == [0, 10]
