@@ -244,7 +244,11 @@ def test_cancelling_the_dagster_run_cancels_the_remote_run(emulator, bucket, tmp
         remote = next((r for r in emulator.runs if r.run_id not in known and r.life_cycle_state == "RUNNING"), None)
         time.sleep(0.5)
     assert remote is not None, "the remote run never started"
-    time.sleep(3)
+    # Cancel once the launcher polls the running run (its wait loop, where Ctrl-C must cancel the remote
+    # run), not after a fixed delay.
+    polls = len(emulator.requests_to(r"/jobs/runs/get$"))
+    while time.monotonic() < deadline and len(emulator.requests_to(r"/jobs/runs/get$")) == polls:
+        time.sleep(0.1)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
     finish(process, timeout=300)
     assert process.returncode != 0
