@@ -251,46 +251,16 @@ def _spark_session(spec: dict):
     return builder.getOrCreate()
 
 
-CONNECT_SERVER = """
-import json, sys
-from pyspark.sql import SparkSession
-builder = SparkSession.builder
-for key, value in json.loads(sys.argv[1]).items():
-    builder = builder.config(key, value)
-spark = builder.getOrCreate()
-print("ready", flush=True)
-sys.stdin.read()  # until the task's process ends (its pipe closes)
-"""
-
-
 def _connect_session(spec: dict):
-    """Serverless (serverless.py): a Spark Connect server in a process of its own, in this task's process
-    group, and a Connect client session for the task, which gets no JVM in its own process."""
-    import socket
-    import subprocess
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    conf = {
-        "spark.master": spec["spark_master"], "spark.ui.enabled": "false", "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1", "spark.app.name": spec.get("app_name") or "databricks-emulator",
-        "spark.plugins": "org.apache.spark.sql.connect.SparkConnectPlugin",
-        "spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
-        "spark.sql.session.timeZone": "UTC",
-    }
-    server = subprocess.Popen([sys.executable, "-c", CONNECT_SERVER, json.dumps(conf)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    if server.stdout.readline().strip() != "ready":
-        raise RuntimeError("the emulated serverless compute's Spark Connect server did not start (see stderr)")
-    url = f"sc://127.0.0.1:{port}"
+    """Serverless (serverless.py): a client session of the environment's Spark Connect server, which the
+    emulator runs; this process gets no JVM."""
+    url = spec["connect_url"]
     # What a serverless driver has: every SparkSession.builder.getOrCreate() is this server's client.
     os.environ["SPARK_REMOTE"] = url
     os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
     from pyspark.sql import SparkSession
 
-    return SparkSession.builder.remote(url).getOrCreate(), server
+    return SparkSession.builder.remote(url).getOrCreate()
 
 
 def main() -> int:
@@ -319,7 +289,7 @@ def main() -> int:
 
     started = time.time()
     serverless = bool(spec.get("serverless"))
-    spark, _server = _connect_session(spec) if serverless else (_spark_session(spec), None)
+    spark = _connect_session(spec) if serverless else _spark_session(spec)
     kind = "Spark Connect session (serverless)" if serverless else "SparkSession"
     log(f"{kind} {spark.version} on {spec['spark_master']} ready in {time.time() - started:.1f} s")
     dbutils = DBUtils(spec.get("secrets") or {}, DbfsRoot(spec["dbfs_root"]))

@@ -257,6 +257,7 @@ class DatabricksEmulator:
         self.environments = EnvironmentCache(environments) if environments is not None else None
         self.dbfs = DbfsRoot(self.root / "dbfs")
         self.volumes = Volumes(self.root / "volumes")
+        self._connect_servers = serverless.ConnectServers(self.root / "serverless")
         self._lock = threading.RLock()
         self._state_changed = threading.Condition(self._lock)
         self._runs: dict[int, EmulatedRun] = {}
@@ -309,6 +310,7 @@ class DatabricksEmulator:
                 with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)
             self._server = None
+        self._connect_servers.stop()
 
     def __enter__(self) -> DatabricksEmulator:
         return self.start()
@@ -986,6 +988,15 @@ class DatabricksEmulator:
             run.notes.append(f"the libraries left dependency conflicts (as pip would warn): {environment.conflicts}")
         return True
 
+    def _serverless_compute(self, run: EmulatedRun, env: dict[str, str]) -> str:
+        """The URL of the Spark Connect server of the run's environment (serverless.py), started now if
+        this is its first task."""
+        self._set_state(run, state_message="Waiting for serverless compute")
+        python = self._task_python(run)
+        key = str(run.environment.folder) if run.environment is not None else python
+        return self._connect_servers.url(key, python, env=env, spark_master=self.spark_master,
+                                         wrap=lambda command: mount_command(self.volumes.folder, command) or command)
+
     def _set_state(self, run: EmulatedRun, **changes) -> None:
         with self._state_changed:
             for key, value in changes.items():
@@ -1023,6 +1034,7 @@ class DatabricksEmulator:
         if cluster.get("spark_conf", {}).get("spark.master"):
             run.notes.append(f"spark_conf spark.master={cluster['spark_conf']['spark.master']} ignored: "
                              f"the emulator runs {self.spark_master}")
+        connect_url = self._serverless_compute(run, env) if run.serverless else None
         spec = {
             "parent_pid": os.getpid(),
             "python_file": str(local_file),
@@ -1040,6 +1052,7 @@ class DatabricksEmulator:
             "runtime": run.runtime.name if run.runtime is not None else None,
             "installed": run.environment is not None,
             "serverless": run.serverless,
+            "connect_url": connect_url,
             "secrets": self._secrets,
         }
         command = [self._task_python(run), "-m", "fruit_assets_dev.databricks_emulator.runner"]
