@@ -1,0 +1,192 @@
+"""Where the test suite's CPU goes: each test's CPU, its module's, and the busy cores over time.
+
+    python -m benchmarks.suite_cpu OUT_DIR [-- COMMAND ...]     # default command: .venv/bin/pytest
+
+The suite is CPU-bound on 2 cores (issue 21), so its wall time follows its CPU, and most of that is in
+processes the tests start (JVMs, CLI runs, emulated Databricks tasks, their Python workers), which
+`pytest --durations` does not see. This runs the command as a child subreaper (orphaned JVMs are
+counted too) and samples /proc every 0.25 s: each process's CPU goes to the pytest-xdist worker named
+by PYTEST_XDIST_WORKER in its environment (inherited by everything a test starts), and from the worker
+to the test it was running (this module is also the pytest plugin that logs when each test starts and
+ends). CPU of processes without a worker (the install, the controller's background builds) is listed
+apart. A process that starts and ends between two samples is missed: the total is below the tree's CPU,
+which is printed too. Only the command's own process tree is sampled. Linux only; root sees every environment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import ctypes
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DIR_VARIABLE = "SUITE_CPU_DIR"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# --- the pytest plugin (loaded in the controller and the workers with -p benchmarks.suite_cpu) ---
+
+
+def _log_test(nodeid: str, kind: str) -> None:
+    folder = os.environ.get(DIR_VARIABLE)
+    if folder:
+        with open(Path(folder) / "tests.log", "a") as log:
+            log.write(f"{time.time():.2f} {os.environ.get('PYTEST_XDIST_WORKER', 'main')} {kind} {nodeid}\n")
+
+
+def pytest_configure(config):
+    """A worker's own environment in /proc is the one it was started with, before pytest-xdist named it:
+    it says which process it is here."""
+    folder, worker = os.environ.get(DIR_VARIABLE), os.environ.get("PYTEST_XDIST_WORKER")
+    if folder and worker:
+        with open(Path(folder) / "workers.log", "a") as log:
+            log.write(f"{os.getpid()} {worker}\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _log_test(nodeid, "start")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _log_test(nodeid, "end")
+
+
+# --- the sampler ---
+
+
+def _worker_of(pid: int) -> str | None:
+    try:
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in environment.split(b"\0"):
+        if item.startswith(b"PYTEST_XDIST_WORKER="):
+            return item.split(b"=", 1)[1].decode()
+    return "-"
+
+
+def _stat_of(pid: int) -> tuple[int, int, int] | None:
+    """(CPU ticks, start time, parent) of a process, or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12]), int(fields[19]), int(fields[1])
+
+
+def _descendants() -> dict[int, tuple[int, int]]:
+    """This process's descendants (orphans included: they are reparented here): pid -> (CPU ticks, start)."""
+    stats = {int(name): stat for name in os.listdir("/proc") if name.isdigit() and (stat := _stat_of(int(name)))}
+    children = collections.defaultdict(list)
+    for pid, (_, _, parent) in stats.items():
+        children[parent].append(pid)
+    found, todo = {}, list(children[os.getpid()])
+    while todo:
+        pid = todo.pop()
+        found[pid] = stats[pid][:2]
+        todo.extend(children[pid])
+    return found
+
+
+def sample(out: Path, stop: threading.Event) -> None:
+    """Write "time worker cpu-seconds" lines: each worker's CPU since the previous sample."""
+    seen: dict[tuple[int, int], tuple[int, str]] = {}
+    workers_log = out.with_name("workers.log")
+    with open(out, "w") as log:
+        while not stop.wait(0.25):
+            now, by_worker, alive = time.time(), collections.Counter(), set()
+            lines = workers_log.read_text().split() if workers_log.exists() else []
+            workers = {int(pid): name for pid, name in zip(lines[::2], lines[1::2], strict=True)}
+            for pid, (cpu, started) in _descendants().items():
+                key = (pid, started)
+                alive.add(key)
+                before, worker = seen.get(key) or (0, _worker_of(pid) or "-")
+                worker = workers.get(pid, worker)
+                seen[key] = (cpu, worker)
+                by_worker[worker] += (cpu - before) / TICK
+            seen = {key: value for key, value in seen.items() if key in alive}
+            log.writelines(f"{now:.2f} {worker} {cpu:.2f}\n" for worker, cpu in by_worker.items() if cpu)
+
+
+# --- the report ---
+
+
+def _test_spans(folder: Path) -> dict[str, list[tuple[float, float, str]]]:
+    spans, started = collections.defaultdict(list), {}
+    for line in (folder / "tests.log").read_text().splitlines():
+        at, worker, kind, nodeid = line.split(" ", 3)
+        if kind == "start":
+            started[(worker, nodeid)] = float(at)
+        elif (worker, nodeid) in started:
+            spans[worker].append((started.pop((worker, nodeid)), float(at), nodeid))
+    return {worker: sorted(items) for worker, items in spans.items()}
+
+
+def report(folder: Path, bin_seconds: float = 30) -> str:
+    spans = _test_spans(folder)
+    starts = {worker: [s for s, _, _ in items] for worker, items in spans.items()}
+    per_test, outside, busy, first = collections.Counter(), collections.Counter(), collections.Counter(), None
+    for line in (folder / "sampler.log").read_text().splitlines():
+        at, worker, cpu = line.split()
+        at, cpu = float(at), float(cpu)
+        first = first or at
+        busy[int((at - first) // bin_seconds)] += cpu
+        index = bisect.bisect_right(starts.get(worker, []), at) - 1
+        if index >= 0 and at <= spans[worker][index][1] + 0.5:
+            per_test[spans[worker][index][2]] += cpu
+        else:
+            outside[worker] += cpu
+    modules = collections.Counter()
+    for nodeid, cpu in per_test.items():
+        modules[nodeid.split("::")[0].rpartition("/")[2]] += cpu
+    lines = [f"CPU-s in tests {sum(per_test.values()):.0f}; outside them, by worker: "
+             + ", ".join(f"{w} {c:.0f}" for w, c in outside.most_common()), "", "by module:"]
+    lines += [f"{cpu:8.1f}  {module}" for module, cpu in modules.most_common()]
+    lines += ["", "by test (top 40):"] + [f"{cpu:8.1f}  {nodeid}" for nodeid, cpu in per_test.most_common(40)]
+    lines += ["", f"busy cores per {bin_seconds:.0f} s:"]
+    lines += [f"{index * bin_seconds:6.0f} s  {busy[index] / bin_seconds:4.2f}" for index in range(max(busy, default=-1) + 1)]
+    return "\n".join(lines)
+
+
+def run(folder: Path, command: list[str]) -> int:
+    """Run `command` as a subreaper that reaps every orphan, sampled; write the report. Its exit status."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tests.log").write_text("")
+    (folder / "workers.log").write_text("")
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reaped (and counted) here
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(folder / "sampler.log", stop), daemon=True)
+    sampler.start()
+    addopts = f"{os.environ.get('PYTEST_ADDOPTS', '')} -p benchmarks.suite_cpu".strip()
+    repository = str(Path(__file__).resolve().parent.parent)
+    env = os.environ | {DIR_VARIABLE: str(folder), "PYTEST_ADDOPTS": addopts,
+                        "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
+    started, child, status = time.monotonic(), subprocess.Popen(command, env=env), None
+    while True:  # reap at once: an orphan left a zombie would still look alive to the tests that kill it
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        if pid == child.pid:
+            status, wall = os.waitstatus_to_exitcode(code), time.monotonic() - started
+    stop.set()
+    sampler.join()
+    tree = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = f"{' '.join(command)}: exit {status}, {wall:.0f} s wall, tree CPU {tree.ru_utime + tree.ru_stime:.0f} s\n\n"
+    (folder / "report.txt").write_text(text + report(folder))
+    print(text + f"report: {folder / 'report.txt'}")
+    return status if status is not None else 1
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    if not arguments or arguments[0].startswith("-"):
+        sys.exit(__doc__)
+    out, rest = Path(arguments[0]), arguments[1:]
+    sys.exit(run(out, rest[1:] if rest[:1] == ["--"] else rest or [".venv/bin/pytest"]))
