@@ -5,7 +5,7 @@ What a user relies on, each shown against real parts:
 - a writer killed while committing leaves the previous version readable;
 - two writers at once: one whole version after the other, or a clear conflict for the loser;
 - every materialization records its version, and that version reads back that run's rows;
-- pca_model at version N loads the Spark ML model committed at N;
+- pca_model at version N loads the model committed at N;
 - folders written by the release before Delta are converted in place;
 - vacuum deletes old versions' files only after the retention period.
 """
@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -210,21 +211,34 @@ def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, dem
     pd.testing.assert_frame_equal(read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True), before)
 
 
-@pytest.mark.spark  # two `dagster asset materialize` processes
-def test_two_graph_runs_at_once_leave_every_table_whole(small_images, storage_uri, tmp_path):
+def test_two_graph_runs_at_once_leave_every_table_whole(spark, small_images, storage_uri):
+    """Two runs of the whole graph at once on one storage, started together: every table ends whole,
+    and a run that loses a commit race fails with the clear conflict message. In this process (two
+    threads, one Spark session): what decides is delta.commit's optimistic concurrency, the same in
+    two processes; the CLI's own path is the killed writer's above. Two CLI runs cost 45 CPU-s more
+    per storage kind (issue 21)."""
     config = {"ops": {"pca_model": {"config": {"k": 5}}}}
-    processes = [_materialize_cli(_cli_env(small_images, storage_uri, tmp_path), "*", config) for _ in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in processes]
-    codes = [p.returncode for p in processes]
-    assert 0 in codes, outputs[0][-3000:]
-    for code, output in zip(codes, outputs, strict=True):
-        if code != 0:
-            assert "another run committed to this Delta table" in output, output[-3000:]
+    start = threading.Barrier(2)
+
+    def graph_run(_):
+        start.wait()
+        return materialize_all(local_resources(small_images, storage_uri), run_config=config, raise_on_error=False)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(graph_run, range(2)))
+    assert any(result.success for result in results), _failures(results[0])
+    for result in results:
+        if not result.success:
+            assert "another run committed to this Delta table" in _failures(result), _failures(result)
     for name, rows in (("raw_images", 24), ("image_features", 24), ("reduced_features", 24), ("pca_model", 5)):
         frame = read_asset(storage_uri, name)
         assert len(frame) == rows, name
         if name != "pca_model":
             assert frame.path.is_unique, name
+
+
+def _failures(result) -> str:
+    return "\n".join(event.step_failure_data.error.to_string() for event in result.all_events if event.is_step_failure)
 
 
 def test_a_folder_from_the_release_before_delta_is_converted_in_place(spark, demo_run, demo_images, tmp_path):
