@@ -215,8 +215,8 @@ def test_two_graph_runs_at_once_leave_every_table_whole(spark, small_images, sto
     """Two runs of the whole graph at once on one storage, started together: every table ends whole,
     and a run that loses a commit race fails with the clear conflict message. In this process (two
     threads, one Spark session): what decides is delta.commit's optimistic concurrency, the same in
-    two processes; the CLI's own path is the killed writer's above. Two CLI runs cost 45 CPU-s more
-    per storage kind (issue 21)."""
+    two processes; the CLI's own path is the killed writer's above. Two CLI runs took 53 (local) and
+    38 (S3) CPU-s of a whole-suite run (BENCHMARKS.md, P13; issue 21)."""
     config = {"ops": {"pca_model": {"config": {"k": 5}}}}
     start = threading.Barrier(2)
 
