@@ -161,6 +161,13 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
 
     # The remote steps' events came back into the Dagster run: materializations with metadata, logs.
     run, events = last_run_events(home)
+    # The host's steps ran in the CLI's own process (definitions' in-process executor): no step worker,
+    # no Python per step. (The launched steps' own STEP_START events come from the remote task.)
+    kinds = [e.dagster_event.event_type for e in events if e.dagster_event]
+    assert DagsterEventType.STEP_WORKER_STARTING not in kinds and DagsterEventType.STEP_WORKER_STARTED not in kinds
+    [local_start] = [e.dagster_event for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_START
+                     and e.dagster_event.step_key == "raw_images"]
+    assert local_start.pid == process.pid
     materialized = {
         e.dagster_event.asset_key.to_user_string(): e
         for e in events
