@@ -1,4 +1,4 @@
-"""Where the test suite's CPU goes: each test's CPU, its module's, and the busy cores over time.
+"""Where the test suite's CPU goes: each test's CPU, its module's, each kind of process's and the busy cores over time.
 
     python -m benchmarks.suite_cpu OUT_DIR [-- COMMAND ...]     # default command: .venv/bin/pytest
 
@@ -94,9 +94,46 @@ def _descendants() -> dict[int, tuple[int, int]]:
     return found
 
 
+def process_kind(pid: int) -> str | None:
+    """What a process is, from its command line: the report's "by process kind" (None once it is gone)."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    if not argv:
+        return "?"
+    line, program = " ".join(argv), os.path.basename(argv[0])
+    where = "emulated runtime: " if "databricks_environments/" in line else ""  # the emulator's environments
+    if program == "java":
+        return where + ("JVM, Spark Connect server" if "SparkConnectServer" in line else "JVM")
+    if not program.startswith("python"):
+        return where + program
+    for marker, kind in (("pyspark.daemon", "Spark Python worker"), ("pyspark.worker", "Spark Python worker"),
+                         ("databricks_emulator.runner", "task (Python)")):
+        if marker in line:
+            return where + kind
+    arguments = iter(argv[1:])
+    for argument in arguments:  # the interpreter's options, then what it runs
+        if argument == "-c":
+            return where + "python -c"
+        if argument == "-m":
+            return where + f"python -m {next(arguments, '')}"
+        if argument in ("-X", "-W"):
+            next(arguments, None)
+        elif not argument.startswith("-"):
+            script = os.path.basename(argument)
+            if script == "pytest":
+                return "pytest (controller)"
+            if script == "dagster":  # its command: "dagster asset", "dagster dev", "dagster api"
+                return f"dagster {next(arguments, '')}".strip()
+            return where + f"python {script}"
+    return where + "python"
+
+
 def sample(out: Path, stop: threading.Event) -> None:
-    """Write "time worker cpu-seconds" lines: each worker's CPU since the previous sample."""
-    seen: dict[tuple[int, int], tuple[int, str]] = {}
+    """Write "time worker kind cpu-seconds" lines: the CPU since the previous sample of each worker's
+    processes of one kind (`process_kind`; spaces in it become underscores)."""
+    seen: dict[tuple[int, int], tuple[int, str, str]] = {}
     workers_log = out.with_name("workers.log")
     with open(out, "w") as log:
         while not stop.wait(0.25):
@@ -106,12 +143,14 @@ def sample(out: Path, stop: threading.Event) -> None:
             for pid, (cpu, started) in _descendants().items():
                 key = (pid, started)
                 alive.add(key)
-                before, worker = seen.get(key) or (0, _worker_of(pid) or "-")
+                before, worker, kind = seen.get(key) or (0, _worker_of(pid) or "-", "?")
                 worker = workers.get(pid, worker)
-                seen[key] = (cpu, worker)
-                by_worker[worker] += (cpu - before) / TICK
+                # Again each time: a process may exec another program.
+                kind = "pytest-xdist worker" if pid in workers else process_kind(pid) or kind
+                seen[key] = (cpu, worker, kind)
+                by_worker[(worker, kind.replace(" ", "_"))] += (cpu - before) / TICK
             seen = {key: value for key, value in seen.items() if key in alive}
-            log.writelines(f"{now:.2f} {worker} {cpu:.2f}\n" for worker, cpu in by_worker.items() if cpu)
+            log.writelines(f"{now:.2f} {worker} {kind} {cpu:.2f}\n" for (worker, kind), cpu in by_worker.items() if cpu)
 
 
 # --- the report ---
@@ -132,9 +171,11 @@ def report(folder: Path, bin_seconds: float = 30) -> str:
     spans = _test_spans(folder)
     starts = {worker: [s for s, _, _ in items] for worker, items in spans.items()}
     per_test, outside, busy, first = collections.Counter(), collections.Counter(), collections.Counter(), None
+    kinds = collections.Counter()
     for line in (folder / "sampler.log").read_text().splitlines():
-        at, worker, cpu = line.split()
+        at, worker, kind, cpu = line.split()
         at, cpu = float(at), float(cpu)
+        kinds[kind.replace("_", " ")] += cpu
         first = first or at
         busy[int((at - first) // bin_seconds)] += cpu
         index = bisect.bisect_right(starts.get(worker, []), at) - 1
@@ -148,6 +189,8 @@ def report(folder: Path, bin_seconds: float = 30) -> str:
     lines = [f"CPU-s in tests {sum(per_test.values()):.0f}; outside them, by worker: "
              + ", ".join(f"{w} {c:.0f}" for w, c in outside.most_common()), "", "by module:"]
     lines += [f"{cpu:8.1f}  {module}" for module, cpu in modules.most_common()]
+    lines += ["", "by process kind (all processes, the install's included):"]
+    lines += [f"{cpu:8.1f}  {kind}" for kind, cpu in kinds.most_common()]
     lines += ["", "by test (top 40):"] + [f"{cpu:8.1f}  {nodeid}" for nodeid, cpu in per_test.most_common(40)]
     lines += ["", f"busy cores per {bin_seconds:.0f} s:"]
     lines += [f"{index * bin_seconds:6.0f} s  {busy[index] / bin_seconds:4.2f}" for index in range(max(busy, default=-1) + 1)]
