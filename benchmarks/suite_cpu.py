@@ -102,8 +102,11 @@ def process_kind(pid: int) -> str | None:
         return None
     if not argv:
         return "?"
-    line, program = " ".join(argv), os.path.basename(argv[0])
+    # Chromium writes its whole command line into argv[0]: the program is its first word.
+    line, program = " ".join(argv), os.path.basename(argv[0].split(" ")[0])
     where = "emulated runtime: " if "databricks_environments/" in line else ""  # the emulator's environments
+    if "chrom" in program:
+        return "Chromium"
     if program == "java":
         return where + ("JVM, Spark Connect server" if "SparkConnectServer" in line else "JVM")
     if not program.startswith("python"):
@@ -131,8 +134,8 @@ def process_kind(pid: int) -> str | None:
 
 
 def sample(out: Path, stop: threading.Event) -> None:
-    """Write "time worker kind cpu-seconds" lines: the CPU since the previous sample of each worker's
-    processes of one kind (`process_kind`; spaces in it become underscores)."""
+    """Write tab-separated "time worker kind cpu-seconds" lines: the CPU since the previous sample of each
+    worker's processes of one kind (`process_kind`)."""
     seen: dict[tuple[int, int], tuple[int, str, str]] = {}
     workers_log = out.with_name("workers.log")
     with open(out, "w") as log:
@@ -148,9 +151,9 @@ def sample(out: Path, stop: threading.Event) -> None:
                 # Again each time: a process may exec another program.
                 kind = "pytest-xdist worker" if pid in workers else process_kind(pid) or kind
                 seen[key] = (cpu, worker, kind)
-                by_worker[(worker, kind.replace(" ", "_"))] += (cpu - before) / TICK
+                by_worker[(worker, kind)] += (cpu - before) / TICK
             seen = {key: value for key, value in seen.items() if key in alive}
-            log.writelines(f"{now:.2f} {worker} {kind} {cpu:.2f}\n" for (worker, kind), cpu in by_worker.items() if cpu)
+            log.writelines(f"{now:.2f}\t{worker}\t{kind}\t{cpu:.2f}\n" for (worker, kind), cpu in by_worker.items() if cpu)
 
 
 # --- the report ---
@@ -173,9 +176,9 @@ def report(folder: Path, bin_seconds: float = 30) -> str:
     per_test, outside, busy, first = collections.Counter(), collections.Counter(), collections.Counter(), None
     kinds = collections.Counter()
     for line in (folder / "sampler.log").read_text().splitlines():
-        at, worker, kind, cpu = line.split()
+        at, worker, kind, cpu = line.split("\t")
         at, cpu = float(at), float(cpu)
-        kinds[kind.replace("_", " ")] += cpu
+        kinds[kind] += cpu
         first = first or at
         busy[int((at - first) // bin_seconds)] += cpu
         index = bisect.bisect_right(starts.get(worker, []), at) - 1
