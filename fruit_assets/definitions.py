@@ -40,7 +40,8 @@ defs = Definitions(
     # Spark's start-up and the model again at each step. On Databricks (step launcher or Pipes) the
     # graph is a chain, so a process per step (Dagster's default) ran nothing in parallel and paid a
     # fresh Python importing Dagster and this package at each step: the step launcher's graph CLI run
-    # and its six other scenarios took 287 CPU-s with it and 220 in one process (2-core Intel Xeon,
-    # AVX-512). Ctrl-C still cancels the remote run. The Dagster UI still shows each step and its logs.
+    # and its six other scenarios took 287 CPU-s with it and 220 in one process, the whole test suite
+    # 1,241 and 1,009 (2-core Intel Xeon, AVX-512; BENCHMARKS.md). Ctrl-C still cancels the remote run.
+    # The Dagster UI still shows each step and its logs.
     executor=in_process_executor,
 )
