@@ -1,0 +1,108 @@
+"""Issue 21's measurement: the README's test command from a fresh clone, with what CI starts with.
+
+    python -m benchmarks.fresh_clone NAME [--commit REV] [--remove-chromium] [--results FILE] [-- PYTEST_ARGS ...]
+
+Clones this repository (HEAD, or REV) into /tmp/fresh/NAME, points the uv, pip, emulator and model caches
+at an empty folder there (CI's are empty: it runs on a new clone, and `~/.cache` is the session's), and
+runs `bash .ci/run` with CI=true as a child subreaper that reaps every orphan, so that JVMs which outlive
+their parent are counted in the tree's CPU. `--remove-chromium` purges Debian's chromium first, as a new
+machine has none (the UI tests install it in the background). PYTEST_ARGS, if given, are passed through
+PYTEST_ADDOPTS (for example `-n 3` to compare worker counts side by side).
+
+Prints, and appends to --results: the commit, the tests' closing line, pytest's own time, the README
+command's wall time (install included), the tree's CPU, the machine's busy and steal CPU over the run,
+and the CPU model. Compare rows only within one machine and one session (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO_ROOT
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _cpu_model() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    found = {key: re.search(rf"^{key}\s*: (.*)$", info, re.M) for key in ("model name", "cpu family", "model")}
+    name, family, model = (m.group(1) if m else "?" for m in found.values())
+    flags = re.search(r"^flags\s*: (.*)$", info, re.M)
+    wide = [f for f in (flags.group(1).split() if flags else []) if f in ("avx512f", "avx512_bf16", "amx_tile")]
+    return f"{name} (family {family} model {model}, {os.cpu_count()} cores, {' '.join(wide) or 'no AVX-512'})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--commit", default="HEAD")
+    parser.add_argument("--remove-chromium", action="store_true")
+    parser.add_argument("--results", default="/tmp/fresh/results.txt")
+    options = parser.parse_args(argv)
+
+    folder = Path("/tmp/fresh") / options.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    clone, caches = folder / "repo", folder / "cache"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", options.commit], check=True)
+    commit = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    if options.remove_chromium and shutil.which("chromium"):
+        subprocess.run(["apt-get", "purge", "-y", "-q", "chromium", "chromium-driver", "chromium-common"],
+                       check=True, capture_output=True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST_", "FRUIT_"))}
+    env.update(CI="true", XDG_CACHE_HOME=str(caches), UV_CACHE_DIR=str(caches / "uv"),
+               PIP_CACHE_DIR=str(caches / "pip"))
+    if passthrough:
+        env["PYTEST_ADDOPTS"] = " ".join(passthrough)
+
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reaped (and counted) here
+    busy0, steal0 = _machine_cpu()
+    start = time.monotonic()
+    with open(folder / "log.txt", "wb") as log:
+        process = subprocess.Popen(["bash", ".ci/run"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+        status = process.wait()
+    wall = time.monotonic() - start
+    while True:  # orphans still running (a JVM that outlived its parent): wait for them and count them
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    busy1, steal1 = _machine_cpu()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    text = (folder / "log.txt").read_text(errors="replace")
+    closing = re.findall(r"^=+ (.*(?:passed|failed|error).*) in ([\d.]+)s", text, re.M)
+    summary, pytest_seconds = closing[-1] if closing else ("no closing line", "nan")
+    line = (f"{options.name}\t{commit}\texit {status}\t{summary}\tpytest {float(pytest_seconds):.0f} s\t"
+            f"README command {wall:.0f} s ({wall / 60:.1f} min)\ttree CPU {usage.ru_utime + usage.ru_stime:,.0f} s\t"
+            f"machine busy {busy1 - busy0:,.0f} s, steal {steal1 - steal0:.0f} s\t"
+            f"{' '.join(passthrough) or 'addopts as committed'}\t{_cpu_model()}")
+    print(line)
+    with open(options.results, "a") as results:
+        results.write(line + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
