@@ -81,13 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     with open(folder / "log.txt", "wb") as log:
         process = subprocess.Popen(["bash", ".ci/run"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
-        status = process.wait()
-    wall = time.monotonic() - start
-    while True:  # orphans still running (a JVM that outlived its parent): wait for them and count them
+    # Reap every orphan as soon as it ends, as init would: a zombie left standing is still a member of its
+    # process group, which a test that checks a cancelled task's group is gone would see (F23, 2026-12-07).
+    # After the command, wait for orphans that outlive it (a JVM) and count them too.
+    status, wall = None, None
+    while True:
         try:
-            os.wait()
+            pid, wait_status = os.wait()
         except ChildProcessError:
             break
+        if pid == process.pid:
+            status, wall = os.waitstatus_to_exitcode(wait_status), time.monotonic() - start
+    process.returncode = status
     busy1, steal1 = _machine_cpu()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 

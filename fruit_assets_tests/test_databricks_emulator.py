@@ -33,6 +33,7 @@ import requests
 from fruit_assets.databricks.runtimes import SUPPORTED_RUNTIMES, runtime_for_spark_version
 from fruit_assets_dev.databricks_emulator import DatabricksEmulator
 from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache
+from fruit_assets_dev.databricks_emulator.server import running_group_members
 
 SECRETS = {
     "storage": {"access_key": "AKIA-EMULATED-KEY", "secret_key": "emulated-secret-value-123"},
@@ -261,9 +262,26 @@ def test_cancel_kills_the_task_process_group(client, emulator, submitted_runs):
     run = client.jobs.get_run(run_id)
     assert (run.state.life_cycle_state.value, run.state.result_state.value) == ("TERMINATED", "CANCELED")
     assert run.state.user_cancelled_or_timedout
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)  # every process of the group is gone, the JVM included
+    assert running_group_members(pgid) == []  # every process of the group has ended, the JVM included
 
+
+
+def test_a_killed_process_waiting_to_be_reaped_no_longer_runs():
+    """What the cancel test asserts: a zombie (killed, not yet reaped by its parent: under a subreaper that
+    reaps late, a killed task's orphans stay so) still answers os.killpg(pgid, 0), and runs nothing."""
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert running_group_members(child.pid) == [child.pid]
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        os.killpg(child.pid, 0)  # the group still "exists" for kill(2)
+        assert running_group_members(child.pid) == []
+    finally:
+        child.kill()
+        child.wait()
 
 # ------------------------------------------------------------------------------- the Dagster step launcher
 

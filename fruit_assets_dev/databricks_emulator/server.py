@@ -77,6 +77,25 @@ def _runtime_for(spark_version: Any, what: str):
                    f"{supported_list()}.")
 
 
+
+def running_group_members(pgid: int) -> list[int]:
+    """The processes of a process group that still run: not a killed one that waits to be reaped.
+
+    When the runner (the group's leader) dies, its children are reparented to the nearest subreaper or
+    init, and a killed child stays a zombie until that process reaps it: a subreaper that reaps only its
+    own children at their end (a CI wrapper, a container's init) keeps it for minutes. A zombie runs
+    nothing and holds no memory, so it does not count; os.killpg(pgid, 0) would count it."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat[2]) == pgid and stat[0] not in ("Z", "X"):  # fields: state, ppid, pgrp
+                members.append(int(entry))
+    return members
+
 class ApiError(Exception):
     """An error answer in Databricks' shape: ``{"error_code": ..., "message": ...}``."""
 
@@ -1106,12 +1125,8 @@ class DatabricksEmulator:
     def _wait_group_gone(pgid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if not running_group_members(pgid):
                 return True
-            except PermissionError:
-                return False
             time.sleep(0.05)
         return False
 
