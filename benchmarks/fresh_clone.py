@@ -1,6 +1,6 @@
 """Issue 21's measurement: the README's test command from a fresh clone, with what CI starts with.
 
-    python -m benchmarks.fresh_clone NAME [--commit REV] [--remove-chromium] [--results FILE] [-- PYTEST_ARGS ...]
+    python -m benchmarks.fresh_clone NAME [--commit REV] [--remove-chromium] [--profile] [--results FILE] [-- PYTEST_ARGS ...]
 
 Clones this repository (HEAD, or REV) into /tmp/fresh/NAME, points the uv, pip, emulator and model caches
 at an empty folder there (CI's are empty: it runs on a new clone, and `~/.cache` is the session's), and
@@ -17,7 +17,6 @@ and the CPU model. Compare rows only within one machine and one session (BENCHMA
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import re
 import resource
@@ -27,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import suite_cpu
 from benchmarks.common import REPO_ROOT
 
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default="HEAD")
     parser.add_argument("--remove-chromium", action="store_true")
     parser.add_argument("--results", default="/tmp/fresh/results.txt")
+    parser.add_argument("--profile", action="store_true", help="sample it with benchmarks.suite_cpu")
     options = parser.parse_args(argv)
 
     folder = Path("/tmp/fresh") / options.name
@@ -76,23 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     if passthrough:
         env["PYTEST_ADDOPTS"] = " ".join(passthrough)
 
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reaped (and counted) here
     busy0, steal0 = _machine_cpu()
-    start = time.monotonic()
     with open(folder / "log.txt", "wb") as log:
-        process = subprocess.Popen(["bash", ".ci/run"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
-    # Reap every orphan as soon as it ends, as init would: a zombie left standing is still a member of its
-    # process group, which a test that checks a cancelled task's group is gone would see (F23, 2026-12-07).
-    # After the command, wait for orphans that outlive it (a JVM) and count them too.
-    status, wall = None, None
-    while True:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        if pid == process.pid:
-            status, wall = os.waitstatus_to_exitcode(wait_status), time.monotonic() - start
-    process.returncode = status
+        output = {"cwd": clone, "env": env, "stdout": log, "stderr": subprocess.STDOUT}
+        if options.profile:  # sampled by benchmarks.suite_cpu: its report is NAME/profile/report.txt
+            start = time.monotonic()
+            status = suite_cpu.run(folder / "profile", ["bash", ".ci/run"], **output)
+            wall = time.monotonic() - start
+        else:
+            status, wall = suite_cpu.run_reaping(["bash", ".ci/run"], **output)
     busy1, steal1 = _machine_cpu()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 

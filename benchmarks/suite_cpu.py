@@ -200,27 +200,38 @@ def report(folder: Path, bin_seconds: float = 30) -> str:
     return "\n".join(lines)
 
 
-def run(folder: Path, command: list[str]) -> int:
-    """Run `command` as a subreaper that reaps every orphan, sampled; write the report. Its exit status."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tests.log").write_text("")
-    (folder / "workers.log").write_text("")
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reaped (and counted) here
-    stop = threading.Event()
-    sampler = threading.Thread(target=sample, args=(folder / "sampler.log", stop), daemon=True)
-    sampler.start()
-    addopts = f"{os.environ.get('PYTEST_ADDOPTS', '')} -p benchmarks.suite_cpu".strip()
-    repository = str(Path(__file__).resolve().parent.parent)
-    env = os.environ | {DIR_VARIABLE: str(folder), "PYTEST_ADDOPTS": addopts,
-                        "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
-    started, child, status = time.monotonic(), subprocess.Popen(command, env=env), None
-    while True:  # reap at once: an orphan left a zombie would still look alive to the tests that kill it
+def run_reaping(command: list[str], **popen) -> tuple[int | None, float]:
+    """Run `command` as a child subreaper that reaps every orphan at once, as init does (a zombie left
+    standing would still look alive to the tests that kill a process group), and waits for the orphans
+    that outlive the command (a JVM), so that RUSAGE_CHILDREN counts the whole tree. (exit status, wall)."""
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reparented here
+    started, child, status, wall = time.monotonic(), subprocess.Popen(command, **popen), None, float("nan")
+    while True:
         try:
             pid, code = os.wait()
         except ChildProcessError:
             break
         if pid == child.pid:
             status, wall = os.waitstatus_to_exitcode(code), time.monotonic() - started
+    child.returncode = status
+    return status, wall
+
+
+def run(folder: Path, command: list[str], env: dict[str, str] | None = None, **popen) -> int:
+    """Run `command` (with `env` or this process's environment, and Popen's `popen`) sampled; write the
+    report. Its exit status."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tests.log").write_text("")
+    (folder / "workers.log").write_text("")
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(folder / "sampler.log", stop), daemon=True)
+    sampler.start()
+    env = dict(os.environ if env is None else env)
+    addopts = f"{env.get('PYTEST_ADDOPTS', '')} -p benchmarks.suite_cpu".strip()
+    repository = str(Path(__file__).resolve().parent.parent)
+    env |= {DIR_VARIABLE: str(folder), "PYTEST_ADDOPTS": addopts,
+            "PYTHONPATH": os.pathsep.join(filter(None, [repository, env.get("PYTHONPATH")]))}
+    status, wall = run_reaping(command, env=env, **popen)
     stop.set()
     sampler.join()
     tree = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -228,7 +239,6 @@ def run(folder: Path, command: list[str]) -> int:
     (folder / "report.txt").write_text(text + report(folder))
     print(text + f"report: {folder / 'report.txt'}")
     return status if status is not None else 1
-
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
