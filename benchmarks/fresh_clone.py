@@ -1,9 +1,10 @@
 """Issue 21's measurement: the README's test command from a fresh clone, with what CI starts with.
 
-    python -m benchmarks.fresh_clone NAME [--commit REV] [--remove-chromium] [--profile] [--results FILE] [-- PYTEST_ARGS ...]
+    python -m benchmarks.fresh_clone NAME [--commit REV] [--remove-chromium] [--profile] [--user-caches]
+                                          [--results FILE] [-- PYTEST_ARGS ...]
 
 Clones this repository (HEAD, or REV) into /tmp/fresh/NAME, points the uv, pip, emulator and model caches
-at an empty folder there (CI's are empty: it runs on a new clone, and `~/.cache` is the session's), and
+at an empty folder there (a newcomer's machine; `--user-caches` keeps ~/.cache, as a second clone has), and
 runs `bash .ci/run` with CI=true as a child subreaper that reaps every orphan, so that JVMs which outlive
 their parent are counted in the tree's CPU. `--remove-chromium` purges Debian's chromium first, as a new
 machine has none (the UI tests install it in the background). PYTEST_ARGS, if given, are passed through
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remove-chromium", action="store_true")
     parser.add_argument("--results", default="/tmp/fresh/results.txt")
     parser.add_argument("--profile", action="store_true", help="sample it with benchmarks.suite_cpu")
+    parser.add_argument("--user-caches", action="store_true",
+                        help="keep this user's caches (~/.cache: uv's, the emulator's wheels), as a second clone has")
     options = parser.parse_args(argv)
 
     folder = Path("/tmp/fresh") / options.name
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                        check=True, capture_output=True)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST_", "FRUIT_"))}
-    env.update(CI="true", XDG_CACHE_HOME=str(caches), UV_CACHE_DIR=str(caches / "uv"),
-               PIP_CACHE_DIR=str(caches / "pip"))
+    env["CI"] = "true"
+    if not options.user_caches:
+        env.update(XDG_CACHE_HOME=str(caches), UV_CACHE_DIR=str(caches / "uv"), PIP_CACHE_DIR=str(caches / "pip"))
     if passthrough:
         env["PYTEST_ADDOPTS"] = " ".join(passthrough)
 
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     line = (f"{options.name}\t{commit}\texit {status}\t{summary}\tpytest {float(pytest_seconds):.0f} s\t"
             f"README command {wall:.0f} s ({wall / 60:.1f} min)\ttree CPU {usage.ru_utime + usage.ru_stime:,.0f} s\t"
             f"machine busy {busy1 - busy0:,.0f} s, steal {steal1 - steal0:.0f} s\t"
-            f"{' '.join(passthrough) or 'addopts as committed'}\t{_cpu_model()}")
+            f"{' '.join(passthrough) or 'addopts as committed'}\t{'user' if options.user_caches else 'empty'} caches\t"
+            f"{_cpu_model()}")
     print(line)
     with open(options.results, "a") as results:
         results.write(line + "\n")

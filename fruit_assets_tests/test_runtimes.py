@@ -5,6 +5,7 @@ Everything real: local Spark, TensorFlow and Keras on the driver, tf2onnx, ONNX 
 """
 
 import os
+import shutil
 import sys
 import uuid
 from contextlib import contextmanager
@@ -75,8 +76,16 @@ def probe_workers(spark, tasks: int = 2) -> list[dict]:
     return [row.asDict() for row in frame.collect()]
 
 
-def test_default_runtime_equals_keras_and_its_workers_never_import_tensorflow(spark, demo_images, tmp_path, monkeypatch):
-    monkeypatch.setenv("FRUIT_MODEL_CACHE", str(tmp_path / "cache"))  # this test sees the conversion happen
+def test_default_runtime_equals_keras_and_its_workers_never_import_tensorflow(spark, demo_images, tmp_path, monkeypatch, model_cache):
+    from fruit_assets.ml.model import random_weights
+
+    # A model cache of its own, so that this test sees the conversion happen; random:0's weights are the
+    # run's (computed once per run, in a fresh TensorFlow process of 5-7 CPU-s), not this test's subject.
+    random_weights(0)
+    (cache := tmp_path / "cache").mkdir()
+    [computed] = model_cache.glob("*_random_0_*.npz")
+    shutil.copy(computed, cache)
+    monkeypatch.setenv("FRUIT_MODEL_CACHE", str(cache))
     import_log = tmp_path / "worker_imports.log"
     with guarded_workers(spark, import_log):
         first = materialize_all(local_resources(demo_images, tmp_path / "store"), selection=FEATURIZE)
