@@ -265,7 +265,6 @@ def test_cancel_kills_the_task_process_group(client, emulator, submitted_runs):
     assert running_group_members(pgid) == []  # every process of the group has ended, the JVM included
 
 
-
 def test_a_killed_process_waiting_to_be_reaped_no_longer_runs():
     """What the cancel test asserts: a zombie (killed, not yet reaped by its parent: under a subreaper that
     reaps late, a killed task's orphans stay so) still answers os.killpg(pgid, 0), and runs nothing."""
@@ -282,6 +281,7 @@ def test_a_killed_process_waiting_to_be_reaped_no_longer_runs():
     finally:
         child.kill()
         child.wait()
+
 
 # ------------------------------------------------------------------------------- the Dagster step launcher
 

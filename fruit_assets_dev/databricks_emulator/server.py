@@ -77,7 +77,6 @@ def _runtime_for(spark_version: Any, what: str):
                    f"{supported_list()}.")
 
 
-
 def running_group_members(pgid: int) -> list[int]:
     """The processes of a process group that still run: not a killed one that waits to be reaped.
 
@@ -95,6 +94,7 @@ def running_group_members(pgid: int) -> list[int]:
             if int(stat[2]) == pgid and stat[0] not in ("Z", "X"):  # fields: state, ppid, pgrp
                 members.append(int(entry))
     return members
+
 
 class ApiError(Exception):
     """An error answer in Databricks' shape: ``{"error_code": ..., "message": ...}``."""
