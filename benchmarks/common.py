@@ -289,10 +289,13 @@ def wait_for_quiet(threshold: float, max_wait: float) -> str:
 
 
 def machine_info() -> dict:
-    cpu, flags = "unknown", []
+    cpu, flags, ids = "unknown", [], {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name") and cpu == "unknown":
             cpu = line.split(":", 1)[1].strip()
+        key = line.split(":", 1)[0].strip()
+        if key in ("cpu family", "model") and key not in ids:
+            ids[key] = line.split(":", 1)[1].strip()
         if line.startswith("flags") and not flags:
             flags = line.split(":", 1)[1].split()
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
@@ -320,6 +323,7 @@ def machine_info() -> dict:
         java = "unknown"
     return {
         "cpu": cpu,
+        "cpu_id": f"family {ids.get('cpu family', '?')} model {ids.get('model', '?')}",  # "AMD EPYC" alone names no generation
         # What decides which kernels the runtimes use: AVX2/FMA, AVX-512 (VNNI, BF16), AMX.
         "vector_flags": " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "vnni"))) or "none",
         "cpu_flags": " ".join(flags),

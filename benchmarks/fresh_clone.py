@@ -28,24 +28,12 @@ import time
 from pathlib import Path
 
 from benchmarks import suite_cpu
-from benchmarks.common import REPO_ROOT
+from benchmarks.common import REPO_ROOT, busy_cpu_seconds, machine_info
 
 
-def _machine_cpu() -> tuple[float, float]:
-    """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq) / tick, steal / tick
-
-
-def _cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    found = {key: re.search(rf"^{key}\s*: (.*)$", info, re.M) for key in ("model name", "cpu family", "model")}
-    name, family, model = (m.group(1) if m else "?" for m in found.values())
-    flags = re.search(r"^flags\s*: (.*)$", info, re.M)
-    wide = [f for f in (flags.group(1).split() if flags else []) if f in ("avx512f", "avx512_bf16", "amx_tile")]
-    return f"{name} (family {family} model {model}, {os.cpu_count()} cores, {' '.join(wide) or 'no AVX-512'})"
+def _steal_seconds() -> float:
+    """CPU-seconds the hypervisor gave to others since boot (/proc/stat): a noisy neighbour's share."""
+    return int(Path("/proc/stat").read_text().split()[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if passthrough:
         env["PYTEST_ADDOPTS"] = " ".join(passthrough)
 
-    busy0, steal0 = _machine_cpu()
+    busy0, steal0 = busy_cpu_seconds(), _steal_seconds()
     with open(folder / "log.txt", "wb") as log:
         output = {"cwd": clone, "env": env, "stdout": log, "stderr": subprocess.STDOUT}
         if options.profile:  # sampled by benchmarks.suite_cpu: its report is NAME/profile/report.txt
@@ -90,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.monotonic() - start
         else:
             status, wall = suite_cpu.run_reaping(["bash", ".ci/run"], **output)
-    busy1, steal1 = _machine_cpu()
+    busy1, steal1 = busy_cpu_seconds(), _steal_seconds()
+    machine = machine_info()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 
     text = (folder / "log.txt").read_text(errors="replace")
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             f"README command {wall:.0f} s ({wall / 60:.1f} min)\ttree CPU {usage.ru_utime + usage.ru_stime:,.0f} s\t"
             f"machine busy {busy1 - busy0:,.0f} s, steal {steal1 - steal0:.0f} s\t"
             f"{' '.join(passthrough) or 'addopts as committed'}\t{'user' if options.user_caches else 'empty'} caches\t"
-            f"{_cpu_model()}")
+            f"{machine['cpu']} ({machine['cpu_id']}, {machine['cores']} cores; {machine['vector_flags']})")
     print(line)
     with open(options.results, "a") as results:
         results.write(line + "\n")

@@ -240,6 +240,7 @@ def run(folder: Path, command: list[str], env: dict[str, str] | None = None, **p
     print(text + f"report: {folder / 'report.txt'}")
     return status if status is not None else 1
 
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     if not arguments or arguments[0].startswith("-"):
