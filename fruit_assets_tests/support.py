@@ -3,6 +3,8 @@ readers of the stored assets as users read them."""
 
 import os
 import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from dagster import materialize
@@ -30,6 +32,21 @@ def local_resources(images_uri, storage_uri, weights: str = TEST_WEIGHTS) -> dic
     resources["images"] = ImageSource(uri=str(images_uri))
     resources["feature_model"] = FeatureModel(weights=weights)
     return resources
+
+
+@contextmanager
+def new_python_workers(spark, **environment):
+    """Spark Python functions created inside this block run in a new set of Python workers, with
+    `environment` too: Spark keeps one worker daemon per set of worker environment variables, and a
+    variable of its own makes a new set. Its workers start cold: no module imported, no model loaded."""
+    worker_environment = spark.sparkContext.environment
+    saved = dict(worker_environment)
+    worker_environment.update({**environment, "FRUIT_TEST_WORKER_SET": uuid.uuid4().hex})
+    try:
+        yield
+    finally:
+        worker_environment.clear()
+        worker_environment.update(saved)
 
 
 def materialize_all(resources: dict, selection=None, run_config=None, raise_on_error=True):

@@ -4,13 +4,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import pytest
 
 from fruit_assets_dev.demo_data import generate_demo_set
 from fruit_assets_dev.local_s3 import start_local_s3
-from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, new_python_workers, read_asset
 
 pytestmark = pytest.mark.spark  # runs local Spark in Dagster runs
 
@@ -92,9 +91,10 @@ def test_a_killed_python_worker_is_retried_and_every_image_appears_once(spark, t
 
     killer = threading.Thread(target=kill_a_featurizing_worker, daemon=True)
     killer.start()
-    # A fresh weights seed, so no warm worker already holds the model and the kill lands mid-task.
-    resources = local_resources(images, tmp_path / "store", weights=f"random:{uuid.uuid4().int % 1000 + 10}")
-    result = materialize_all(resources, selection=["raw_images", "image_features"])
+    # New Python workers, so that none already holds the model and the kill lands mid-task. (A fresh
+    # weights seed did that too, for a TensorFlow process and an ONNX conversion of 12 CPU-s.)
+    with new_python_workers(spark):
+        result = materialize_all(local_resources(images, tmp_path / "store"), selection=["raw_images", "image_features"])
     killer.join(timeout=5)
     assert killed, "no featurizing Python worker was found to kill"
     assert result.success

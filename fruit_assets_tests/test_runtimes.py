@@ -7,14 +7,13 @@ Everything real: local Spark, TensorFlow and Keras on the driver, tf2onnx, ONNX 
 import os
 import shutil
 import sys
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, new_python_workers, read_asset
 
 pytestmark = pytest.mark.slow  # builds TensorFlow models or converts them
 
@@ -37,18 +36,11 @@ def keras_features(weights: str, paths: list[str]) -> np.ndarray:
 
 @contextmanager
 def guarded_workers(spark, import_log: Path):
-    """Spark Python functions created inside this block run in a new set of Python workers (Spark keeps
-    one worker daemon per set of worker environment variables), started with worker_guard/ first on
-    their PYTHONPATH: in them, any import of TensorFlow or Keras fails and is written to `import_log`."""
-    environment = spark.sparkContext.environment
-    saved = dict(environment)
-    environment.update({"PYTHONPATH": str(GUARD), "FRUIT_TEST_IMPORT_LOG": str(import_log),
-                        "FRUIT_TEST_WORKER_SET": uuid.uuid4().hex})
-    try:
+    """Spark Python functions created inside this block run in a new set of Python workers, started with
+    worker_guard/ first on their PYTHONPATH: in them, any import of TensorFlow or Keras fails and is
+    written to `import_log`."""
+    with new_python_workers(spark, PYTHONPATH=str(GUARD), FRUIT_TEST_IMPORT_LOG=str(import_log)):
         yield
-    finally:
-        environment.clear()
-        environment.update(saved)
 
 
 def probe_workers(spark, tasks: int = 2) -> list[dict]:
