@@ -30,6 +30,8 @@ from pathlib import Path
 from benchmarks import suite_cpu
 from benchmarks.common import REPO_ROOT, busy_cpu_seconds, machine_info
 
+NEEDED_GB = 12
+
 
 def _steal_seconds() -> float:
     """CPU-seconds the hypervisor gave to others since boot (/proc/stat): a noisy neighbour's share."""
@@ -53,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path("/tmp/fresh") / options.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    # A clone with its venv, caches and emulated runtimes takes about 9 GB. On a full disk SeaweedFS answers
+    # InternalError and tests fail in ways that look like bugs (F11, G3 in BENCHMARKS.md): refuse instead.
+    free_gb = shutil.disk_usage(folder).free / 1e9
+    if free_gb < NEEDED_GB:
+        sys.exit(f"{free_gb:.0f} GB free under {folder}, and a fresh clone's run needs about {NEEDED_GB}: "
+                 "remove earlier clones (/tmp/fresh/*) first")
     clone, caches = folder / "repo", folder / "cache"
     subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
     subprocess.run(["git", "-C", str(clone), "checkout", "-q", options.commit], check=True)
