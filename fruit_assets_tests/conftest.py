@@ -57,7 +57,8 @@ MARKERS = {
     "ui": "drives the Dagster UI in headless Chromium",
     "slow": "builds TensorFlow models or converts them: seconds to minutes",
 }
-_BY_FIXTURE = {"spark": "spark", "spark_connect": "spark", "demo_run": "spark", "s3": "s3", "emulator": "databricks"}
+_BY_FIXTURE = {"spark": "spark", "spark_connect": "spark", "demo_run": "spark", "local_run_storage": "spark", "s3": "s3",
+               "emulator": "databricks"}
 # Modules that need more than their fixtures show mark themselves (`pytestmark`), so that a renamed
 # module keeps its marks.
 
@@ -290,10 +291,39 @@ def demo(demo_images, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_run(spark, demo_images, tmp_path_factory):
-    """The whole graph materialized once on the demo set, for the tests that inspect its outputs."""
-    storage = tmp_path_factory.mktemp("storage")
-    result = materialize_all(local_resources(demo_images, storage))
+    """The whole graph materialized once on the demo set, for the tests that inspect its outputs and
+    events. The first worker to run it publishes its tables for `local_run_storage` (read only from
+    then on: tests that write new versions write into a `private_copy`)."""
+    import fcntl
+
+    shared = shared_tmp(tmp_path_factory) / "local_run"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a worker waiting in local_run_storage waits for these tables
+        publish = not (shared / "published").exists()
+        storage = shared / "storage" if publish else tmp_path_factory.mktemp("storage")
+        result = materialize_all(local_resources(demo_images, storage))
+        if publish:
+            (shared / "published").write_text(os.environ.get("PYTEST_XDIST_WORKER", "main"))
     return result, storage
+
+
+@pytest.fixture(scope="session")
+def local_run_storage(request, tmp_path_factory) -> Path:
+    """The tables of a local run of the whole graph on the demo set (`demo_run`'s), for the tests that
+    compare another deployment's outputs with it: one run for all the workers, where each ran its own
+    (a Spark featurization, a PCA and four Delta commits: about 22 CPU-seconds on 2 cores). Every
+    worker generates the same demo set, and the comparisons key rows by <Label>/<file>."""
+    import fcntl
+
+    shared = shared_tmp(tmp_path_factory) / "local_run"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        published = (shared / "published").exists()
+    if not published:
+        request.getfixturevalue("demo_run")  # this worker runs it, and publishes it
+    return shared / "storage"
 
 
 # --- Chromium and Playwright, for the UI tests (test_ui, test_quiet): one browser per session ---

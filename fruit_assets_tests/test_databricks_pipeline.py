@@ -140,7 +140,7 @@ def last_run_events(home: Path):
         return run, [record.event_log_entry for record in instance.get_records_for_run(run.run_id, limit=100_000).records]
 
 
-def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path, guarded_imports):
+def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emulator, bucket, local_run_storage, tmp_path, guarded_imports):
     submits_before = len(emulator.requests_to(r"/jobs/runs/submit$"))
     guarded_before = guarded_imports.read_text() if guarded_imports.exists() else ""
     home = tmp_path / "home"
@@ -198,7 +198,7 @@ def test_the_graph_runs_through_the_step_launcher_and_equals_the_local_run(emula
     }
 
     # Same outputs as the local run on the same images (this venv: Python 3.11, pyspark 4.3).
-    assert_equals_the_local_run(f"{bucket}/assets", demo_run[1])
+    assert_equals_the_local_run(f"{bucket}/assets", local_run_storage)
 
 
 def assert_equals_the_local_run(storage: str, local_storage) -> None:

@@ -65,7 +65,7 @@ def materialized(events) -> dict:
 
 
 @pytest.mark.parametrize("settings", [CLASSIC_YAML, SERVERLESS_YAML], ids=["classic", "serverless"])
-def test_the_graph_runs_through_pipes_without_dbfs_and_equals_the_local_run(emulator, bucket, demo_run, tmp_path, settings):
+def test_the_graph_runs_through_pipes_without_dbfs_and_equals_the_local_run(emulator, bucket, local_run_storage, tmp_path, settings):
     known = {run.run_id for run in emulator.runs}
     storage = f"{bucket}/{settings.stem}"
     process = materialize_cli(pipes_env(emulator, bucket, tmp_path / "home", settings, settings.stem))
@@ -98,7 +98,7 @@ def test_the_graph_runs_through_pipes_without_dbfs_and_equals_the_local_run(emul
     assert set(checks) == CHECKS
     assert all(passed for name, passed in checks.items() if name != "explained_variance_reaches_target")  # that one warns
     assert emulator.token not in output and emulator.token not in str(metadata)
-    assert_equals_the_local_run(storage, demo_run[1])
+    assert_equals_the_local_run(storage, local_run_storage)
 
 
 def test_cancelling_the_dagster_run_cancels_the_databricks_run(emulator, bucket, tmp_path):

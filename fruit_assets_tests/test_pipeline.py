@@ -128,8 +128,8 @@ def test_spark_can_load_the_stored_pca_model(demo_run, spark):
     np.testing.assert_allclose(np.stack(again.pca_features), np.stack(stored.pca_features), rtol=1e-5, atol=1e-6)
 
 
-def test_rematerializing_gives_the_same_results(demo_run, demo_images, spark):
-    result, storage = demo_run
+def test_rematerializing_gives_the_same_results(demo_run, demo_images, spark, tmp_path):
+    storage = private_copy(demo_run[1], tmp_path)  # the run's tables are shared (local_run_storage): read only
     before = {name: read(storage, name) for name in ("raw_images", "image_features", "pca_model", "reduced_features")}
     again = materialize_all(local_resources(demo_images, storage))
     assert again.success

@@ -36,8 +36,8 @@ def read_s3(s3, uri: str) -> pd.DataFrame:
     return DeltaTable(uri, storage_options=options).to_pandas()
 
 
-def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, demo_images, demo_run):
-    _, local_storage = demo_run
+def test_graph_from_a_bucket_into_the_bucket_equals_the_local_run(s3, spark, demo_images, local_run_storage):
+    local_storage = local_run_storage
     prefix = new_prefix()
     assert upload_tree(demo_images, f"{prefix}/images") == 72
 
