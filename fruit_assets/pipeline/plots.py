@@ -13,7 +13,10 @@ opens a dialog with the rendered image. No size limit was hit up to a 1 MB PNG.
 
 Matplotlib is used through its Agg canvas directly (`Figure` + `FigureCanvasAgg`): no pyplot, so no
 global figure state or GUI backend, and the functions are safe to call from any thread. The contact
-sheet uses Pillow only. This module does not import Dagster.
+sheet uses Pillow only. This module does not import Dagster, and imports Matplotlib only when it draws: a
+process that loads the definitions and never plots (a CLI run that fails early, `dagster dev`'s code server,
+a cluster step of image_features) does not pay for it (0.3 CPU-s per process, more where the bytecode
+is not compiled yet).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 WIDTH_IN, HEIGHT_IN, DPI = 6.0, 4.0, 100  # 600 x 400 px
 
@@ -42,6 +46,8 @@ _MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def _png(fig: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
     FigureCanvasAgg(fig)
     # No bbox_inches="tight": it would change the pixel size. Layout is set per figure instead.
@@ -50,6 +56,8 @@ def _png(fig: Figure) -> bytes:
 
 
 def _figure() -> Figure:
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
 
 
@@ -96,6 +104,8 @@ def explained_variance_plot(explained_variance: np.ndarray, k: int, variance_tar
 
 def label_colors(count: int) -> list[tuple[float, float, float, float]]:
     """`count` distinct colours: tab10 / tab20 / tab20+b+c qualitative palettes, then a turbo sweep."""
+    from matplotlib import colormaps
+
     if count <= 10:
         return [colormaps["tab10"](i) for i in range(count)]
     if count <= 20:
