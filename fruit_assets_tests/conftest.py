@@ -159,8 +159,13 @@ def pytest_sessionfinish(session):
 # dagster dev) start once; modules that share an expensive session fixture form one group. The longest
 # groups (seconds of one worker, measured on 2 cores) start first, so that the run does not end waiting
 # for one of them while the other workers are idle.
-SHARED_GROUPS = {"test_quiet": "demo", "test_ui": "demo"}  # both use the demo run (the `demo` fixture)
-LONGEST_FIRST = ("demo", "test_databricks_pipeline", "test_databricks_pipes", "test_delta_tables", "test_databricks_emulator",
+SHARED_GROUPS = {
+    "test_quiet": "demo", "test_ui": "demo",  # both use the newcomer's demo run (the `demo` fixture)
+    # The tests that read the local run's events (`demo_run`'s result, which cannot be shared with another
+    # worker) run beside the first one to publish its tables (`local_run_storage`): one local run, not two.
+    "test_databricks_pipeline": "local_run", "test_delta_tables": "local_run", "test_pipeline": "local_run",
+}
+LONGEST_FIRST = ("demo", "local_run", "test_databricks_pipes", "test_databricks_emulator",
                  "test_bad_input", "test_incremental", "test_runtimes", "test_faults", "test_model")
 
 

@@ -149,8 +149,8 @@ def test_unusable_weights_settings_fail_at_step_start(spark, demo_images, tmp_pa
     assert not result.success and "FRUIT_MODEL_WEIGHTS" in failure_text(result)
 
 
-def test_k_beyond_the_feature_dimension_is_refused_before_fitting(spark, demo_run, demo_images, tmp_path):
-    storage = private_copy(demo_run[1], tmp_path)
+def test_k_beyond_the_feature_dimension_is_refused_before_fitting(spark, local_run_storage, demo_images, tmp_path):
+    storage = private_copy(local_run_storage, tmp_path)
     before = read_asset(storage, "pca_model")
     result = materialize_all(
         local_resources(demo_images, storage),
