@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -294,23 +295,31 @@ def demo(demo_images, tmp_path_factory):
     return env, done.stdout, done.stderr
 
 
-@pytest.fixture(scope="session")
-def demo_run(spark, demo_images, tmp_path_factory):
-    """The whole graph materialized once on the demo set, for the tests that inspect its outputs and
-    events. The first worker to run it publishes its tables for `local_run_storage` (read only from
-    then on: tests that write new versions write into a `private_copy`)."""
+@contextmanager
+def _local_run_folder(tmp_path_factory):
+    """The run's shared folder of the local run's tables (`demo_run`, `local_run_storage`), held under its
+    lock: the worker that publishes them holds it while it runs the graph, and the others wait."""
     import fcntl
 
     shared = shared_tmp(tmp_path_factory) / "local_run"
     shared.mkdir(exist_ok=True)
     with open(shared / "lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a worker waiting in local_run_storage waits for these tables
-        publish = not (shared / "published").exists()
-        storage = shared / "storage" if publish else tmp_path_factory.mktemp("storage")
-        result = materialize_all(local_resources(demo_images, storage))
-        if publish:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield shared
+
+
+@pytest.fixture(scope="session")
+def demo_run(spark, demo_images, tmp_path_factory):
+    """The whole graph materialized once on the demo set, for the tests that inspect its outputs and
+    events. The first worker to run it publishes its tables for `local_run_storage` (read only from
+    then on: tests that write new versions write into a `private_copy`)."""
+    with _local_run_folder(tmp_path_factory) as shared:
+        if not (shared / "published").exists():
+            result = materialize_all(local_resources(demo_images, shared / "storage"))
             (shared / "published").write_text(os.environ.get("PYTEST_XDIST_WORKER", "main"))
-    return result, storage
+            return result, shared / "storage"
+    storage = tmp_path_factory.mktemp("storage")
+    return materialize_all(local_resources(demo_images, storage)), storage
 
 
 @pytest.fixture(scope="session")
@@ -319,12 +328,7 @@ def local_run_storage(request, tmp_path_factory) -> Path:
     compare another deployment's outputs with it: one run for all the workers, where each ran its own
     (a Spark featurization, a PCA and four Delta commits: about 22 CPU-seconds on 2 cores). Every
     worker generates the same demo set, and the comparisons key rows by <Label>/<file>."""
-    import fcntl
-
-    shared = shared_tmp(tmp_path_factory) / "local_run"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _local_run_folder(tmp_path_factory) as shared:
         published = (shared / "published").exists()
     if not published:
         request.getfixturevalue("demo_run")  # this worker runs it, and publishes it
