@@ -117,6 +117,12 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / TICK
 
 
+def steal_cpu_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot (/proc/stat): a noisy neighbour's share."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / TICK
+
+
 def _cpu_seconds(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

@@ -28,14 +28,9 @@ import time
 from pathlib import Path
 
 from benchmarks import suite_cpu
-from benchmarks.common import REPO_ROOT, busy_cpu_seconds, machine_info
+from benchmarks.common import REPO_ROOT, busy_cpu_seconds, machine_info, steal_cpu_seconds
 
 NEEDED_GB = 12
-
-
-def _steal_seconds() -> float:
-    """CPU-seconds the hypervisor gave to others since boot (/proc/stat): a noisy neighbour's share."""
-    return int(Path("/proc/stat").read_text().split()[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if passthrough:
         env["PYTEST_ADDOPTS"] = " ".join(passthrough)
 
-    busy0, steal0 = busy_cpu_seconds(), _steal_seconds()
+    busy0, steal0 = busy_cpu_seconds(), steal_cpu_seconds()
     with open(folder / "log.txt", "wb") as log:
         output = {"cwd": clone, "env": env, "stdout": log, "stderr": subprocess.STDOUT}
         if options.profile:  # sampled by benchmarks.suite_cpu: its report is NAME/profile/report.txt
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.monotonic() - start
         else:
             status, wall = suite_cpu.run_reaping(["bash", ".ci/run"], **output)
-    busy1, steal1 = busy_cpu_seconds(), _steal_seconds()
+    busy1, steal1 = busy_cpu_seconds(), steal_cpu_seconds()
     machine = machine_info()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 
