@@ -6,9 +6,9 @@
 Clones this repository (HEAD, or REV) into /tmp/fresh/NAME, points the uv, pip, emulator and model caches
 at an empty folder there (a newcomer's machine; `--user-caches` keeps ~/.cache, as a second clone has), and
 runs `bash .ci/run` with CI=true as a child subreaper that reaps every orphan, so that JVMs which outlive
-their parent are counted in the tree's CPU. `--remove-chromium` purges Debian's chromium first, as a new
-machine has none (the UI tests install it in the background). PYTEST_ARGS, if given, are passed through
-PYTEST_ADDOPTS (for example `-n 3` to compare worker counts side by side).
+their parent are counted in the tree's CPU. `--remove-chromium` purges Debian's chromium first, with what it
+pulled in and apt's downloads, as a new machine has none (the UI tests install it in the background).
+PYTEST_ARGS, if given, are passed through PYTEST_ADDOPTS (for example `-n 3` to compare worker counts side by side).
 
 Prints, and appends to --results: the commit, the tests' closing line, pytest's own time, the README
 command's wall time (install included), the tree's CPU, the machine's busy and steal CPU over the run,
@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()
     if options.remove_chromium and shutil.which("chromium"):
-        subprocess.run(["apt-get", "purge", "-y", "-q", "chromium", "chromium-driver", "chromium-common"],
-                       check=True, capture_output=True)
+        # And the packages it pulled in, and apt's downloads: a new machine has neither.
+        for command in (["apt-get", "purge", "-y", "-q", "chromium", "chromium-driver", "chromium-common"],
+                        ["apt-get", "autoremove", "-y", "-q", "--purge"], ["apt-get", "clean"]):
+            subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST_", "FRUIT_"))}
     env["CI"] = "true"
