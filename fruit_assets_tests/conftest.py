@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 # The test command installs without compiling bytecode (the README's `uv pip install` has no
-# `--compile-bytecode` there): compiling all of site-packages took 29 CPU-s and 15 s before the first test,
-# for 12,850 files of which a whole run imports 5,914. The suite's processes write the bytecode of what
-# they import instead, each file once (Python writes it atomically, so parallel workers may race), even
-# where PYTHONDONTWRITEBYTECODE is set, as on these machines: without that, every process would compile
-# dagster, pandas, pyspark... from source at each start. Set here, before pytest-xdist starts the workers,
-# so that they and everything the tests start inherit it. (The emulated runtimes' tasks do the same.)
+# `--compile-bytecode` there): compiling all of site-packages took 29 CPU-s and 15 s before the first test
+# (2-core AMD EPYC, Zen 3: BENCHMARKS.md, P19), for 12,850 files of which a whole run imports 5,914. The
+# suite's processes write the bytecode of what they import instead, each file once (Python writes it
+# atomically, so parallel workers may race), even where PYTHONDONTWRITEBYTECODE is set, as on these
+# machines: without that, every process would compile dagster, pandas, pyspark... from source at each
+# start. Set here, before pytest-xdist starts the workers, so that they and everything the tests start
+# inherit it. (The emulated runtimes' tasks do the same.)
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
