@@ -109,18 +109,23 @@ def _tree(root: int) -> list[int]:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _machine_cpu_ticks() -> list[int]:
+    """The machine's CPU ticks since boot, all cores (/proc/stat's `cpu` line): user, nice, system, idle,
+    iowait, irq, softirq, steal, ..."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all cores) since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
+    fields = _machine_cpu_ticks()
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / TICK
 
 
 def steal_cpu_seconds() -> float:
     """CPU seconds the hypervisor gave to other guests since boot (/proc/stat): a noisy neighbour's share."""
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8]) / TICK
+    return _machine_cpu_ticks()[7] / TICK
 
 
 def _cpu_seconds(pid: int) -> float | None:
