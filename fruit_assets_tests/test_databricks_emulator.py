@@ -32,7 +32,7 @@ import requests
 
 from fruit_assets.databricks.runtimes import SUPPORTED_RUNTIMES, runtime_for_spark_version
 from fruit_assets_dev.databricks_emulator import DatabricksEmulator
-from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache
+from fruit_assets_dev.databricks_emulator.environments import EnvironmentCache, share_bytecode
 from fruit_assets_dev.databricks_emulator.server import running_group_members
 
 SECRETS = {
@@ -610,3 +610,46 @@ def test_cli_rejects_a_secret_whose_variable_is_missing(tmp_path):
     )
     assert done.returncode == 2
     assert "environment variable EMU_MISSING is not set" in done.stderr
+
+
+def _site_packages(root: Path, distributions: dict[str, dict[str, str]], sources: Path) -> Path:
+    """A site-packages folder holding `distributions` ({dist-info name: {path: source}}), its files hardlinks
+    of `sources` as uv installs them."""
+    site = root / "lib" / "python3.12" / "site-packages"
+    for dist_info, files in distributions.items():
+        (site / dist_info).mkdir(parents=True)
+        (site / dist_info / "RECORD").write_text("".join(f"{path},sha256=x,1\n" for path in files) + f"{dist_info}/RECORD,,\n")
+        for path, source in files.items():
+            (site / path).parent.mkdir(parents=True, exist_ok=True)
+            if not (sources / source).exists():
+                (sources / source).write_text(f"VALUE = {source!r}\n")
+            os.link(sources / source, site / path)
+    return site
+
+
+def test_environments_share_the_bytecode_of_a_distribution_version_and_only_that(tmp_path):
+    sources, shared = tmp_path / "uv-cache", tmp_path / "_bytecode"
+    sources.mkdir()
+    one = {"pkg-1.0.dist-info": {"pkg/__init__.py": "init1", "pkg/mod.py": "mod1"},
+           "a-1.0.dist-info": {"ns/a.py": "a"}, "b-1.0.dist-info": {"ns/b.py": "b", "top.py": "top"}}
+    first, second = (_site_packages(tmp_path / name, one, sources) for name in ("env1", "env2"))
+    newer = _site_packages(tmp_path / "env3", {"pkg-2.0.dist-info": {"pkg/__init__.py": "init2", "pkg/mod.py": "mod2"}}, sources)
+    assert [share_bytecode(site, shared) for site in (first, second, newer)] == [1, 1, 1]  # pkg/ only
+    # Folders of two distributions, and site-packages itself, keep their own bytecode.
+    assert not (first / "ns" / "__pycache__").exists() and not (first / "__pycache__").exists()
+    assert (first / "pkg" / "__pycache__").resolve() == (second / "pkg" / "__pycache__").resolve()
+    assert (newer / "pkg" / "__pycache__").resolve() == shared / "pkg-2.0.dist-info" / "pkg" / "__pycache__"
+
+    def imported(site: Path, modules: str = "pkg.mod, ns.a") -> str:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"PYTHONPATH": str(site)}
+        done = subprocess.run([sys.executable, "-c", f"import {modules}; print(pkg.mod.VALUE)"], env=env,
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert imported(first) == "mod1"
+    compiled = {p.name: p.stat().st_mtime_ns for p in (shared / "pkg-1.0.dist-info" / "pkg" / "__pycache__").iterdir()}
+    assert len(compiled) == 2  # written through the link, once for both environments
+    assert imported(second) == "mod1"
+    assert {p.name: p.stat().st_mtime_ns for p in (shared / "pkg-1.0.dist-info" / "pkg" / "__pycache__").iterdir()} == compiled
+    assert imported(newer, "pkg.mod") == "mod2"  # another version: its own folder, never the other's bytecode
+    assert list((first / "ns" / "__pycache__").iterdir())  # the shared folder compiled in place
