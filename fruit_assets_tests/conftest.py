@@ -168,17 +168,27 @@ def pytest_sessionfinish(session):
 
 # --- Parallel runs (pytest-xdist): which tests share a worker, and in what order they start ---
 # A module's tests run on one worker, so that its module fixtures (a workspace emulator, a bucket, a
-# dagster dev) start once; modules that share an expensive session fixture form one group. The longest
-# groups (seconds of one worker, measured on 2 cores) start first, so that the run does not end waiting
-# for one of them while the other workers are idle.
+# dagster dev) start once; modules that share an expensive session fixture form one group. The groups
+# start in START_ORDER, then in collection order: the two longest first, so that the run does not end
+# waiting for one of them; after them, each Databricks group beside groups that keep both cores busy.
+# A Databricks scenario is a chain of processes one after another (the CLI, the emulated task, its JVM)
+# that keeps about one core busy (per group, 2-core AMD EPYC Zen 4, BENCHMARKS.md S1: demo 0.59 cores,
+# Pipes 0.64, local_run 0.82, against 1.1-1.2 for test_incremental, test_model and test_pca). In the
+# previous order Pipes ran beside local_run's step-launcher scenarios, and the machine's two cores were
+# 1.2-1.6 busy for most of those three minutes.
 SHARED_GROUPS = {
     "test_quiet": "demo", "test_ui": "demo",  # both use the newcomer's demo run (the `demo` fixture)
     # The tests that read the local run's events (`demo_run`'s result, which cannot be shared with another
     # worker) run beside the first one to publish its tables (`local_run_storage`): one local run, not two.
     "test_databricks_pipeline": "local_run", "test_delta_tables": "local_run", "test_pipeline": "local_run",
 }
-LONGEST_FIRST = ("demo", "local_run", "test_databricks_pipes", "test_databricks_emulator",
-                 "test_bad_input", "test_incremental", "test_runtimes", "test_faults", "test_model")
+START_ORDER = (
+    "demo", "local_run",  # the longest two: 145 and 310 s
+    "test_incremental", "test_model", "test_pca", "test_runtimes",  # beside local_run's Databricks scenarios
+    "test_databricks_pipes",  # when local_run ends, beside the next ones
+    "test_spark_connect", "test_code_quality", "test_features", "test_bad_input",
+    "test_databricks_emulator", "test_faults",
+)
 
 
 def worker_group(nodeid: str) -> str:
@@ -195,7 +205,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid)
 
-    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order (by default: most tests first)
+    config.option.loadscopereorder = False  # keep START_ORDER (by default: most tests first)
     return GroupScheduling(config, log)
 
 
@@ -203,7 +213,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         for name in {_BY_FIXTURE[f] for f in item.fixturenames if f in _BY_FIXTURE}:
             item.add_marker(name)
-    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
+    rank = {group: index for index, group in enumerate(START_ORDER)}
     items.sort(key=lambda item: rank.get(worker_group(item.nodeid), len(rank)))  # stable: a module keeps its order
 
 
