@@ -356,7 +356,7 @@ def local_run_storage(request, tmp_path_factory) -> Path:
     return shared / "storage"
 
 
-# --- Chromium and Playwright, for the UI tests (test_ui, test_quiet): one browser per session ---
+# --- Chromium and Playwright, for the UI tests (test_ui) ---
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_PACKAGE = "chromium"  # Debian bookworm
@@ -422,8 +422,12 @@ def _install_chromium() -> None:
             pytest.fail(f"apt-get installed {CHROMIUM_PACKAGE} but {CHROMIUM} does not exist")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium):
+    """Headless Chromium for the module that drives the UI (test_ui, the only one). Not for the session:
+    Playwright's sync API keeps its asyncio loop running in the main thread while it is open, and every
+    in-process Dagster run after it on that worker then warned that it could not shut its own event loop
+    down (`shutdown_asyncgens` "never awaited", 30 warnings once test_incremental and others ran there)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
