@@ -1,5 +1,6 @@
 """Storage URIs, the Delta IO manager and the image catalog, on real files."""
 
+import dataclasses
 import json
 import os
 
@@ -120,6 +121,71 @@ def test_a_failed_write_keeps_the_last_good_version_and_leaves_no_files(tmp_path
         manager.handle_output(_output("asset"), failing)
     pd.testing.assert_frame_equal(load_asset(str(tmp_path), "asset"), good)
     assert sorted(os.listdir(tmp_path / "asset")) == before
+
+
+def _straggler(location, prefix, rows=5):
+    """A task of a parallel write (spark_io's per-partition writer), run here as a Spark Python worker runs it."""
+    from fruit_assets.storage import spark_io
+
+    schema = pa.schema([("id", pa.int64())])
+    batch = pa.RecordBatch.from_pydict({"id": list(range(rows))}, schema=schema)
+    return spark_io._file_writer(location.uri, schema, 1000, prefix)(iter([batch]))
+
+
+def test_a_task_of_a_failed_write_writes_nothing_after_the_driver_gave_it_up(tmp_path):
+    """Spark reports a failed job while other tasks' Python workers may still be writing: their files came
+    after the driver's clean-up (BENCHMARKS.md, 2026-12-07 night). A task that starts after the driver
+    closed the write writes nothing."""
+    from fruit_assets.storage import delta, spark_io
+
+    location = storage.resolve(str(tmp_path / "t"))
+    delta.open_write(location, "part-abc")
+    assert list(_straggler(location, "part-abc"))  # open: the task writes its file and reports it
+    delta.close_write(location, "part-abc")
+    with pytest.raises(spark_io.WriteAbandoned, match="no file written"):
+        list(_straggler(location, "part-abc"))
+    assert [n for n in os.listdir(tmp_path / "t") if n.endswith(".parquet")] and len(os.listdir(tmp_path / "t")) == 1
+
+
+def test_a_task_whose_write_is_given_up_while_it_writes_removes_its_file(tmp_path, monkeypatch):
+    from fruit_assets.storage import delta, spark_io
+
+    location = storage.resolve(str(tmp_path / "t"))
+    delta.open_write(location, "part-abc")
+    write_file = delta.write_arrow_file
+
+    def write_while_the_driver_gives_up(*args, **kwargs):
+        written = write_file(*args, **kwargs)
+        delta.close_write(location, "part-abc")  # the driver, after listing the folder without this file
+        return written
+
+    monkeypatch.setattr(delta, "write_arrow_file", write_while_the_driver_gives_up)
+    with pytest.raises(spark_io.WriteAbandoned, match="its files are removed"):
+        list(_straggler(location, "part-abc"))
+    assert os.listdir(tmp_path / "t") == []
+
+
+def test_discarding_a_failed_writes_files_goes_on_past_one_already_gone(tmp_path, monkeypatch):
+    from fruit_assets.storage import delta
+
+    location = storage.resolve(str(tmp_path / "t"))
+    for name in ("part-abc-1.parquet", "part-abc-2.parquet", "part-abc-3.parquet", "part-other.parquet"):
+        (tmp_path / "t").mkdir(exist_ok=True)
+        (tmp_path / "t" / name).write_bytes(b"x")
+    filesystem, deleted = location.filesystem, []
+
+    class RemovedMeanwhile:  # a task removed the first file itself (see the test above) just before
+        def __getattr__(self, name):
+            return getattr(filesystem, name)
+
+        def delete_file(self, path):
+            deleted.append(path)
+            if len(deleted) == 1:
+                raise FileNotFoundError(path)
+            filesystem.delete_file(path)
+
+    delta.discard_prefix(dataclasses.replace(location, filesystem=RemovedMeanwhile()), "part-abc")
+    assert len(deleted) == 3 and len(os.listdir(tmp_path / "t")) == 2  # the one "gone", and the other write's
 
 
 def test_io_manager_refuses_unknown_types_without_touching_data(tmp_path):

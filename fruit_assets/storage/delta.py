@@ -454,15 +454,46 @@ def discard(location: Location, files: list[DataFile]) -> None:
             location.filesystem.delete_file(posixpath.join(location.path, file.path))
 
 
+# A parallel write's token (`open_write`): its tasks write data files only while it exists. When the job fails,
+# Spark reports the failure while other tasks' Python workers may still be writing a file (they hold their
+# partition's rows already); the driver then removes the token before deleting the write's files, and a
+# task that finds it gone after writing removes its own files. Without it, such a file was left behind
+# 1-10 ms after the driver's clean-up had listed the folder (2-core AMD EPYC: 3 of 12 failed 2M-row writes).
+WRITE_TOKEN_SUFFIX = ".open"
+
+
+def open_write(location: Location, prefix: str) -> None:
+    """Create the token of the write whose files start with `prefix`, before its tasks start."""
+    if location.is_local:
+        location.filesystem.create_dir(location.path, recursive=True)
+    with _s3_operation(f"Starting the write {prefix}", location):
+        _upload(location, posixpath.join(location.path, prefix + WRITE_TOKEN_SUFFIX), pa.py_buffer(b""))
+
+
+def write_is_open(location: Location, prefix: str) -> bool:
+    """Whether the write's token is still there (a task asks before and after each file it writes)."""
+    with _s3_operation(f"Checking the write {prefix}", location):
+        info = location.filesystem.get_file_info(posixpath.join(location.path, prefix + WRITE_TOKEN_SUFFIX))
+    return info.type == pafs.FileType.File
+
+
+def close_write(location: Location, prefix: str) -> None:
+    """Remove the write's token: once the job has ended, or first thing when it failed."""
+    with contextlib.suppress(FileNotFoundError), _s3_operation(f"Ending the write {prefix}", location):
+        location.filesystem.delete_file(posixpath.join(location.path, prefix + WRITE_TOKEN_SUFFIX))
+
+
 def discard_prefix(location: Location, prefix: str) -> None:
-    """Delete the data files whose names start with `prefix` (a failed write's files; best effort)."""
+    """Delete the data files whose names start with `prefix` (a failed write's files; best effort). Each
+    file on its own: one already gone (a task removes its own, see `open_write`) must not keep the rest."""
     try:
         infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
-        for info in infos:
-            if info.type == pafs.FileType.File and info.base_name.startswith(prefix):
-                location.filesystem.delete_file(info.path)
     except OSError:
-        pass
+        return
+    for info in infos:
+        if info.type == pafs.FileType.File and info.base_name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                location.filesystem.delete_file(info.path)
 
 
 def read_arrow(location: Location, version: int | None = None, columns: list[str] | None = None) -> pa.Table:

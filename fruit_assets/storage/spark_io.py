@@ -158,6 +158,10 @@ class _Reader(DataSourceReader):
 _WRITTEN_SCHEMA = "path string, size long, rows long"
 
 
+class WriteAbandoned(RuntimeError):
+    """A task of a parallel write found the write's token gone (`delta.open_write`): the job had failed."""
+
+
 def _file_writer(uri: str, schema: pa.Schema, rows_per_file: int, prefix: str):
     """The per-partition step of `write_files` (runs in Spark's Python workers)."""
 
@@ -166,7 +170,12 @@ def _file_writer(uri: str, schema: pa.Schema, rows_per_file: int, prefix: str):
         written: list[DataFile] = []
         for chunk in _chunks(batches, rows_per_file):
             table = pa.Table.from_batches(chunk).cast(schema)
+            if not delta.write_is_open(location, prefix):  # the job failed: write nothing more
+                raise WriteAbandoned(f"{uri}: write {prefix} was abandoned (another task failed); no file written")
             written.append(delta.write_arrow_file(location, table, delta.new_file_name(prefix)))
+            if not delta.write_is_open(location, prefix):  # it failed while this file was written: the driver's
+                delta.discard(location, written)  # clean-up may have missed it
+                raise WriteAbandoned(f"{uri}: write {prefix} was abandoned (another task failed); its files are removed")
         if written:
             yield pa.RecordBatch.from_pydict(
                 {"path": [f.path for f in written], "size": [f.size for f in written], "rows": [f.rows for f in written]}
@@ -196,11 +205,14 @@ def write_files(frame: DataFrame, location: Location, rows_per_file: int = ROWS_
     commit. Nothing is committed here."""
     schema = arrow_schema(frame)
     prefix = f"part-{uuid.uuid4().hex[:12]}"  # this write's files, to clean up if it fails
+    delta.open_write(location, prefix)
     try:
         rows = frame.mapInArrow(_file_writer(location.uri, schema, rows_per_file, prefix), _WRITTEN_SCHEMA).collect()
     except BaseException:
+        delta.close_write(location, prefix)  # first: a task still writing then removes its own file
         delta.discard_prefix(location, prefix)
         raise
+    delta.close_write(location, prefix)
     return [DataFile(row.path, row.size, row.rows) for row in rows], schema
 
 
