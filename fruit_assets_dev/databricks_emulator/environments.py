@@ -22,7 +22,8 @@ $FRUIT_EMULATOR_WHEELS), which every install then finds first (``--find-links``)
 
 Environments share the bytecode of the distributions they have in common (`share_bytecode`): the
 tasks write bytecode as they import (see below), and without sharing the first task of every environment
-compiled dagster, pandas, pyarrow... again (5 CPU-seconds of its 8.5-9.2, 2 cores, AMD EPYC).
+compiled dagster, pandas, pyarrow... again (2 CPU-seconds more than the next tasks on a 2-core AMD
+EPYC Zen 4, 5 on a Zen 3).
 
 Each environment is cached under the cache root by a key of its runtime's packages, its Python and its
 sorted libraries: built once under a file lock (parallel test workers may ask for the same one at the
