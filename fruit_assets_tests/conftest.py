@@ -175,7 +175,8 @@ def pytest_sessionfinish(session):
 # that keeps about one core busy (per group, 2-core AMD EPYC Zen 4, BENCHMARKS.md S1: demo 0.59 cores,
 # Pipes 0.64, local_run 0.82, against 1.1-1.2 for test_incremental, test_model and test_pca). In the
 # previous order Pipes ran beside local_run's step-launcher scenarios, and the machine's two cores were
-# 1.2-1.6 busy for most of those three minutes.
+# 1.2-1.6 busy in much of those three minutes. (Whole runs before and after it took 529 s both, S2 and S3:
+# no gain shows at the spread between runs.)
 SHARED_GROUPS = {
     "test_quiet": "demo", "test_ui": "demo",  # both use the newcomer's demo run (the `demo` fixture)
     # The tests that read the local run's events (`demo_run`'s result, which cannot be shared with another

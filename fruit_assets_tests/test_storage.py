@@ -165,12 +165,12 @@ def test_a_task_whose_write_is_given_up_while_it_writes_removes_its_file(tmp_pat
     assert os.listdir(tmp_path / "t") == []
 
 
-def test_discarding_a_failed_writes_files_goes_on_past_one_already_gone(tmp_path, monkeypatch):
+def test_discarding_a_failed_writes_files_goes_on_past_one_already_gone(tmp_path):
     from fruit_assets.storage import delta
 
     location = storage.resolve(str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
     for name in ("part-abc-1.parquet", "part-abc-2.parquet", "part-abc-3.parquet", "part-other.parquet"):
-        (tmp_path / "t").mkdir(exist_ok=True)
         (tmp_path / "t" / name).write_bytes(b"x")
     filesystem, deleted = location.filesystem, []
 
