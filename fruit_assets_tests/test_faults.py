@@ -115,7 +115,7 @@ def private_s3(tmp_path, monkeypatch):
     server.stop()
 
 
-def test_s3_outage_fails_clearly_and_the_last_version_survives(spark, private_s3, tmp_path):
+def test_s3_outage_fails_clearly_and_the_last_version_survives(spark, private_s3, tmp_path, monkeypatch):
     images = tmp_path / "images"
     generate_demo_set(images, labels=3, images_per_label=2)
     resources = local_resources(images, "s3://outage/assets")
@@ -125,6 +125,7 @@ def test_s3_outage_fails_clearly_and_the_last_version_survives(spark, private_s3
 
     port, data_dir, secret = private_s3.port, private_s3.data_dir, private_s3.secret_key
     private_s3.stop()
+    monkeypatch.setenv("FRUIT_S3_MAX_ATTEMPTS", "2")  # the outage is certain: 1 s of backoff per request, not 5-12
     started = time.monotonic()
     result = materialize_all(resources, selection=["raw_images"], raise_on_error=False)
     assert not result.success

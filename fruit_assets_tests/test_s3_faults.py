@@ -286,3 +286,16 @@ def test_a_local_spark_master_retries_failed_tasks_as_a_cluster_does():
         "local[1,4]", "local[2,4]", "local[*,4]", "local[2,3]", "spark://host:7077"
     ]
     assert local_spark_config("local[2]")["spark.master"] == "local[2,4]"
+
+
+def test_the_attempts_per_request_are_a_setting_that_both_clients_take(monkeypatch):
+    from fruit_assets.storage.transient import delta_retry_options, s3_max_attempts
+
+    monkeypatch.delenv("FRUIT_S3_MAX_ATTEMPTS", raising=False)
+    assert (s3_max_attempts(), delta_retry_options()["max_retries"]) == (5, "4")
+    monkeypatch.setenv("FRUIT_S3_MAX_ATTEMPTS", "2")
+    assert (s3_max_attempts(), delta_retry_options()["max_retries"]) == (2, "1")
+    for bad in ("0", "many", "1.5"):
+        monkeypatch.setenv("FRUIT_S3_MAX_ATTEMPTS", bad)
+        with pytest.raises(ValueError, match=f"FRUIT_S3_MAX_ATTEMPTS='{bad}': expected a whole number >= 1"):
+            s3_max_attempts()

@@ -363,6 +363,7 @@ def test_unreachable_endpoint_fails_the_tick(s3, instance, images_uri, monkeypat
     cursor = tick(instance, images_uri).cursor
     put(s3, images_uri, "Apple/a2.jpg")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_unused_port()}")  # nothing listens there
+    monkeypatch.setenv("FRUIT_S3_MAX_ATTEMPTS", "2")  # fail after 1 s of backoff, not 5-12 s
     with pytest.raises(TICK_ERRORS) as failure:  # a failed tick: the daemon keeps the stored cursor
         tick(instance, images_uri, cursor)
     message = error_chain(failure.value)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from fruit_assets.storage.transient import S3_MAX_ATTEMPTS
+from fruit_assets.storage.transient import s3_max_attempts
 
 DEFAULT_REGION = "eu-central-1"  # Frankfurt: the product's default, chosen for GDPR
 # pyarrow makes every S3 request on its IO thread pool (8 threads by default), and sizes the S3
@@ -146,13 +146,13 @@ def resolve(uri: str, setting: str = "storage URI") -> Location:
 
 
 @lru_cache(maxsize=16)
-def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple) -> pafs.S3FileSystem:
+def _s3_filesystem(endpoint: str | None, region: str, credentials_key: tuple, attempts: int) -> pafs.S3FileSystem:
     kwargs: dict = {
         "region": region,
         # Transient errors (throttling, 5xx, dropped connections, timeouts) are retried with capped
         # exponential backoff and jitter by the AWS SDK; a lasting outage still fails after the last
         # attempt. Every S3 client's retries are described in `storage.transient`.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
         "connect_timeout": 5,
         # A small file is then uploaded in one PUT when it is closed, not as a multipart upload (three
         # requests): fewer round trips, and one whole-object PUT is safe to repeat after a lost answer.
@@ -187,7 +187,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
     credentials_key = tuple(
         hash(os.environ.get(name)) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
     )
-    return _s3_filesystem(endpoint, region, credentials_key)
+    return _s3_filesystem(endpoint, region, credentials_key, s3_max_attempts())
 
 
 def missing_container(location: Location) -> str | None:

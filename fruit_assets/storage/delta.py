@@ -52,12 +52,12 @@ import pyarrow.parquet as pq
 
 from fruit_assets.storage import Location, s3_endpoint, s3_region
 from fruit_assets.storage.transient import (
-    DELTA_RETRY_OPTIONS,
-    S3_MAX_ATTEMPTS,
     TransientStorageError,
+    delta_retry_options,
     gave_up,
     is_transient,
     last_status,
+    s3_max_attempts,
 )
 
 LOG_DIR = "_delta_log"
@@ -124,7 +124,7 @@ def storage_options(location: Location) -> dict[str, str]:
     credentials: delta-rs reads them from the environment, like pyarrow and boto3)."""
     if location.is_local:
         return {}
-    options = {"AWS_REGION": s3_region(), "conditional_put": "etag"} | DELTA_RETRY_OPTIONS
+    options = {"AWS_REGION": s3_region(), "conditional_put": "etag"} | delta_retry_options()
     endpoint = s3_endpoint()
     if endpoint:
         options["AWS_ENDPOINT_URL"] = endpoint
@@ -140,7 +140,7 @@ def _s3_operation(operation: str, location: Location):
     except OSError as error:
         if location.is_local or isinstance(error, TransientStorageError) or not is_transient(error):
             raise
-        raise gave_up(operation, location.uri, s3_endpoint(), error, f"{S3_MAX_ATTEMPTS} attempts per request") from error
+        raise gave_up(operation, location.uri, s3_endpoint(), error, f"{s3_max_attempts()} attempts per request") from error
 
 
 def _delta_table(location: Location, version: int | None = None):

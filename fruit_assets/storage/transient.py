@@ -5,11 +5,12 @@ resets and timeouts. Every client that talks to S3 retries those itself, with ca
 backoff and jitter, configured here in one place:
 - pyarrow (reads, writes, listings, on the driver and in Spark's Python workers): the AWS SDK's
   standard retry strategy (`storage._s3_filesystem`);
-- delta-rs (the Delta log and the data it reads): object_store's retry settings (`DELTA_RETRY_OPTIONS`).
+- delta-rs (the Delta log and the data it reads): object_store's retry settings (`delta_retry_options`).
   object_store does not repeat a request that may have been applied unless it is idempotent: the
   conditional PUT of a commit's log entry is not, and is resolved in `delta.commit` instead;
 - boto3 (the developer tools in `fruit_assets_dev`): botocore's standard mode;
 - Spark tasks: `local[N,F]` (`resources.with_task_retries`).
+The S3 clients make `s3_max_attempts()` attempts per request (FRUIT_S3_MAX_ATTEMPTS, else 5).
 Only requests that are safe to repeat are repeated: a whole-object PUT or GET, a DELETE, a listing.
 
 When a fault outlives its retries, `TransientStorageError` says which operation failed, against which
@@ -25,16 +26,37 @@ import re
 
 # Attempts per request, first included: at a 2% fault rate five faults in a row are one in 3e8.
 S3_MAX_ATTEMPTS = 5
+# ... unless this variable says otherwise. The AWS SDK's standard strategy (pyarrow's) waits up to 2**n
+# seconds before its n-th retry, and its base delay cannot be set: against a store that is down, one
+# request took 7-12 s to fail with 5 attempts and 1 s with 2 (2-core AMD EPYC Zen 4). Fewer attempts fail
+# fast where the store is known to be down (the tests of outages); more ride out a flaky network.
+S3_ATTEMPTS_SETTING = "FRUIT_S3_MAX_ATTEMPTS"
 
-# object_store (delta-rs) backoff: 100 ms doubling up to 5 s, with jitter (its own, decorrelated);
-# its default retry timeout is three minutes: one request stuck that long is an outage, not a blip.
-DELTA_RETRY_OPTIONS = {
-    "max_retries": str(S3_MAX_ATTEMPTS - 1),
-    "retry_timeout": "60s",
-    "backoff_config.init_backoff": "100ms",
-    "backoff_config.max_backoff": "5s",
-    "backoff_config.base": "2",
-}
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request, the first included: FRUIT_S3_MAX_ATTEMPTS, else 5."""
+    raw = os.environ.get(S3_ATTEMPTS_SETTING, "").strip()
+    if not raw:
+        return S3_MAX_ATTEMPTS
+    try:
+        attempts = int(raw)
+    except ValueError:
+        attempts = 0
+    if attempts < 1:
+        raise ValueError(f"{S3_ATTEMPTS_SETTING}={raw!r}: expected a whole number >= 1 (attempts per S3 request)")
+    return attempts
+
+
+def delta_retry_options() -> dict[str, str]:
+    """object_store (delta-rs) retries: 100 ms doubling up to 5 s, with jitter (its own, decorrelated);
+    its default retry timeout is three minutes: one request stuck that long is an outage, not a blip."""
+    return {
+        "max_retries": str(s3_max_attempts() - 1),
+        "retry_timeout": "60s",
+        "backoff_config.init_backoff": "100ms",
+        "backoff_config.max_backoff": "5s",
+        "backoff_config.base": "2",
+    }
 
 # What the clients say about faults that are worth another try (pyarrow's AWS SDK, object_store).
 _TRANSIENT = re.compile(
