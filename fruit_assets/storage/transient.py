@@ -24,27 +24,20 @@ from __future__ import annotations
 import os
 import re
 
+from fruit_assets.settings import Setting, whole
+
 # Attempts per request, first included: at a 2% fault rate five faults in a row are one in 3e8.
 S3_MAX_ATTEMPTS = 5
 # ... unless this variable says otherwise. The AWS SDK's standard strategy (pyarrow's) waits up to 2**n
 # seconds before its n-th retry, and its base delay cannot be set: against a store that is down, one
 # request took 7-12 s to fail with 5 attempts and 1 s with 2 (2-core AMD EPYC Zen 4). Fewer attempts fail
 # fast where the store is known to be down (the tests of outages); more ride out a flaky network.
-S3_ATTEMPTS_SETTING = "FRUIT_S3_MAX_ATTEMPTS"
+S3_ATTEMPTS = Setting("FRUIT_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS, whole(1))
 
 
 def s3_max_attempts() -> int:
     """Attempts per S3 request, the first included: FRUIT_S3_MAX_ATTEMPTS, else 5."""
-    raw = os.environ.get(S3_ATTEMPTS_SETTING, "").strip()
-    if not raw:
-        return S3_MAX_ATTEMPTS
-    try:
-        attempts = int(raw)
-    except ValueError:
-        attempts = 0
-    if attempts < 1:
-        raise ValueError(f"{S3_ATTEMPTS_SETTING}={raw!r}: expected a whole number >= 1 (attempts per S3 request)")
-    return attempts
+    return S3_ATTEMPTS.resolve("the attempts per S3 request")
 
 
 def delta_retry_options() -> dict[str, str]:
