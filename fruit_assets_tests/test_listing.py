@@ -191,15 +191,17 @@ def test_a_lasting_failure_names_the_setting_and_no_secret(s3, proxy, monkeypatc
 
     proxy.on_request = drop_banana
     # One attempt, not five: the AWS SDK waits up to 2**n s before its n-th retry, 5-12 s in all here.
-    # (Retries of dropped requests: the test above. With 2 attempts the SDK sent 3-4 requests, with 5,
-    # 6-7: it also reconnects once or twice on its own, so only one attempt gives an exact count.)
+    # (Retries of dropped requests: the test above.)
     monkeypatch.setenv("FRUIT_S3_MAX_ATTEMPTS", "1")
     with pytest.raises(ImageListingError) as failure:
         list_images(storage.resolve(uri))
     message = str(failure.value)
     assert message.startswith(f"could not list the images under FRUIT_IMAGES_URI={uri}: ")
     assert s3.secret_key not in message  # (the access key, "fruit", is also part of the bucket name)
-    assert len(dropped) == 1, dropped  # the setting's one attempt
+    # The setting's one attempt, sent again at most once more by libcurl itself when it went out on a pooled
+    # connection that turned out dead ("retrying a fresh connect"): 2 requests in a whole-suite run, where
+    # earlier tests left connections in the pool, 1 when alone. Five attempts sent 6-7, two sent 3-4.
+    assert 1 <= len(dropped) <= 2, dropped
 
 
 @pytest.fixture
