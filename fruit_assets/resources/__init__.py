@@ -32,7 +32,7 @@ from pydantic import Field
 from fruit_assets import storage
 from fruit_assets.ml.featurize import FeaturizeSettings, PreparedModel, check_runtime, prepare_feature_extractor
 from fruit_assets.pipeline import listing
-from fruit_assets.plumbing import quiet
+from fruit_assets.plumbing import quiet, spark_worker_daemon
 from fruit_assets.plumbing.spark_connect import ui_url
 from fruit_assets.resources.io_manager import DeltaIOManager
 from fruit_assets.settings import (  # noqa: F401 - project_dir, default_*_uri: used by the demo and the tests
@@ -248,6 +248,8 @@ def local_spark_config(master: str | None = None, driver_memory: str = "4g") -> 
         "spark.app.name": "fruit_assets",
         "spark.driver.memory": driver_memory,
         "spark.python.worker.reuse": "true",  # keep workers, and the model each one built, across tasks
+        # Workers import pyspark from its installed package, with its bytecode, not from pyspark.zip.
+        spark_worker_daemon.DAEMON_SETTING: spark_worker_daemon.__name__,
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": "1024",
         "spark.sql.session.timeZone": "UTC",
