@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from fruit_assets.plumbing import spark_worker_daemon
 from fruit_assets_dev.demo_data import generate_demo_set
 from fruit_assets_dev.local_s3 import start_local_s3
 from fruit_assets_tests.support import failure_text, local_resources, materialize_all, metadata_of, new_python_workers, read_asset
@@ -58,15 +59,20 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _worker_daemon(pid: int) -> bool:
+    """A Spark Python worker daemon, or a worker it forked: pyspark's, or the local deployment's."""
+    return any(f"-m {module} " in _cmdline(pid) for module in ("pyspark.daemon", spark_worker_daemon.__name__))
+
+
 def python_workers() -> list[int]:
-    """Spark's Python workers: the children of `pyspark.daemon` processes started for this test session."""
+    """Spark's Python workers: the children of worker daemons started for this test session."""
     workers, parents = [], _parents()
     pending = [os.getpid()]
     while pending:
         pid = pending.pop()
         for child in _children(pid, parents):
             pending.append(child)
-            if "pyspark.daemon" in _cmdline(pid) and "pyspark.daemon" in _cmdline(child):
+            if _worker_daemon(pid) and _worker_daemon(child):
                 workers.append(child)
     return workers
 
