@@ -192,16 +192,31 @@ def test_a_writer_killed_while_committing_leaves_the_previous_version(spark, dem
     # Other weights (random:1, which other tests use too: one conversion): every image is featurized
     # again and the whole table rewritten. Kill the run (its whole process group: Dagster, the JVM, the
     # Python workers) the moment its first new data file appears, between writing and committing them.
-    process = _materialize_cli(_cli_env(demo_images, storage_uri, tmp_path, "random:1"), "image_features")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None and not (_data_files(storage_uri, "image_features") - known):
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it wrote a data file"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    # The run writes one file, and on S3 it appears when its upload ends, which was 40-70 ms before the
+    # commit (from the file's last write, 9 runs on local storage). A kill that lands after the commit (it did
+    # once in about 30 whole runs, C2 in BENCHMARKS.md) leaves a new version, which must be whole; the
+    # run is then tried again with the other weights.
+    for weights in ("random:1", "random:0", "random:1"):
+        process = _materialize_cli(_cli_env(demo_images, storage_uri, tmp_path, weights), "image_features")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None and not (_data_files(storage_uri, "image_features") - known):
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it wrote a data file"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        table = DeltaTable(f"{storage_uri}/image_features", storage_options=delta_options(storage_uri))
+        if table.version() == version:
+            break
+        assert table.version() == version + 1
+        late = read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True)
+        assert list(late.path) == list(before.path) and late.weights_fingerprint.nunique() == 1
+        assert late.weights_fingerprint[0] != before.weights_fingerprint[0]  # all of the killed run's rows, none before
+        delta.vacuum(resolve(storage_uri).child("image_features"), retention_hours=0)  # the replaced version's file
+        version = DeltaTable(f"{storage_uri}/image_features", storage_options=delta_options(storage_uri)).version()  # vacuum commits too
+        before, known = late, _data_files(storage_uri, "image_features")
+    else:
+        pytest.fail("three runs were each killed after their commit, none between writing and committing")
 
-    table = DeltaTable(f"{storage_uri}/image_features", storage_options=delta_options(storage_uri))
-    assert table.version() == version
     pd.testing.assert_frame_equal(read_asset(storage_uri, "image_features").sort_values("path", ignore_index=True), before)
     assert _data_files(storage_uri, "image_features") - known  # the killed run's files are there, uncommitted
 
