@@ -5,7 +5,8 @@ pyspark installed by pip, both zips sit inside the installed package and hold th
 release, but Python cannot cache bytecode for modules it imports from a zip: every daemon and every
 worker it forks compiled pyspark's modules from source. Measured on 2 cores (AMD EPYC, Zen 4): importing
 `pyspark.daemon` and `pyspark.worker` took 0.63-0.66 CPU-seconds from the zip and 0.13 from the package; a
-session that runs a pandas UDF on 2 workers, 2.0-2.2 CPU-s of UDF worker processes against 1.1-1.4.
+session that runs a pandas UDF on 2 workers, 2.0-2.2 CPU-s of UDF worker processes against 1.1-1.4 (measured
+with a first version that only moved the zips to the end of the path).
 
 Spark runs the module named by `spark.python.daemon.module` (a documented setting, SPARK-22959) as the
 daemon, with the worker module as its argument. This one takes those zips off `sys.path`, so that the
