@@ -298,7 +298,19 @@ from dagster_pyspark import LazyPySparkResource
 
 @asset(required_resource_keys={"step_launcher", "pyspark"})
 def tiny_numbers(context: AssetExecutionContext) -> MaterializeResult:
-    rows = context.resources.pyspark.spark_session.range(10).count()
+    def worker_origin(batches):  # nested, so pickled by value: the workers cannot import this package
+        import os
+        import sys
+
+        import pyspark
+
+        zips = [entry for entry in [*sys.path, *sys.path_importer_cache] if entry.endswith(".zip") and "pyspark" in entry]
+        for batch in batches:
+            yield batch.assign(origin=f"{pyspark.__file__}|{os.environ.get('PYTHONPATH', '')}|{zips}")
+
+    spark = context.resources.pyspark.spark_session
+    rows = spark.range(10).count()
+    [worker_origin] = spark.range(1, numPartitions=1).mapInPandas(worker_origin, "id long, origin string").toPandas().origin
     context.log.info(f"hello from the remote step: counted {rows} rows")
     return MaterializeResult(
         metadata={
@@ -308,6 +320,7 @@ def tiny_numbers(context: AssetExecutionContext) -> MaterializeResult:
             "aws_key_from_storage_secret": os.environ.get("AWS_ACCESS_KEY_ID") == "AKIA-EMULATED-KEY",
             "env_from_secret": os.environ.get("TINY_GREETING") == "hello-from-secret-scope",
             "env_from_cluster": os.environ.get("CLUSTER_ENV", ""),
+            "worker_origin": worker_origin,
         }
     )
 
@@ -451,6 +464,12 @@ def test_step_launcher_materializes_an_asset_on_the_emulated_18_lts_runtime(runt
     assert (runtime["pyspark"], runtime["numpy"], runtime["pandas"]) == ("4.1.0", "2.1.3", "2.2.3"), runtime
     assert (runtime["pyarrow"], runtime["deltalake"], runtime["onnxruntime"]) == ("21.0.0", "1.1.4", None), runtime
     assert runtime["databricks_runtime_version"] == "18.0" and runtime["executable"] != sys.executable
+    # Its Spark Python workers were given the runtime's pyspark.zip, and imported pyspark from the
+    # environment's package all the same, with no zip importer left (the runner's daemon, spark_daemon.py).
+    package, given, zips = metadata["worker_origin"].split("|")
+    environment = Path(runtime["executable"]).parent.parent
+    assert "pyspark.zip" in given and zips == "[]", metadata["worker_origin"]
+    assert package == str(next(environment.glob("lib/python3.12/site-packages/pyspark/__init__.py"))), package
     assert "installed library" in run.stderr_path.read_text()
     assert len(emulator.requests_to(r"/jobs/runs/submit$")) == submits_before + 1
     assert emulator.requests_to(r"/jobs/runs/get$")

@@ -95,6 +95,15 @@ given) are local paths inside the DBFS folder, which the REST API serves. A ``/d
 into code or into a pickled object, not passed as a parameter, is not translated.
 """
 
-from fruit_assets_dev.databricks_emulator.server import DatabricksEmulator, EmulatedRun, RequestRecord
-
 __all__ = ["DatabricksEmulator", "EmulatedRun", "RequestRecord"]
+
+
+def __getattr__(name: str):
+    # The server on first use, not on the package's import: the processes of an emulated task (runner.py,
+    # spark_daemon.py, every Spark Python worker daemon) import this package, and the server's imports
+    # (http.server, logging...) took 65 ms of each start.
+    if name in __all__:
+        from fruit_assets_dev.databricks_emulator import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

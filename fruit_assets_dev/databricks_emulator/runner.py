@@ -244,6 +244,9 @@ def _spark_session(spec: dict):
     }
     conf.update({k: str(v) for k, v in (spec.get("spark_conf") or {}).items()})
     conf["spark.master"] = spec["spark_master"]
+    # Python workers import pyspark from the environment's package, with bytecode, not from pyspark.zip
+    # (spark_daemon.py); a cluster's own spark_conf may name another daemon.
+    conf.setdefault("spark.python.daemon.module", "fruit_assets_dev.databricks_emulator.spark_daemon")
     conf.setdefault("spark.app.name", spec.get("app_name") or "databricks-emulator")
     builder = SparkSession.builder
     for key, value in conf.items():
