@@ -69,11 +69,15 @@ def stage_code(files, volume: str) -> tuple[str, str]:
     return entry, package
 
 
-def task_spec(settings: PipesSettings, asset: str, entry: str, package: str) -> tuple[dict, dict]:
-    """(the task, the other arguments of jobs/runs/submit)."""
+def task_spec(settings: PipesSettings, asset: str, entry: str, package: str, poll: float) -> tuple[dict, dict]:
+    """(the task, the other arguments of jobs/runs/submit). The task writes its messages as often as the
+    host polls (`poll`), at most once a second (remote.message_interval)."""
     from databricks.sdk.service import jobs
 
-    task: dict[str, Any] = {"task_key": asset, "spark_python_task": {"python_file": entry, "parameters": ["--fruit-package", package]}}
+    from fruit_assets.databricks.pipes.remote import INTERVAL_ARGUMENT
+
+    parameters = ["--fruit-package", package, INTERVAL_ARGUMENT, str(poll)]
+    task: dict[str, Any] = {"task_key": asset, "spark_python_task": {"python_file": entry, "parameters": parameters}}
     submit: dict[str, Any] = {"run_name": f"fruit_assets {asset}", "timeout_seconds": settings.timeout_seconds}
     compute = settings.compute
     if settings.serverless:
@@ -132,10 +136,16 @@ class DatabricksPipes(ConfigurableResource):
             environment |= staged_model_environment(context, feature_model, storage)
         extras = {"environment": environment, "resources": resources, "pca_config": pca_config or {},
                   "storage_secret_scope": settings.storage_secret_scope}
-        task, submit = task_spec(settings, asset, entry, package)
+        task, submit = task_spec(settings, asset, entry, package, self.poll_seconds(settings))
         invocation = self.client(client, settings).run(
             context=context, task=jobs.SubmitTask.from_dict(task), submit_args=submit, extras=extras)
         yield from invocation.get_results()
+
+    def poll_seconds(self, settings: PipesSettings) -> float:
+        from fruit_assets.resources import POLL_SETTING
+
+        # FRUIT_DATABRICKS_POLL_SECONDS over the file's, as for the step launcher (the tests poll often).
+        return self.poll_interval_seconds or float(os.environ.get(POLL_SETTING) or settings.poll_interval_seconds)
 
     def client(self, client, settings: PipesSettings):
         # Not exported by the package's __init__ (0.29.27): from the module.
@@ -146,10 +156,7 @@ class DatabricksPipes(ConfigurableResource):
             PipesUnityCatalogVolumesMessageReader,
         )
 
-        from fruit_assets.resources import POLL_SETTING
-
-        # FRUIT_DATABRICKS_POLL_SECONDS over the file's, as for the step launcher (the tests poll often).
-        poll = self.poll_interval_seconds or float(os.environ.get(POLL_SETTING) or settings.poll_interval_seconds)
+        poll = self.poll_seconds(settings)
         pipes_folder = f"{settings.volume}/pipes"
         injector = PipesUnityCatalogVolumesContextInjector(client=client, volume_path=pipes_folder)
         reader = PipesUnityCatalogVolumesMessageReader(client=client, volume_path=pipes_folder, interval=poll)
