@@ -65,23 +65,24 @@ runtime and libraries, built once while the run is PENDING ("Installing librarie
 fails to install ends the run INTERNAL_ERROR / FAILED with the installer's message. Without it (local
 mode), tasks run the emulator's Python and its packages, and libraries are only logged "would install".
 
-How a task runs (``runner.py``): in a new process group, with the runtime environment's Python (local
-mode: this interpreter), the emulator's environment plus ``env`` plus the cluster's ``spark_env_vars``
+How a task runs (``runner.py``): in a new process group, with the runtime environment's Python (local mode:
+this interpreter), the emulator's environment plus ``env`` plus the cluster's ``spark_env_vars``
 (``PYSPARK_PYTHON`` is always the task's Python; on an emulated runtime ``PYTHONPATH`` holds only
 ``fruit_assets_dev``, for the runner, and ``SPARK_HOME`` is dropped, so Spark is the runtime's pyspark;
 ``SPARK_LOCAL_IP=127.0.0.1``; ``DATABRICKS_EMULATOR_URL`` is set; ``DATABRICKS_RUNTIME_VERSION`` is the
 runtime's major.minor, as Databricks sets it). The runner first writes ``<root>/runs/<run_id>/runtime.json``
-(the versions of python, pyspark, numpy, pandas, pyarrow, deltalake and onnxruntime that it sees), then
-starts a local SparkSession (``spark_master``, default ``local[2]``, UI off; the cluster's ``spark_conf``
-except ``spark.master``), and gives the script the Databricks globals ``spark``, ``sc`` and ``dbutils``
-(``secrets`` and ``fs``). The run is PENDING until Spark is up, then RUNNING, then TERMINATED
-with SUCCESS (exit 0), FAILED (the traceback tail in ``state_message``, ``error``/``error_trace`` in
-get-output), CANCELED (runs/cancel: the process group gets SIGTERM, then SIGKILL) or TIMEDOUT; a task that
-dies before Spark is up ends INTERNAL_ERROR / FAILED. (SKIPPED, Databricks' "a previous run of the same
-job was active", cannot happen to one-time runs.) stdout and stderr go to ``<root>/runs/<run_id>/``;
-``get-output`` serves stdout (``logs``, last 5 MB) with secret values replaced by ``[REDACTED]``. A
-cluster with ``cluster_log_conf.dbfs`` gets its driver logs at ``<destination>/<cluster_id>/driver/
-{stdout,stderr}`` when the run ends.
+(the versions of python, pyspark, numpy, pandas, pyarrow, deltalake and onnxruntime that it sees), then starts
+a local SparkSession (``spark_master``, default ``local[2]``, UI off; the cluster's ``spark_conf`` except
+``spark.master``; Python workers through ``spark_daemon.py``, which imports pyspark from the environment's
+package rather than its ``pyspark.zip``, unless the ``spark_conf`` names a daemon), and gives the script the
+Databricks globals ``spark``, ``sc`` and ``dbutils`` (``secrets`` and ``fs``). The run is PENDING until Spark
+is up, then RUNNING, then TERMINATED with SUCCESS (exit 0), FAILED (the traceback tail in ``state_message``,
+``error``/``error_trace`` in get-output), CANCELED (runs/cancel: the process group gets SIGTERM, then SIGKILL)
+or TIMEDOUT; a task that dies before Spark is up ends INTERNAL_ERROR / FAILED. (SKIPPED, Databricks' "a
+previous run of the same job was active", cannot happen to one-time runs.) stdout and stderr go to
+``<root>/runs/<run_id>/``; ``get-output`` serves stdout (``logs``, last 5 MB) with secret values replaced by
+``[REDACTED]``. A cluster with ``cluster_log_conf.dbfs`` gets its driver logs at
+``<destination>/<cluster_id>/driver/{stdout,stderr}`` when the run ends.
 
 DBFS paths: ``dbfs:/x`` and ``/x`` (REST API, dbutils.fs) are ``<root>/dbfs/x``. A task sees DBFS as
 Databricks drivers do through their ``/dbfs`` FUSE mount, but there is no mount here (it would need root

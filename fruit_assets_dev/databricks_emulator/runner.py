@@ -12,7 +12,7 @@ for a Python task:
    emulator built it); in local mode it runs the emulator's Python and the libraries are only logged
    ("would install");
 2. starts a local SparkSession (the emulator's ``spark_master``, UI off, bound to 127.0.0.1) with the
-   cluster's ``spark_conf``;
+   cluster's ``spark_conf``, its Python workers' daemon ``spark_daemon.py`` unless that names another;
 3. runs the Python file as ``__main__`` with ``sys.argv = [file, *parameters]`` and the Databricks globals
    ``spark``, ``sc`` and ``dbutils`` (``dbutils.secrets`` serves the emulator's secrets,
    ``dbutils.fs`` works on the emulator's DBFS folder). ``from pyspark.dbutils import DBUtils`` works too.
