@@ -261,6 +261,11 @@ def test_cancelling_the_dagster_run_cancels_the_remote_run(emulator, bucket, tmp
     assert process.returncode != 0
     assert emulator.wait_for_run(remote.run_id, timeout=120).result_state == "CANCELED"
     assert emulator.requests_to(r"/jobs/runs/cancel$")
+    # Nothing was written, and the run says so: image_features failed, with no materialization.
+    _, events = last_run_events(home)
+    kinds = {(e.dagster_event.event_type, e.dagster_event.step_key) for e in events if e.dagster_event}
+    assert (DagsterEventType.STEP_FAILURE, "image_features") in kinds
+    assert not any(kind == DagsterEventType.ASSET_MATERIALIZATION and step == "image_features" for kind, step in kinds), kinds
 
 
 def test_a_wrong_token_is_a_clear_error(emulator, bucket, tmp_path):

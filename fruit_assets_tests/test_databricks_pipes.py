@@ -114,4 +114,9 @@ def test_cancelling_the_dagster_run_cancels_the_databricks_run(emulator, bucket,
     output = finish(process, timeout=300)
     assert emulator.wait_for_run(remote.run_id, timeout=120).result_state == "CANCELED", output[-3000:]
     assert emulator.requests_to(r"/jobs/runs/cancel$")
+    _, events = last_run_events(tmp_path / "home")
+    # Nothing was written, and the run says so: no materialization of image_features, which failed.
+    kinds = {(e.dagster_event.event_type, e.dagster_event.step_key) for e in events if e.dagster_event}
+    assert (DagsterEventType.STEP_FAILURE, "image_features") in kinds
+    assert not any(kind == DagsterEventType.ASSET_MATERIALIZATION and step == "image_features" for kind, step in kinds), kinds
 

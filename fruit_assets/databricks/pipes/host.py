@@ -137,9 +137,16 @@ class DatabricksPipes(ConfigurableResource):
         extras = {"environment": environment, "resources": resources, "pca_config": pca_config or {},
                   "storage_secret_scope": settings.storage_secret_scope}
         task, submit = task_spec(settings, asset, entry, package, self.poll_seconds(settings))
-        invocation = self.client(client, settings).run(
-            context=context, task=jobs.SubmitTask.from_dict(task), submit_args=submit, extras=extras)
-        yield from invocation.get_results()
+        pipes_client = self.client(client, settings)
+        invocation = pipes_client.run(context=context, task=jobs.SubmitTask.from_dict(task), submit_args=submit, extras=extras)
+        if pipes_client.interrupted:
+            # dagster-databricks (0.29.27) cancels the Databricks run, then returns as if it had ended:
+            # its results would be an implicit materialization of an asset that nothing wrote.
+            from dagster._core.errors import DagsterExecutionInterruptedError
+
+            raise DagsterExecutionInterruptedError(f"interrupted: Databricks run of {asset} cancelled, nothing materialized")
+        # Only what the task reported: a task that reported no materialization materialized nothing.
+        yield from invocation.get_results(implicit_materializations=False)
 
     def poll_seconds(self, settings: PipesSettings) -> float:
         from fruit_assets.resources import POLL_SETTING
@@ -174,6 +181,7 @@ class CancelsFirst:
     `cancel_run` call, and the Databricks run went on to the end (found by test_databricks_pipes)."""
 
     client: Any
+    interrupted = False  # set when an interrupt cancelled the run (see DatabricksPipes.materialize)
 
     def _poll_til_success(self, context, run_id: int) -> None:
         from dagster._core.errors import DagsterExecutionInterruptedError
@@ -182,6 +190,7 @@ class CancelsFirst:
         try:
             super()._poll_til_success(context, run_id)  # type: ignore[misc]
         except DagsterExecutionInterruptedError:
+            self.interrupted = True
             with capture_interrupts():
                 context.log.info(f"interrupted: cancelling Databricks run {run_id}")
                 self.client.jobs.cancel_run(run_id)
