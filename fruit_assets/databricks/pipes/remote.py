@@ -15,6 +15,7 @@ The same code runs on a classic cluster (a SparkSession with a SparkContext) and
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -87,7 +88,19 @@ class MessageWriter(PipesUnityCatalogVolumesMessageWriter):
                 yield channel
 
 
+class Terminated(SystemExit):
+    """The task got SIGTERM: its run was cancelled, or its cluster is going away."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated(f"the task got signal {signal.Signals(signum).name}: its run was cancelled, or its cluster is going away")
+
+
 def main(package: str) -> None:
+    # Python dies at once on SIGTERM by default, and the Pipes session with it: the host then hears
+    # nothing more and waits 10 s for messages that cannot come (dagster's reader, after a cancel). Raised
+    # here instead, it closes the session, which tells the host why.
+    signal.signal(signal.SIGTERM, _terminated)
     with open_dagster_pipes(
         context_loader=PipesUnityCatalogVolumesContextLoader(),
         message_writer=MessageWriter(interval=message_interval(sys.argv)),
