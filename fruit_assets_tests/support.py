@@ -13,6 +13,29 @@ TEST_WEIGHTS = "random:0"
 TEST_BUCKET = "fruit-test"
 
 
+def output_context(**kwargs):
+    """`dagster.build_output_context(**kwargs)`, its resources closed at once (these tests give it none).
+
+    Dagster builds a context's resources with an ephemeral instance of its own and keeps them open until
+    the context exits; a context that was never entered kept its instance until the interpreter's exit,
+    where SQLAlchemy, rolling back a SQLite connection already closed, printed "Cannot operate on a closed
+    database" (1 run in 10)."""
+    from dagster import build_output_context
+
+    with build_output_context(**kwargs) as context:
+        pass
+    return context
+
+
+def input_context(**kwargs):
+    """`dagster.build_input_context(**kwargs)`, its resources closed at once (see `output_context`)."""
+    from dagster import build_input_context
+
+    with build_input_context(**kwargs) as context:
+        pass
+    return context
+
+
 def io_manager(storage_uri, retention_hours: int | None = None):
     """The Delta IO manager over a test storage folder or prefix."""
     from fruit_assets.resources.io_manager import DeltaIOManager

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, build_output_context
+from dagster import AssetKey
 from deltalake import DeltaTable
 
 from fruit_assets.resources.io_manager import load_asset
@@ -40,6 +40,7 @@ from fruit_assets_tests.support import (
     local_resources,
     materialize_all,
     metadata_of,
+    output_context,
     private_copy,
     read_asset,
 )
@@ -57,7 +58,7 @@ def storage_uri(request, tmp_path):
 
 
 def _output(name: str):
-    return build_output_context(asset_key=AssetKey(name), run_id=uuid.uuid4().hex)
+    return output_context(asset_key=AssetKey(name), run_id=uuid.uuid4().hex)
 
 
 def _rows(generation: int, n: int = 2000) -> pd.DataFrame:

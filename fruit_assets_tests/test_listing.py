@@ -214,8 +214,8 @@ def instance(monkeypatch):
 
 def tick(instance, uri: str, cursor: str | None = None, max_folder_listings: int = 5000):
     images = ImageSource(uri=uri, max_folder_listings=max_folder_listings)
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={"images": images})
-    return fruit_images_sensor.evaluate_tick(context)
+    with build_sensor_context(instance=instance, cursor=cursor, resources={"images": images}) as context:
+        return fruit_images_sensor.evaluate_tick(context)
 
 
 def the_run(result):

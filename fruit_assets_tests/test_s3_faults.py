@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 from botocore.exceptions import ClientError
-from dagster import AssetKey, build_output_context
+from dagster import AssetKey
 
 from fruit_assets.storage import delta, resolve
 from fruit_assets.storage.transient import TransientStorageError
 from fruit_assets_dev.s3_proxy import FaultProxy
-from fruit_assets_tests.support import TEST_BUCKET, io_manager, read_asset
+from fruit_assets_tests.support import TEST_BUCKET, io_manager, output_context, read_asset
 
 GENERATIONS = 5
 SCHEMA = pa.schema([("path", pa.string()), ("n", pa.int64())])
@@ -189,7 +189,7 @@ def test_writes_go_through_a_few_percent_of_each_fault(proxy):
     attempts = []
     for generation in range(GENERATIONS):
         frame = pd.DataFrame({"path": [f"img/{i}.jpg" for i in range(generation + 1)], "generation": generation})
-        context = build_output_context(asset_key=AssetKey("table"), run_id=f"run-{generation}")
+        context = output_context(asset_key=AssetKey("table"), run_id=f"run-{generation}")
         manager.handle_output(context, frame)
         metadata = context.consume_logged_metadata()
         assert metadata["delta_version"].value == generation

@@ -7,11 +7,20 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
-from dagster import AssetKey, build_output_context
+from dagster import AssetKey
 
 from fruit_assets.resources.io_manager import load_asset
 from fruit_assets_dev.local_s3 import upload_tree
-from fruit_assets_tests.support import TEST_BUCKET, by_image, io_manager, local_resources, materialize_all, metadata_of, read_asset
+from fruit_assets_tests.support import (
+    TEST_BUCKET,
+    by_image,
+    io_manager,
+    local_resources,
+    materialize_all,
+    metadata_of,
+    output_context,
+    read_asset,
+)
 
 ASSETS = ("raw_images", "image_features", "pca_model", "reduced_features")
 
@@ -78,7 +87,7 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
     prefix = new_prefix()
     manager = io_manager(prefix)
     good = spark.range(50).repartition(3).select(F.col("id"), (F.col("id") * 2).alias("twice"))
-    manager.handle_output(build_output_context(asset_key=AssetKey("table")), good)
+    manager.handle_output(output_context(asset_key=AssetKey("table")), good)
 
     @udf("long")
     def fail_on_seven(value):
@@ -88,7 +97,7 @@ def test_a_failed_write_to_s3_keeps_the_last_good_version(s3, spark):
 
     failing = spark.range(100).repartition(4).select(fail_on_seven(F.col("id")).alias("id"), F.lit(0).alias("twice"))
     with pytest.raises(Exception, match="injected failure mid-write"):
-        manager.handle_output(build_output_context(asset_key=AssetKey("table")), failing)
+        manager.handle_output(output_context(asset_key=AssetKey("table")), failing)
 
     stored = read_s3(s3, f"{prefix}/table").sort_values("id", ignore_index=True)
     assert list(stored.id) == list(range(50)) and list(stored.twice) == [2 * i for i in range(50)]

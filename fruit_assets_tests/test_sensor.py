@@ -77,10 +77,10 @@ def delete(s3, uri: str, relative: str) -> None:
 
 def tick(instance, uri: str, cursor: str | None = None, **context_kwargs):
     """One evaluation, as the daemon runs it: the SensorExecutionData (run_requests, skip_message, cursor)."""
-    context = build_sensor_context(
+    with build_sensor_context(
         instance=instance, cursor=cursor, resources={"images": ImageSource(uri=uri)}, **context_kwargs
-    )
-    return fruit_images_sensor.evaluate_tick(context)
+    ) as context:  # closes the resources it builds (see support.output_context)
+        return fruit_images_sensor.evaluate_tick(context)
 
 
 def the_run(result):

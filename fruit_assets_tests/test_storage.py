@@ -7,12 +7,12 @@ import os
 import pandas as pd
 import pyarrow as pa
 import pytest
-from dagster import AssetKey, PythonObjectDagsterType, build_input_context, build_output_context
+from dagster import AssetKey, PythonObjectDagsterType
 
 from fruit_assets import storage
 from fruit_assets.pipeline.listing import list_images
 from fruit_assets.resources.io_manager import load_asset
-from fruit_assets_tests.support import io_manager
+from fruit_assets_tests.support import input_context, io_manager, output_context
 
 
 def test_resolve_local_paths_and_file_uris(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_path_components_cannot_escape_the_root(tmp_path, name):
 
 
 def _output(name, run_id="run-1"):
-    return build_output_context(asset_key=AssetKey(name), run_id=run_id)
+    return output_context(asset_key=AssetKey(name), run_id=run_id)
 
 
 def test_io_manager_round_trips_pandas_as_delta_versions(tmp_path):
@@ -198,7 +198,7 @@ def test_io_manager_refuses_unknown_types_without_touching_data(tmp_path):
 
 def test_loading_an_asset_that_was_never_materialized_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="materialize it first"):
-        context = build_input_context(asset_key=AssetKey("missing"), dagster_type=PythonObjectDagsterType(pd.DataFrame))
+        context = input_context(asset_key=AssetKey("missing"), dagster_type=PythonObjectDagsterType(pd.DataFrame))
         io_manager(tmp_path).load_input(context)
 
 
