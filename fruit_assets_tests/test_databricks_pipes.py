@@ -114,13 +114,13 @@ def test_cancelling_the_dagster_run_cancels_the_databricks_run(emulator, bucket,
     output = finish(process, timeout=300)
     assert emulator.wait_for_run(remote.run_id, timeout=120).result_state == "CANCELED", output[-3000:]
     assert emulator.requests_to(r"/jobs/runs/cancel$")
-    # The task closed its Pipes session when the cancel reached it (SIGTERM, then SIGKILL 5 s later), so
-    # the host heard why it ended rather than waiting 10 s for messages that could not come (remote.main).
     _, events = last_run_events(tmp_path / "home")
     # Nothing was written, and the run says so: no materialization of image_features, which failed.
     kinds = {(e.dagster_event.event_type, e.dagster_event.step_key) for e in events if e.dagster_event}
     assert (DagsterEventType.STEP_FAILURE, "image_features") in kinds
     assert not any(kind == DagsterEventType.ASSET_MATERIALIZATION and step == "image_features" for kind, step in kinds), kinds
+    # The task closed its Pipes session when the cancel reached it (SIGTERM, then SIGKILL 5 s later), so
+    # the host heard why it ended rather than waiting 10 s for messages that could not come (remote.main).
     closed = [e.dagster_event.engine_event_data.error for e in events if e.dagster_event
               and e.user_message == "[pipes] external process pipes closed with exception"]
     assert closed and "the task got signal SIGTERM" in closed[0].message, [e.user_message for e in events][-20:]
